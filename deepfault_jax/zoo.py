@@ -565,9 +565,26 @@ def load_checkpoint(
         num_classes=meta["num_classes"],
         activation=meta.get("activation", "relu"),
     )
-    abstract = jax.eval_shape(init_params, jax.random.key(0), arch)
+    abstract = jax.eval_shape(lambda key: init_params(key, arch), jax.random.key(0))
+    checkpointer = ocp.StandardCheckpointer()
     try:
-        params = ocp.StandardCheckpointer().restore(directory / "params", abstract)
+        saved = checkpointer.metadata(directory / "params").item_metadata
+        saved = getattr(saved, "tree", saved)
+    except Exception as e:  # orbax raises many types for a missing or corrupt directory
+        raise ValueError(f"checkpoint {directory}: unreadable parameters ({type(e).__name__})") from None
+
+    def leaf_shapes(tree):
+        leaves = jax.tree.leaves(tree, is_leaf=lambda a: hasattr(a, "shape"))
+        return sorted((tuple(a.shape), str(np.dtype(a.dtype))) for a in leaves)
+
+    if leaf_shapes(saved) != leaf_shapes(abstract):
+        raise ValueError(
+            f"checkpoint {directory}: parameters do not fit {arch.name} with input {saved_shape} "
+            f"and {arch.num_classes} classes: expected arrays {leaf_shapes(abstract)}, "
+            f"got {leaf_shapes(saved)}"
+        )
+    try:
+        params = checkpointer.restore(directory / "params", abstract)
     except Exception as e:  # orbax raises many types for missing or mismatched trees
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise ValueError(

@@ -1,0 +1,173 @@
+"""The command line: results, --json, exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from deepfault_jax import cli, zoo
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_usage_error(code, out, err, *fragments):
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and "error:" in lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_train_json_result_and_checkpoint(capsys, tmp_path):
+    out_dir = tmp_path / "ck"
+    code, out, err = run_cli(capsys, "train", "--model", "mlp-3x50", "--dataset", "digits",
+                             "--seed", "0", "--epochs", "3", "--out", str(out_dir), "--json")  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out)
+    for key in ("model", "dataset", "seed", "test_accuracy", "checkpoint", "epochs", "history"):
+        assert key in result
+    assert (result["model"], result["dataset"], result["seed"], result["epochs"]) == (
+        "mlp-3x50", "digits", 0, 3)  # fmt: skip
+    assert 0.5 < result["test_accuracy"] <= 1.0
+    assert len(result["history"]) == 3
+    model, params, meta = zoo.load_checkpoint(result["checkpoint"], model="mlp-3x50")
+    assert meta["test_accuracy"] == result["test_accuracy"] and meta["seed"] == 0
+    from deepfault_jax import data
+
+    digits = data.load_dataset("digits")
+    assert zoo.evaluate(model, params, digits.x_test, digits.y_test) == result["test_accuracy"]
+
+
+def test_train_human_output(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "train", "--model", "lenet1", "--epochs", "1", "--no-progress",
+                           "--out", str(tmp_path / "ck"))  # fmt: skip
+    assert code == 0
+    assert "training lenet1 (relu) on digits: 1348 train / 449 test images of 8x8x1" in out
+    assert "test accuracy 0." in out and f"checkpoint {tmp_path / 'ck'}" in out
+
+
+def test_info_json(capsys):
+    code, out, _ = run_cli(capsys, "info", "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["versions"]["jax"] and info["backend"] == "cpu" and info["devices"]
+    assert info["datasets"]["digits"]["available"] is True
+    assert info["models"] == list(zoo.MODEL_NAMES)
+
+
+def test_unknown_model_lists_valid_names(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "train", "--model", "resnet", "--out", str(tmp_path / "x"))
+    assert_usage_error(code, out, err, "invalid choice: 'resnet'", *zoo.MODEL_NAMES)
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_dataset_lists_valid_names(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "train", "--dataset", "cifar", "--out", str(tmp_path / "x"))
+    assert_usage_error(code, out, err, "unknown data set 'cifar'", "digits", "fashion-mnist",
+                       "idx:DIR", "tfds:NAME", "npz:PATH")  # fmt: skip
+
+
+def test_bad_npz_is_exit_2(capsys, tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=np.zeros((4, 3, 3), np.uint8), y_train=[0, 1, 2, 9],
+             x_test=np.zeros((2, 3, 3), np.uint8), y_test=[0, 1], num_classes=3)  # fmt: skip
+    code, out, err = run_cli(capsys, "train", "--dataset", f"npz:{path}", "--out", str(tmp_path / "o"))
+    assert_usage_error(code, out, err, "labels must lie in [0, 3); got max 9")
+    path.write_bytes(b"PK\x03\x04 truncated")
+    code, out, err = run_cli(capsys, "train", "--dataset", f"npz:{path}", "--out", str(tmp_path / "o"))
+    assert_usage_error(code, out, err, "not a readable npz file")
+
+
+def test_corrupt_idx_is_exit_2(capsys, tmp_path):
+    from conftest import write_mnist_dir
+
+    directory, _ = write_mnist_dir(tmp_path / "m")
+    raw = (directory / "train-images-idx3-ubyte.gz").read_bytes()
+    (directory / "train-images-idx3-ubyte.gz").write_bytes(raw[:-20])
+    code, out, err = run_cli(capsys, "train", "--dataset", f"idx:{directory}", "--out",
+                             str(tmp_path / "o"))  # fmt: skip
+    assert_usage_error(code, out, err, "corrupt or truncated gzip data")
+
+
+def test_unwritable_out_is_exit_2_before_training(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    # a path below a regular file can never be created (root included)
+    code, out, err = run_cli(capsys, "train", "--epochs", "1", "--out", str(blocker / "ck"))
+    assert_usage_error(code, out, err, "--out must be a writable location", str(blocker / "ck"))
+    code, out, err = run_cli(capsys, "train", "--epochs", "1", "--out", str(blocker))
+    assert_usage_error(code, out, err, "--out must be a directory path; got existing file")
+    assert blocker.read_text() == "keep me"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="permission bits do not bind root")
+def test_read_only_out_is_exit_2(capsys, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        code, out, err = run_cli(capsys, "train", "--epochs", "1", "--out", str(locked / "ck"))
+        assert_usage_error(code, out, err, "--out must be a writable location")
+    finally:
+        locked.chmod(0o700)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["train", "--epochs", "0"], "--epochs must be >= 1; got 0"),
+        (["train", "--batch-size", "-3"], "--batch-size must be >= 1; got -3"),
+        (["train", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
+        (["train", "--activation", "tanh"], "invalid choice: 'tanh'"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        ([], "the following arguments are required: COMMAND"),
+        (["info", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_usage_errors(capsys, argv, fragment):
+    assert_usage_error(*run_cli(capsys, *argv), fragment)
+
+
+def test_internal_error_is_exit_1(capsys, monkeypatch, tmp_path):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated defect")
+
+    monkeypatch.setattr(zoo, "train", broken)
+    code, _, err = run_cli(capsys, "train", "--out", str(tmp_path / "ck"))
+    assert code == 1
+    assert "Traceback" in err and "internal error: simulated defect" in err
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["info"]])
+def test_help(capsys, command):
+    code, out, _ = run_cli(capsys, *command, "--help")
+    assert code == 0 and out.startswith("usage: deepfault-jax")
+    if command:
+        assert "--json" in out
+
+
+def test_console_script_and_module_exit_codes(tmp_path):
+    exe = shutil.which("deepfault-jax")
+    base = [exe] if exe else [sys.executable, "-m", "deepfault_jax.cli"]
+    ok = subprocess.run([*base, "info", "--json"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["models"] == list(zoo.MODEL_NAMES)
+    bad = subprocess.run([*base, "train", "--model", "nope"], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert len(bad.stderr.strip().splitlines()) == 1 and "invalid choice: 'nope'" in bad.stderr
+    mod = subprocess.run([sys.executable, "-m", "deepfault_jax.cli", "--version"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert mod.returncode == 0 and mod.stdout.startswith("deepfault-jax ")
