@@ -85,7 +85,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-size must be >= 1; got {args.batch_size}")
     if not args.learning_rate > 0:
         raise UsageError(f"--learning-rate must be > 0; got {args.learning_rate}")
-    out_arg = args.out or os.path.join("runs", f"{args.model}-{_slug(args.dataset)}-seed{args.seed}")
+    out_arg = args.out or os.path.join(
+        "runs", f"{args.model}-{_slug(args.dataset)}-seed{args.seed}"
+    )
     out = _check_out_dir(out_arg)
     dataset = data.load_dataset(args.dataset)
     model = zoo.create_model(
@@ -185,7 +187,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         f"  {name:<14} {'yes' if d['available'] else 'no ':<4} {d['detail']}"
         for name, d in datasets.items()
     ]
-    human.append("  also: idx:DIR (MNIST-format directory), npz:PATH (x_train, y_train, x_test, y_test)")
+    human.append(
+        "  also: idx:DIR (MNIST-format directory), npz:PATH (x_train, y_train, x_test, y_test)"
+    )
     human.append(f"models: {', '.join(zoo.MODEL_NAMES)}")
     _emit(args, report, human)
     return 0
@@ -196,7 +200,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     from deepfault_jax import __version__
-
     from deepfault_jax.zoo import MODEL_NAMES as model_names
 
     dataset_help = (

@@ -278,7 +278,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     code, ndim = raw[2], raw[3]
     if code not in _IDX_DTYPES:
         known = ", ".join(f"0x{c:02X}" for c in _IDX_DTYPES)
-        raise ValueError(f"{path}: unknown IDX type code: expected one of {known}; got 0x{code:02X}")
+        raise ValueError(
+            f"{path}: unknown IDX type code: expected one of {known}; got 0x{code:02X}"
+        )
     if ndim < 1:
         raise ValueError(f"{path}: IDX rank must be >= 1; got {ndim}")
     header = 4 + 4 * ndim
@@ -295,7 +297,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(
             f"{path}: {kind} IDX data: dimensions {list(dims)} need {expected} bytes; got {actual}"
         )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+    return (
+        np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+    )
 
 
 _IDX_ROLES = {
@@ -308,7 +312,9 @@ _IDX_ROLES = {
 
 def _find_idx_files(directory: Path) -> dict[str, Path]:
     if not directory.is_dir():
-        raise ValueError(f"IDX directory must exist; got {str(directory)!r}, which is not a directory")
+        raise ValueError(
+            f"IDX directory must exist; got {str(directory)!r}, which is not a directory"
+        )
     names = sorted(p.name for p in directory.iterdir() if p.is_file())
     found = {}
     for role, pattern in _IDX_ROLES.items():
@@ -405,7 +411,9 @@ def _read_tfds_split(name: str, split: str, image_key: str, label_key: str, data
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         rows = [source[i] for i in range(len(source))]
     if not rows:
-        raise ValueError(f"TFDS data set {name!r} split {split!r} must not be empty; got 0 examples")
+        raise ValueError(
+            f"TFDS data set {name!r} split {split!r} must not be empty; got 0 examples"
+        )
     x = np.stack([np.asarray(r[image_key]) for r in rows])
     y = np.asarray([int(r[label_key]) for r in rows], dtype=np.int64)
     return x, y
@@ -507,13 +515,13 @@ def available_datasets() -> dict[str, dict]:
     fm = FASHION_MNIST_DIR.is_dir()
     out["fashion-mnist"] = {
         "available": fm,
-        "detail": str(FASHION_MNIST_DIR)
-        if fm
-        else "absent: apt-get install dataset-fashion-mnist",
+        "detail": str(FASHION_MNIST_DIR) if fm else "absent: apt-get install dataset-fashion-mnist",
     }
     data_dir = Path(os.environ.get("TFDS_DATA_DIR", Path.home() / "tensorflow_datasets"))
     prepared = sorted(p.name for p in data_dir.iterdir() if p.is_dir()) if data_dir.is_dir() else []
-    reader = "tfds.load (TensorFlow)" if _tensorflow_installed() else "tfds.data_source (no TensorFlow)"
+    reader = (
+        "tfds.load (TensorFlow)" if _tensorflow_installed() else "tfds.data_source (no TensorFlow)"
+    )
     out["tfds"] = {
         "available": bool(prepared),
         "detail": f"{data_dir}: {', '.join(prepared) if prepared else 'no prepared data sets'}; "

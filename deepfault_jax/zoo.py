@@ -112,7 +112,9 @@ class ConvNet(nn.Module):
         i = 0
         for block in self.blocks:
             for channels in block:
-                conv = nn.Conv(channels, (self.kernel, self.kernel), padding="SAME", name=f"conv_{i}")
+                conv = nn.Conv(
+                    channels, (self.kernel, self.kernel), padding="SAME", name=f"conv_{i}"
+                )
                 x = act(conv(x))
                 i += 1
             x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
@@ -242,7 +244,11 @@ def create_model(
     num_classes = int(num_classes)
     if name in _NNX_HIDDEN:
         template = NnxMLP(
-            math.prod(shape), _NNX_HIDDEN[name], num_classes, activation=activation, rngs=nnx.Rngs(0)
+            math.prod(shape),
+            _NNX_HIDDEN[name],
+            num_classes,
+            activation=activation,
+            rngs=nnx.Rngs(0),
         )
         module = nnx.graphdef(template)
     else:
@@ -281,7 +287,9 @@ def _masked_loss(model: Model, params: Any, x: jax.Array, y: jax.Array, mask: ja
 
 
 @functools.partial(jax.jit, static_argnames=("model", "optimizer"), donate_argnums=(0, 1))
-def _train_step(params, opt_state, x, y, mask, *, model: Model, optimizer: optax.GradientTransformation):
+def _train_step(
+    params, opt_state, x, y, mask, *, model: Model, optimizer: optax.GradientTransformation
+):
     loss, grads = jax.value_and_grad(_masked_loss, argnums=1)(model, params, x, y, mask)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -396,7 +404,9 @@ def train(
     history = []
     for epoch in range(epochs):
         epoch_key = jax.random.fold_in(shuffle_key, epoch)
-        batches = shuffled_batches(epoch_key, dataset.x_train, dataset.y_train, batch_size=batch_size)
+        batches = shuffled_batches(
+            epoch_key, dataset.x_train, dataset.y_train, batch_size=batch_size
+        )
         bar = tqdm(
             batches,
             total=steps,
@@ -483,9 +493,13 @@ def save_checkpoint(
 
     directory = Path(directory).expanduser().absolute()
     if directory.exists() and not directory.is_dir():
-        raise ValueError(f"checkpoint destination must be a directory; got existing file {directory}")
+        raise ValueError(
+            f"checkpoint destination must be a directory; got existing file {directory}"
+        )
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    staging = Path(
+        tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp")
+    )
     try:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(staging / "params", params)
@@ -503,7 +517,9 @@ def save_checkpoint(
         }
         _write_json_atomic(staging / "model.json", meta)
         if directory.exists():
-            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old"))
+            old = Path(
+                tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old")
+            )
             old.rmdir()
             directory.rename(old)
             staging.rename(directory)
@@ -541,7 +557,9 @@ def load_checkpoint(
     directory = Path(directory).expanduser().absolute()
     meta_path = directory / "model.json"
     if not meta_path.is_file():
-        raise ValueError(f"{directory} must be a checkpoint directory holding model.json; it does not")
+        raise ValueError(
+            f"{directory} must be a checkpoint directory holding model.json; it does not"
+        )
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -571,11 +589,16 @@ def load_checkpoint(
         saved = checkpointer.metadata(directory / "params").item_metadata
         saved = getattr(saved, "tree", saved)
     except Exception as e:  # orbax raises many types for a missing or corrupt directory
-        raise ValueError(f"checkpoint {directory}: unreadable parameters ({type(e).__name__})") from None
+        raise ValueError(
+            f"checkpoint {directory}: unreadable parameters ({type(e).__name__})"
+        ) from None
 
     def leaf_shapes(tree):
         leaves = jax.tree.leaves(tree, is_leaf=lambda a: hasattr(a, "shape"))
         return sorted((tuple(a.shape), str(np.dtype(a.dtype))) for a in leaves)
+
+    if not leaf_shapes(saved):
+        raise ValueError(f"checkpoint {directory}: unreadable parameters (params/ missing or empty)")
 
     if leaf_shapes(saved) != leaf_shapes(abstract):
         raise ValueError(

@@ -83,10 +83,14 @@ def test_bad_npz_is_exit_2(capsys, tmp_path):
     path = tmp_path / "d.npz"
     np.savez(path, x_train=np.zeros((4, 3, 3), np.uint8), y_train=[0, 1, 2, 9],
              x_test=np.zeros((2, 3, 3), np.uint8), y_test=[0, 1], num_classes=3)  # fmt: skip
-    code, out, err = run_cli(capsys, "train", "--dataset", f"npz:{path}", "--out", str(tmp_path / "o"))
+    code, out, err = run_cli(
+        capsys, "train", "--dataset", f"npz:{path}", "--out", str(tmp_path / "o")
+    )
     assert_usage_error(code, out, err, "labels must lie in [0, 3); got max 9")
     path.write_bytes(b"PK\x03\x04 truncated")
-    code, out, err = run_cli(capsys, "train", "--dataset", f"npz:{path}", "--out", str(tmp_path / "o"))
+    code, out, err = run_cli(
+        capsys, "train", "--dataset", f"npz:{path}", "--out", str(tmp_path / "o")
+    )
     assert_usage_error(code, out, err, "not a readable npz file")
 
 

@@ -277,10 +277,15 @@ def test_tfds_prepared_data_set(prepared_tfds_dir, monkeypatch):
     # the same images the builder generated (TFDS shuffles the order on disk)
     rng = np.random.default_rng(1)
     expected = {rng.integers(0, 256, (8, 8, 1), dtype=np.uint8).tobytes(): i % 3 for i in range(9)}
-    got = {(x * 255).round().astype(np.uint8).tobytes(): int(y) for x, y in zip(ds.x_test, ds.y_test)}
+    got = {
+        (x * 255).round().astype(np.uint8).tobytes(): int(y)
+        for x, y in zip(ds.x_test, ds.y_test, strict=True)
+    }
     assert got == expected
     assert "tiny_shapes" in data.available_datasets()["tfds"]["detail"]
-    with pytest.raises(ValueError, match=r"has no split 'validation'; expected one of \['train', 'test'\]"):
+    with pytest.raises(
+        ValueError, match=r"has no split 'validation'; expected one of \['train', 'test'\]"
+    ):
         data.load_dataset("tfds:tiny_shapes:validation")
 
 

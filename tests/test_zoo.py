@@ -38,7 +38,8 @@ def test_layer_names_are_stable():
     assert params["conv_0"]["kernel"].shape == (5, 5, 1, 6)
     assert params["dense_1"]["kernel"].shape == (120, 84)
     cifar = zoo.init_params(
-        jax.random.key(0), zoo.create_model("cifar-convnet", input_shape=(32, 32, 3), num_classes=10)
+        jax.random.key(0),
+        zoo.create_model("cifar-convnet", input_shape=(32, 32, 3), num_classes=10),
     )
     assert [cifar[f"conv_{i}"]["kernel"].shape[-1] for i in range(4)] == [32, 32, 64, 64]
     assert cifar["dense_0"]["kernel"].shape == (8 * 8 * 64, 512)
@@ -179,7 +180,9 @@ def test_checkpoint_refuses_other_architecture_or_shape(tmp_path):
         zoo.load_checkpoint(path)
     meta["model"], meta["input_shape"] = "mlp-3x50", [28, 28, 1]
     (path / "model.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"parameters do not fit mlp-3x50 with input \(28, 28, 1\)"):
+    with pytest.raises(
+        ValueError, match=r"parameters do not fit mlp-3x50 with input \(28, 28, 1\)"
+    ):
         zoo.load_checkpoint(path)
 
 
