@@ -411,7 +411,7 @@ def train(
             batches,
             total=steps,
             desc=f"epoch {epoch + 1}/{epochs}",
-            disable=not progress,
+            disable=None if progress else True,  # None: off when stderr is no terminal
             leave=False,
             unit="batch",
         )
@@ -598,7 +598,9 @@ def load_checkpoint(
         return sorted((tuple(a.shape), str(np.dtype(a.dtype))) for a in leaves)
 
     if not leaf_shapes(saved):
-        raise ValueError(f"checkpoint {directory}: unreadable parameters (params/ missing or empty)")
+        raise ValueError(
+            f"checkpoint {directory}: unreadable parameters (params/ missing or empty)"
+        )
 
     if leaf_shapes(saved) != leaf_shapes(abstract):
         raise ValueError(
