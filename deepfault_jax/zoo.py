@@ -128,7 +128,7 @@ class ConvNet(nn.Module):
 
 
 class NnxMLP(nnx.Module):
-    """The MLP as a Flax NNX module (``nnx.Linear`` layers ``dense_i`` and ``logits``)."""
+    """The MLP as a Flax NNX module (``nnx.Linear`` layers ``dense_0, dense_1, ...`` and ``logits``)."""
 
     def __init__(
         self,
@@ -140,17 +140,18 @@ class NnxMLP(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.activation = activation
+        self.num_hidden = len(hidden)
         widths = [in_features, *hidden]
-        self.dense = nnx.List(
-            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:], strict=True)]
-        )
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+            # the same layer names as the linen MLP, so probes of both agree
+            setattr(self, f"dense_{i}", nnx.Linear(a, b, rngs=rngs))
         self.logits = nnx.Linear(widths[-1], num_classes, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         act = ACTIVATIONS[self.activation]
         x = x.reshape((x.shape[0], -1))
-        for layer in self.dense:
-            x = act(layer(x))
+        for i in range(self.num_hidden):
+            x = act(getattr(self, f"dense_{i}")(x))
         return self.logits(x)
 
 

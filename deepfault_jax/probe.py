@@ -1,0 +1,461 @@
+"""Probes: turn a model into ``fn(params, x) -> (logits, activations)``.
+
+A :class:`Probe` wraps a Flax linen module, a Flax NNX module, or any function
+``fn(params, x) -> (logits, {name: activation})`` (Equinox, Haiku, hand-written
+models) and returns, for a batch of inputs, the logits and an ordered mapping
+layer name -> ``float32[batch, units]`` of neuron values.
+
+* **Layers.** By default every Dense/Conv layer except the output layer
+  (linen: ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``; NNX: ``nnx.Linear``,
+  ``nnx.LinearGeneral``, ``nnx.Conv``); or a list of names; or a predicate on
+  the name. Linen modules may instead expose values they ``sow`` into the
+  ``intermediates`` collection (``sown=True``).
+* **Pre- or post-activation.** Captured Dense/Conv outputs are
+  pre-activation values. ``activation="post"`` applies the model's elementwise
+  activation (``activation_fn``; zoo models supply their own) before any
+  reduction.
+* **Conv channels.** An activation of shape ``[batch, ..., channels]`` is
+  reduced over its spatial axes: ``conv_reduce="mean"`` (the paper's choice),
+  ``"max"``, or ``"none"`` (every (h, w, c) position is a neuron, flattened in
+  row-major order).
+
+:class:`NeuronIndex` maps flat neuron ids (over all probed layers, in layer
+order) to ``(layer, unit)`` and back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = [
+    "CONV_REDUCTIONS",
+    "NeuronIndex",
+    "Probe",
+    "function_probe",
+    "linen_probe",
+    "model_probe",
+    "nnx_probe",
+]
+
+CONV_REDUCTIONS = ("mean", "max", "none")
+_ACTIVATION_SIDES = ("pre", "post")
+_LINEN_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv)
+_NNX_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv)
+
+LayerSelection = Sequence[str] | Callable[[str], bool] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class NeuronIndex:
+    """The layout of the probed neurons: flat ids <-> (layer, unit).
+
+    Attributes:
+      layer_names: probed layers, in order.
+      layer_sizes: neurons per layer (after ``conv_reduce``).
+
+    Neuron ids run over the layers in order: layer ``i`` holds ids
+    ``offsets[i] .. offsets[i] + layer_sizes[i] - 1``.
+
+    Example:
+      >>> index = NeuronIndex(("dense_0", "dense_1"), (50, 30))
+      >>> index.locate(57)
+      ('dense_1', 7)
+      >>> index.neuron_id("dense_1", 7)
+      57
+    """
+
+    layer_names: tuple[str, ...]
+    layer_sizes: tuple[int, ...]
+
+    def __post_init__(self):
+        names = tuple(str(n) for n in self.layer_names)
+        sizes = tuple(int(s) for s in self.layer_sizes)
+        if len(names) != len(sizes):
+            raise ValueError(
+                f"layer_names and layer_sizes must have the same length; got {len(names)} and {len(sizes)}"
+            )
+        if not names:
+            raise ValueError("a neuron index needs at least one layer; got none")
+        if len(set(names)) != len(names):
+            raise ValueError(f"layer names must be unique; got {list(names)}")
+        if min(sizes) < 1:
+            raise ValueError(f"layer sizes must be >= 1; got {list(sizes)}")
+        object.__setattr__(self, "layer_names", names)
+        object.__setattr__(self, "layer_sizes", sizes)
+
+    @property
+    def num_neurons(self) -> int:
+        """Total number of neurons."""
+        return sum(self.layer_sizes)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """First neuron id of each layer."""
+        return tuple(int(o) for o in np.cumsum((0, *self.layer_sizes[:-1])))
+
+    def _layer_position(self, layer: str) -> int:
+        try:
+            return self.layer_names.index(layer)
+        except ValueError:
+            raise ValueError(
+                f"unknown layer {layer!r}; expected one of {', '.join(self.layer_names)}"
+            ) from None
+
+    def layer_slice(self, layer: str) -> slice:
+        """The ids of ``layer`` as a slice of the flat neuron axis."""
+        i = self._layer_position(layer)
+        return slice(self.offsets[i], self.offsets[i] + self.layer_sizes[i])
+
+    def locate(self, neuron_id: int) -> tuple[str, int]:
+        """``(layer, unit)`` of a flat neuron id."""
+        neuron_id = int(neuron_id)
+        if not 0 <= neuron_id < self.num_neurons:
+            raise ValueError(f"neuron id must lie in [0, {self.num_neurons}); got {neuron_id}")
+        i = int(np.searchsorted(np.asarray(self.offsets), neuron_id, side="right")) - 1
+        return self.layer_names[i], neuron_id - self.offsets[i]
+
+    def neuron_id(self, layer: str, unit: int) -> int:
+        """Flat id of ``unit`` in ``layer``."""
+        i = self._layer_position(layer)
+        if not 0 <= int(unit) < self.layer_sizes[i]:
+            raise ValueError(f"unit of {layer!r} must lie in [0, {self.layer_sizes[i]}); got {unit}")
+        return self.offsets[i] + int(unit)
+
+    def layer_ids(self, layers: Sequence[str]) -> np.ndarray:
+        """Sorted flat ids of every neuron in ``layers``."""
+        return np.concatenate([np.arange(self.num_neurons)[self.layer_slice(name)] for name in layers])
+
+    def layer_of_ids(self) -> np.ndarray:
+        """``int32[neurons]``: the position of each neuron's layer in ``layer_names``."""
+        return np.repeat(np.arange(len(self.layer_sizes)), self.layer_sizes).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Probe:
+    """A model seen through its neurons: ``probe(params, x) -> (logits, activations)``.
+
+    Build one with :func:`model_probe`, :func:`linen_probe`, :func:`nnx_probe`
+    or :func:`function_probe`. A probe is hashable (by identity), so it can be
+    a static argument of ``jax.jit``.
+
+    Attributes:
+      fn: ``(params, x[batch, *input_shape]) -> (logits[batch, classes],
+        {layer: float32[batch, units]})``, pure and jit-able.
+      index: the :class:`NeuronIndex` of the probed neurons.
+      input_shape: the shape of one input.
+      num_classes: the number of logits.
+      conv_reduce: how conv activations were reduced.
+      activation: ``"pre"`` or ``"post"``.
+    """
+
+    fn: Callable[[Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+    index: NeuronIndex
+    input_shape: tuple[int, ...]
+    num_classes: int
+    conv_reduce: str = "mean"
+    activation: str = "pre"
+
+    def __call__(self, params: Any, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Logits and the per-layer activations of a batch ``x``."""
+        return self.fn(params, x)
+
+    def flat(self, params: Any, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Logits ``[batch, classes]`` and all neurons ``float32[batch, neurons]`` in id order."""
+        logits, acts = self.fn(params, x)
+        return logits, jnp.concatenate([acts[name] for name in self.index.layer_names], axis=-1)
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def _check_options(conv_reduce: str, activation: str, activation_fn) -> None:
+    if conv_reduce not in CONV_REDUCTIONS:
+        raise ValueError(
+            f"conv_reduce must be one of {', '.join(CONV_REDUCTIONS)}; got {conv_reduce!r}"
+        )
+    if activation not in _ACTIVATION_SIDES:
+        raise ValueError(f"activation must be 'pre' or 'post'; got {activation!r}")
+    if activation == "post" and activation_fn is None:
+        raise ValueError(
+            "activation='post' needs activation_fn, the model's elementwise activation "
+            "(zoo models supply it; or sow post-activation values and use sown=True)"
+        )
+
+
+def _reduce(value: jax.Array, conv_reduce: str) -> jax.Array:
+    """``[batch, ..., channels]`` -> ``[batch, units]``."""
+    value = jnp.asarray(value)
+    if value.ndim < 2:
+        raise ValueError(f"an activation must have a batch axis and units; got shape {value.shape}")
+    if value.ndim == 2:
+        return value
+    if conv_reduce == "none":
+        return value.reshape(value.shape[0], -1)
+    axes = tuple(range(1, value.ndim - 1))
+    return jnp.mean(value, axis=axes) if conv_reduce == "mean" else jnp.max(value, axis=axes)
+
+
+def _natural_key(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _select(available: Sequence[str], layers: LayerSelection, default: Sequence[str]) -> list[str]:
+    if layers is None:
+        chosen = list(default)
+    elif callable(layers):
+        chosen = [name for name in available if layers(name)]
+    else:
+        if isinstance(layers, str):
+            layers = [layers]
+        unknown = [name for name in layers if name not in available]
+        if unknown:
+            raise ValueError(
+                f"unknown layer {unknown[0]!r}; expected one of {', '.join(available)}"
+            )
+        chosen = [name for name in available if name in set(layers)]
+    if not chosen:
+        raise ValueError(f"no layer selected; expected at least one of {', '.join(available)}")
+    return chosen
+
+
+def _finish(
+    raw_fn: Callable[[Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]],
+    params: Any,
+    input_shape: Sequence[int],
+    layers: LayerSelection,
+    default_exclude: Callable[[list[str]], list[str]],
+    conv_reduce: str,
+    activation: str,
+    activation_fn: Callable[[jax.Array], jax.Array] | None,
+) -> Probe:
+    """Selects layers, applies activation and reduction, and resolves the layout."""
+    input_shape = tuple(int(d) for d in input_shape)
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    logits_shape, raw_shapes = jax.eval_shape(raw_fn, params, x)
+    available = list(raw_shapes)
+    if not available:
+        raise ValueError("the model exposes no layer to probe; got none")
+    chosen = _select(available, layers, default_exclude(available))
+    post = activation == "post"
+
+    def fn(params, x):
+        logits, raw = raw_fn(params, x)
+        acts = {}
+        for name in chosen:
+            value = raw[name]
+            if post:
+                value = activation_fn(value)
+            acts[name] = _reduce(value, conv_reduce).astype(jnp.float32)
+        return logits, acts
+
+    _, shapes = jax.eval_shape(fn, params, x)
+    index = NeuronIndex(tuple(chosen), tuple(int(shapes[n].shape[-1]) for n in chosen))
+    if len(logits_shape.shape) != 2:
+        raise ValueError(f"logits must have shape [batch, classes]; got {logits_shape.shape}")
+    return Probe(fn, index, input_shape, int(logits_shape.shape[-1]), conv_reduce, activation)
+
+
+# --------------------------------------------------------------------------- constructors
+
+
+def linen_probe(
+    module: nn.Module,
+    params: Any,
+    *,
+    input_shape: Sequence[int],
+    layers: LayerSelection = None,
+    sown: bool = False,
+    conv_reduce: str = "mean",
+    activation: str = "pre",
+    activation_fn: Callable[[jax.Array], jax.Array] | None = None,
+) -> Probe:
+    """Probes a Flax linen module through ``capture_intermediates`` (or its sown values).
+
+    Args:
+      module: the linen module; called as ``module.apply({"params": params}, x)``.
+      params: its ``params`` collection (concrete or abstract; used for shapes).
+      input_shape: shape of one input.
+      layers: layer names, a predicate on names, or None for every Dense/Conv
+        but the last one called (the output layer). Names are module paths
+        joined with ``/`` (``"dense_0"``, ``"block/conv_1"``).
+      sown: probe the values the module ``sow``s into ``intermediates``
+        instead of Dense/Conv outputs (then the default is every sown value).
+      conv_reduce: ``"mean"``, ``"max"`` or ``"none"``.
+      activation: ``"pre"`` (the layer's output) or ``"post"``.
+      activation_fn: elementwise activation applied for ``"post"``.
+
+    Returns:
+      A :class:`Probe`. ``fn`` takes the same ``params``.
+    """
+    _check_options(conv_reduce, activation, activation_fn)
+
+    def capture_filter(mdl: nn.Module, method_name: str) -> bool:
+        return method_name == "__call__" and isinstance(mdl, _LINEN_LAYERS)
+
+    def raw_fn(params, x):
+        logits, state = module.apply(
+            {"params": params},
+            x,
+            capture_intermediates=False if sown else capture_filter,
+            mutable=["intermediates"],
+        )
+        found: dict[str, jax.Array] = {}
+
+        def walk(tree, path):
+            for key, value in tree.items():
+                if isinstance(value, Mapping):
+                    walk(value, (*path, key))
+                elif isinstance(value, tuple):
+                    # a sown name or a captured method: one value per call
+                    base = "/".join(path) if key == "__call__" else "/".join((*path, key))
+                    for j, v in enumerate(value):
+                        found[base if len(value) == 1 else f"{base}#{j}"] = v
+
+        walk(state.get("intermediates", {}), ())
+        return logits, found
+
+    def default(available: list[str]) -> list[str]:
+        return available if sown else available[:-1]
+
+    return _finish(
+        raw_fn, params, input_shape, layers, default, conv_reduce, activation, activation_fn
+    )
+
+
+def nnx_probe(
+    graphdef: Any,
+    state: Any,
+    *,
+    input_shape: Sequence[int],
+    layers: LayerSelection = None,
+    conv_reduce: str = "mean",
+    activation: str = "pre",
+    activation_fn: Callable[[jax.Array], jax.Array] | None = None,
+) -> Probe:
+    """Probes a Flax NNX module through ``nnx.capture`` of its layers' outputs.
+
+    Args:
+      graphdef: the module's graph definition (``nnx.split(model)[0]``).
+      state: its state (``nnx.split(model)[1]``); the probe's ``params``.
+      input_shape: shape of one input.
+      layers: layer names, a predicate, or None for every ``nnx.Linear`` /
+        ``nnx.LinearGeneral`` / ``nnx.Conv`` but the output layer (the one whose
+        output is the model's output). Names are attribute paths joined with
+        ``/``; layers are ordered by name, numbers compared as numbers.
+      conv_reduce, activation, activation_fn: as in :func:`linen_probe`.
+
+    Returns:
+      A :class:`Probe` whose ``fn`` takes the NNX state as ``params``.
+    """
+    _check_options(conv_reduce, activation, activation_fn)
+    template = nnx.merge(graphdef, state)
+    layer_paths = {
+        "/".join(map(str, path)) for path, mod in nnx.iter_modules(template) if isinstance(mod, _NNX_LAYERS)
+    }
+
+    def capture(state, x):
+        model = nnx.merge(graphdef, state)
+        logits, inter = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(x)
+        found = {}
+        for path, var in nnx.to_flat_state(inter):
+            if path[-1] != "__call__":
+                continue
+            name = "/".join(map(str, path[:-1]))
+            if name in layer_paths:
+                value = var.get_value()
+                found[name] = value[0] if isinstance(value, tuple) else value
+        return logits, dict(sorted(found.items(), key=lambda kv: _natural_key(kv[0])))
+
+    # the output layer: the one whose output is the model's output
+    probe_x = jnp.linspace(0.0, 1.0, math.prod(input_shape), dtype=jnp.float32).reshape(
+        (1, *input_shape)
+    )
+    logits, found = capture(state, probe_x)
+    outputs = {
+        name for name, v in found.items() if v.shape == logits.shape and bool(jnp.array_equal(v, logits))
+    }
+
+    def default(available: list[str]) -> list[str]:
+        return [name for name in available if name not in outputs]
+
+    return _finish(capture, state, input_shape, layers, default, conv_reduce, activation, activation_fn)
+
+
+def function_probe(
+    fn: Callable[[Any, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]],
+    params: Any,
+    *,
+    input_shape: Sequence[int],
+    layers: LayerSelection = None,
+    conv_reduce: str = "mean",
+    activation: str = "pre",
+    activation_fn: Callable[[jax.Array], jax.Array] | None = None,
+) -> Probe:
+    """Probes any function ``fn(params, x) -> (logits, {name: activation})``.
+
+    Every named activation is a layer (in the mapping's order); use this for
+    Equinox, Haiku or hand-written models.
+
+    Args:
+      fn: pure and jit-able; activations are ``[batch, units]`` or
+        ``[batch, ..., channels]``.
+      params: its parameters (concrete or abstract; used for shapes).
+      input_shape, layers, conv_reduce, activation, activation_fn: as in
+        :func:`linen_probe` (the default selects every named activation).
+    """
+    _check_options(conv_reduce, activation, activation_fn)
+
+    def raw_fn(params, x):
+        logits, acts = fn(params, x)
+        return logits, dict(acts)
+
+    return _finish(
+        raw_fn, params, input_shape, layers, lambda a: a, conv_reduce, activation, activation_fn
+    )
+
+
+def model_probe(
+    model: Any,
+    params: Any,
+    *,
+    layers: LayerSelection = None,
+    conv_reduce: str = "mean",
+    activation: str = "pre",
+) -> Probe:
+    """Probes a zoo :class:`~deepfault_jax.zoo.Model` (linen or NNX).
+
+    The model's own activation function serves ``activation="post"``; the
+    default layers are every hidden Dense/Conv (``conv_i``, ``dense_i``).
+    """
+    from deepfault_jax.zoo import ACTIVATIONS
+
+    act = ACTIVATIONS[model.activation]
+    if model.is_nnx:
+        return nnx_probe(
+            model.module,
+            params,
+            input_shape=model.input_shape,
+            layers=layers,
+            conv_reduce=conv_reduce,
+            activation=activation,
+            activation_fn=act,
+        )
+    return linen_probe(
+        model.module,
+        params,
+        input_shape=model.input_shape,
+        layers=layers,
+        conv_reduce=conv_reduce,
+        activation=activation,
+        activation_fn=act,
+    )
