@@ -128,12 +128,16 @@ class NeuronIndex:
         """Flat id of ``unit`` in ``layer``."""
         i = self._layer_position(layer)
         if not 0 <= int(unit) < self.layer_sizes[i]:
-            raise ValueError(f"unit of {layer!r} must lie in [0, {self.layer_sizes[i]}); got {unit}")
+            raise ValueError(
+                f"unit of {layer!r} must lie in [0, {self.layer_sizes[i]}); got {unit}"
+            )
         return self.offsets[i] + int(unit)
 
     def layer_ids(self, layers: Sequence[str]) -> np.ndarray:
         """Sorted flat ids of every neuron in ``layers``."""
-        return np.concatenate([np.arange(self.num_neurons)[self.layer_slice(name)] for name in layers])
+        return np.concatenate(
+            [np.arange(self.num_neurons)[self.layer_slice(name)] for name in layers]
+        )
 
     def layer_of_ids(self) -> np.ndarray:
         """``int32[neurons]``: the position of each neuron's layer in ``layer_names``."""
@@ -360,7 +364,9 @@ def nnx_probe(
     _check_options(conv_reduce, activation, activation_fn)
     template = nnx.merge(graphdef, state)
     layer_paths = {
-        "/".join(map(str, path)) for path, mod in nnx.iter_modules(template) if isinstance(mod, _NNX_LAYERS)
+        "/".join(map(str, path))
+        for path, mod in nnx.iter_modules(template)
+        if isinstance(mod, _NNX_LAYERS)
     }
 
     def capture(state, x):
@@ -382,13 +388,17 @@ def nnx_probe(
     )
     logits, found = capture(state, probe_x)
     outputs = {
-        name for name, v in found.items() if v.shape == logits.shape and bool(jnp.array_equal(v, logits))
+        name
+        for name, v in found.items()
+        if v.shape == logits.shape and bool(jnp.array_equal(v, logits))
     }
 
     def default(available: list[str]) -> list[str]:
         return [name for name in available if name not in outputs]
 
-    return _finish(capture, state, input_shape, layers, default, conv_reduce, activation, activation_fn)
+    return _finish(
+        capture, state, input_shape, layers, default, conv_reduce, activation, activation_fn
+    )
 
 
 def function_probe(

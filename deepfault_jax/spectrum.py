@@ -1,0 +1,752 @@
+"""Hit spectra: per class and neuron, how often a neuron was active on passing and failing inputs.
+
+For true class ``c`` and neuron ``n`` (DESIGN section 2):
+
+* ``a_pass[c, n]``: inputs of class c, classified correctly, with ``value > threshold``;
+* ``a_fail[c, n]``: inputs of class c, misclassified, with ``value > threshold``;
+* ``n_pass[c]``, ``n_fail[c]``: all correctly / wrongly classified inputs of class c.
+
+The paper's four counts follow: A_s = a_pass, A_f = a_fail, N_s = n_pass - a_pass,
+N_f = n_fail - a_fail. A neuron whose value equals the threshold is inactive.
+
+One jitted pass computes every class at once (DESIGN 4.1): per batch,
+``active = acts > threshold`` (``[B, N]``), ``pass = onehot(y) * correct`` and
+``fail = onehot(y) * ~correct`` (``[B, C]``), then ``a_pass += pass.T @ active``
+and ``a_fail += fail.T @ active``. The float32 matmul of 0/1 values is exact
+below 2**24 rows per batch; counts accumulate in int32 and a run refuses to
+start when a counter could pass 2**31 - 1. Memory is O(classes x neurons),
+whatever the data size; the last batch is padded and masked, so one
+compilation serves a run. Counts are integer sums, so any batch size, device
+count, process count or resume point gives the same, bit-identical spectrum.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from deepfault_jax.data import Batch, iterate_batches
+from deepfault_jax.probe import NeuronIndex, Probe
+
+__all__ = [
+    "Counts",
+    "Spectrum",
+    "SpectrumMetric",
+    "accumulate",
+    "batch_counts",
+    "compute_spectrum",
+    "data_mesh",
+    "init_spectrum",
+    "load_spectrum",
+    "merge",
+    "save_spectrum",
+    "update",
+]
+
+SPECTRUM_FORMAT = "deepfault-jax-spectrum"
+SPECTRUM_VERSION = 1
+_MAX_COUNT = 2**31 - 1
+_MAX_BATCH = 2**24
+
+
+class Counts(NamedTuple):
+    """The paper's four counts of a set of neurons (``[neurons]`` or ``[classes, neurons]``).
+
+    Attributes:
+      a_s: active on passing (correctly classified) inputs.
+      a_f: active on failing (misclassified) inputs.
+      n_s: not active on passing inputs.
+      n_f: not active on failing inputs.
+    """
+
+    a_s: jax.Array
+    a_f: jax.Array
+    n_s: jax.Array
+    n_f: jax.Array
+
+
+@struct.dataclass
+class Spectrum:
+    """The all-class hit spectrum of a set of neurons: a pytree of int32 counts.
+
+    Attributes:
+      a_pass: ``int32[classes, neurons]``, active on correctly classified inputs of each class.
+      a_fail: ``int32[classes, neurons]``, active on misclassified inputs of each class.
+      n_pass: ``int32[classes]``, correctly classified inputs of each class.
+      n_fail: ``int32[classes]``, misclassified inputs of each class.
+      index: the neuron layout (static).
+      threshold: a neuron is active when its value is ``> threshold`` (static).
+
+    Example:
+      >>> s = init_spectrum(NeuronIndex(("dense_0",), (4,)), num_classes=3)
+      >>> s.pooled().a_s.shape
+      (4,)
+    """
+
+    a_pass: jax.Array
+    a_fail: jax.Array
+    n_pass: jax.Array
+    n_fail: jax.Array
+    index: NeuronIndex = struct.field(pytree_node=False)
+    threshold: float = struct.field(pytree_node=False, default=0.0)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (rows)."""
+        return int(self.n_pass.shape[0])
+
+    @property
+    def num_inputs(self) -> int:
+        """Number of inputs counted."""
+        return int(
+            np.sum(np.asarray(self.n_pass), dtype=np.int64)
+            + np.sum(np.asarray(self.n_fail), dtype=np.int64)
+        )
+
+    def counts(self) -> Counts:
+        """The four counts per class, each ``int32[classes, neurons]``."""
+        return Counts(
+            self.a_pass,
+            self.a_fail,
+            self.n_pass[:, None] - self.a_pass,
+            self.n_fail[:, None] - self.a_fail,
+        )
+
+    def for_class(self, c: int) -> Counts:
+        """The four counts of inputs whose true class is ``c``, each ``int32[neurons]``."""
+        if not 0 <= int(c) < self.num_classes:
+            raise ValueError(f"class must lie in [0, {self.num_classes}); got {c}")
+        return Counts(*(a[int(c)] for a in self.counts()))
+
+    def pooled(self) -> Counts:
+        """The four counts over all classes together, each ``int32[neurons]``."""
+        return Counts(*(jnp.sum(a, axis=0) for a in self.counts()))
+
+    def layer(self, name: str) -> Spectrum:
+        """The spectrum restricted to one layer's neurons."""
+        cols = self.index.layer_slice(name)
+        return Spectrum(
+            self.a_pass[:, cols],
+            self.a_fail[:, cols],
+            self.n_pass,
+            self.n_fail,
+            NeuronIndex((name,), (self.index.layer_sizes[self.index.layer_names.index(name)],)),
+            self.threshold,
+        )
+
+
+def init_spectrum(index: NeuronIndex, *, num_classes: int, threshold: float = 0.0) -> Spectrum:
+    """An all-zero spectrum for ``index`` and ``num_classes`` classes."""
+    if int(num_classes) < 2:
+        raise ValueError(f"num_classes must be >= 2; got {num_classes}")
+    c, n = int(num_classes), index.num_neurons
+    return Spectrum(
+        jnp.zeros((c, n), jnp.int32),
+        jnp.zeros((c, n), jnp.int32),
+        jnp.zeros((c,), jnp.int32),
+        jnp.zeros((c,), jnp.int32),
+        index,
+        float(threshold),
+    )
+
+
+def batch_counts(
+    logits: jax.Array,
+    activations: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+    *,
+    threshold: float,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The spectrum counts of one batch (the body of :func:`update`).
+
+    Args:
+      logits: ``float[batch, classes]``.
+      activations: ``float[batch, neurons]``.
+      labels: ``int[batch]`` true classes.
+      mask: ``bool[batch]``; False rows are not counted.
+      threshold: active means ``> threshold``.
+
+    Returns:
+      ``(a_pass[classes, neurons], a_fail[classes, neurons], n_pass[classes],
+      n_fail[classes])`` as int32.
+    """
+    num_classes = logits.shape[-1]
+    active = (activations > threshold).astype(jnp.float32)
+    correct = jnp.argmax(logits, axis=-1) == labels
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * mask[:, None].astype(
+        jnp.float32
+    )
+    passing = onehot * correct[:, None].astype(jnp.float32)
+    failing = onehot - passing
+    dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+    return (
+        dot(passing.T, active).astype(jnp.int32),
+        dot(failing.T, active).astype(jnp.int32),
+        jnp.sum(passing, axis=0).astype(jnp.int32),
+        jnp.sum(failing, axis=0).astype(jnp.int32),
+    )
+
+
+def _add(spectrum: Spectrum, counts) -> Spectrum:
+    a_pass, a_fail, n_pass, n_fail = counts
+    return spectrum.replace(
+        a_pass=spectrum.a_pass + a_pass,
+        a_fail=spectrum.a_fail + a_fail,
+        n_pass=spectrum.n_pass + n_pass,
+        n_fail=spectrum.n_fail + n_fail,
+    )
+
+
+def _flatten_activations(spectrum: Spectrum, activations) -> jax.Array:
+    if isinstance(activations, Mapping):
+        return jnp.concatenate([activations[name] for name in spectrum.index.layer_names], axis=-1)
+    return activations
+
+
+def update(
+    spectrum: Spectrum,
+    logits: jax.Array,
+    activations: jax.Array | Mapping[str, jax.Array],
+    labels: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+) -> Spectrum:
+    """Adds one batch to ``spectrum``; pure and jit-able.
+
+    Args:
+      spectrum: the running spectrum.
+      logits: ``float[batch, classes]``.
+      activations: ``float[batch, neurons]`` in neuron-id order, or a probe's
+        mapping layer -> ``[batch, units]``.
+      labels: ``int[batch]`` true classes.
+      mask: optional ``bool[batch]``; False rows (padding) are not counted.
+
+    Returns:
+      The new spectrum.
+    """
+    acts = _flatten_activations(spectrum, activations)
+    if mask is None:
+        mask = jnp.ones(labels.shape, bool)
+    return _add(spectrum, batch_counts(logits, acts, labels, mask, threshold=spectrum.threshold))
+
+
+def merge(a: Spectrum, b: Spectrum) -> Spectrum:
+    """The spectrum of the union of two disjoint data sets.
+
+    Raises:
+      ValueError: the spectra have another layout (layers, sizes), number of
+        classes or threshold.
+    """
+    _check_same_layout(a, b, "merge")
+    return _add(a, (b.a_pass, b.a_fail, b.n_pass, b.n_fail))
+
+
+def _check_same_layout(a: Spectrum, b: Spectrum, what: str) -> None:
+    if a.index != b.index:
+        raise ValueError(
+            f"cannot {what} spectra of different layouts: expected layers "
+            f"{list(zip(a.index.layer_names, a.index.layer_sizes, strict=True))}, got "
+            f"{list(zip(b.index.layer_names, b.index.layer_sizes, strict=True))}"
+        )
+    if a.num_classes != b.num_classes:
+        raise ValueError(
+            f"cannot {what} spectra: expected {a.num_classes} classes, got {b.num_classes}"
+        )
+    if a.threshold != b.threshold:
+        raise ValueError(
+            f"cannot {what} spectra: expected threshold {a.threshold}, got {b.threshold}"
+        )
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def data_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D ``("data",)`` mesh over all global devices, or the first ``devices`` local ones.
+
+    Args:
+      devices: None for every device of every process; an int for that many
+        local devices (one process); or explicit devices.
+    """
+    if devices is None:
+        devs = jax.devices()
+    elif isinstance(devices, int):
+        local = jax.local_devices()
+        if not 1 <= devices <= len(local):
+            raise ValueError(
+                f"devices must lie in [1, {len(local)}] (the {local[0].platform} devices here); "
+                f"got {devices}. On CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N "
+                "before starting Python for more"
+            )
+        devs = local[:devices]
+    else:
+        devs = list(devices)
+    return Mesh(np.asarray(devs), ("data",))
+
+
+@functools.partial(jax.jit, static_argnames=("probe",), donate_argnums=(0,))
+def _step(
+    spectrum: Spectrum, params: Any, x: jax.Array, y: jax.Array, mask: jax.Array, *, probe: Probe
+):
+    logits, acts = probe.flat(params, x)
+    return _add(spectrum, batch_counts(logits, acts, y, mask, threshold=spectrum.threshold))
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded_step(probe: Probe, mesh: Mesh) -> Callable:
+    """``jit(shard_map(...))`` of one step over ``mesh``; built once per (probe, mesh)."""
+
+    def body(spectrum, params, x, y, mask):
+        logits, acts = probe.flat(params, x)
+        local = batch_counts(logits, acts, y, mask, threshold=spectrum.threshold)
+        return _add(spectrum, jax.lax.psum(local, "data"))
+
+    sharded = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(P(), P(), P("data"), P("data"), P("data")),
+        out_specs=P(),
+    )
+    return jax.jit(sharded, donate_argnums=(0,))
+
+
+def _replicate(tree: Any, mesh: Mesh) -> Any:
+    """Places a pytree (the same on every process) replicated over ``mesh``."""
+    sharding = NamedSharding(mesh, P())
+
+    def put(leaf):
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(put, tree)
+
+
+def _to_local(spectrum: Spectrum) -> Spectrum:
+    """A replicated (possibly multi-process) spectrum as arrays on this process."""
+    return jax.tree.map(lambda a: jnp.asarray(np.asarray(a.addressable_data(0))), spectrum)
+
+
+def _check_batch(batch: Batch, probe: Probe, num_classes: int) -> None:
+    x, y, mask = np.asarray(batch.x), np.asarray(batch.y), np.asarray(batch.mask)
+    if x.shape[1:] != probe.input_shape:
+        raise ValueError(
+            f"inputs must have shape [batch, {', '.join(map(str, probe.input_shape))}]; "
+            f"got {list(x.shape)}"
+        )
+    if y.shape != (x.shape[0],) or mask.shape != (x.shape[0],):
+        raise ValueError(
+            f"labels and mask must have shape [{x.shape[0]}]; got {list(y.shape)} and {list(mask.shape)}"
+        )
+    if not np.issubdtype(y.dtype, np.integer):
+        raise TypeError(f"labels must be integers; got dtype {y.dtype}")
+    real = y[mask]
+    if real.size and (real.min() < 0 or real.max() >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}); got range [{real.min()}, {real.max()}]"
+        )
+    if not np.isfinite(x).all():
+        bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+        raise ValueError(f"inputs must be finite; got {bad} NaN or infinite values in a batch")
+
+
+def accumulate(
+    probe: Probe,
+    params: Any,
+    batches: Iterable[Batch],
+    *,
+    num_classes: int | None = None,
+    threshold: float = 0.0,
+    spectrum: Spectrum | None = None,
+    mesh: Mesh | None = None,
+    progress: bool = False,
+    total: int | None = None,
+    on_batch: Callable[[int, Spectrum], None] | None = None,
+) -> Spectrum:
+    """Streams batches through ``probe`` and adds them to a spectrum.
+
+    One compilation serves the whole stream (every batch has the same shape;
+    the padded tail is masked); the running counts are donated to each step.
+    Each batch is checked on the host first (input shape, finite values, label
+    range), so bad data fails before it is counted.
+
+    Args:
+      probe: the model's probe.
+      params: its parameters.
+      batches: :class:`~deepfault_jax.data.Batch` es of one fixed shape (from
+        :func:`~deepfault_jax.data.iterate_batches`). With a ``mesh`` over
+        several processes, each process passes its own rows, and every
+        process must pass the same number of batches.
+      num_classes: classes (default: the probe's number of logits).
+      threshold: active means ``> threshold``; ignored when ``spectrum`` is given.
+      spectrum: continue from this spectrum instead of zeros.
+      mesh: a 1-D ``("data",)`` mesh (:func:`data_mesh`) to split each batch
+        over its devices with ``shard_map`` and sum with ``psum``; None runs on
+        the default device.
+      progress: show a progress bar on stderr.
+      total: number of batches, for the progress bar.
+      on_batch: called after each batch with (batches done, spectrum).
+
+    Returns:
+      The spectrum, as arrays on this process.
+    """
+    from tqdm.auto import tqdm
+
+    num_classes = probe.num_classes if num_classes is None else int(num_classes)
+    if num_classes != probe.num_classes:
+        raise ValueError(
+            f"num_classes must match the model's {probe.num_classes} logits; got {num_classes}"
+        )
+    if spectrum is None:
+        spectrum = init_spectrum(probe.index, num_classes=num_classes, threshold=threshold)
+    elif spectrum.index != probe.index or spectrum.num_classes != num_classes:
+        _check_same_layout(
+            init_spectrum(probe.index, num_classes=num_classes, threshold=spectrum.threshold),
+            spectrum,
+            "continue",
+        )
+    counted = spectrum.num_inputs
+    processes = 1
+    if mesh is not None:
+        processes = len({d.process_index for d in mesh.devices.flat})
+        local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+        step = _sharded_step(probe, mesh)
+        data_sharding = NamedSharding(mesh, P("data"))
+        spectrum = _replicate(spectrum, mesh)
+        params = _replicate(params, mesh)
+    else:
+        spectrum = jax.tree.map(jnp.array, spectrum)  # a private copy: the step donates it
+    bar = tqdm(
+        batches,
+        total=total,
+        desc="spectrum",
+        unit="batch",
+        disable=None if progress else True,
+        leave=False,
+    )
+    done = 0
+    for batch in bar:
+        _check_batch(batch, probe, num_classes)
+        rows = len(batch.y) * processes
+        if rows > _MAX_BATCH:
+            raise ValueError(
+                f"batch must hold at most {_MAX_BATCH} rows for exact counts; got {rows}"
+            )
+        if counted + rows > _MAX_COUNT:
+            raise ValueError(
+                f"counts would pass the int32 limit {_MAX_COUNT}: {counted} inputs counted, "
+                f"{rows} more in this batch; split the data and merge the spectra in int64"
+            )
+        counted += rows
+        if mesh is None:
+            spectrum = _step(spectrum, params, batch.x, batch.y, batch.mask, probe=probe)
+        else:
+            if len(batch.y) % local_devices:
+                raise ValueError(
+                    f"batch size must be a multiple of the {local_devices} local devices of the mesh; "
+                    f"got {len(batch.y)}"
+                )
+            x, y, mask = (
+                jax.make_array_from_process_local_data(data_sharding, np.asarray(a))
+                for a in (batch.x, batch.y, batch.mask)
+            )
+            spectrum = step(spectrum, params, x, y, mask)
+        done += 1
+        if on_batch is not None:
+            on_batch(done, spectrum)
+    return _to_local(spectrum) if mesh is not None else spectrum
+
+
+def _fingerprint(x: np.ndarray, y: np.ndarray) -> str:
+    """A cheap identity of a data set: shapes, every label, and a strided sample of inputs."""
+    h = hashlib.sha256()
+    h.update(repr((x.shape, str(x.dtype), y.shape)).encode())
+    h.update(np.ascontiguousarray(y).tobytes())
+    flat = x.reshape(len(x), -1)
+    step = max(1, flat.shape[1] // 64)
+    h.update(np.ascontiguousarray(flat[:, ::step]).tobytes())
+    return h.hexdigest()[:32]
+
+
+def compute_spectrum(
+    probe: Probe,
+    params: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    batch_size: int = 512,
+    threshold: float = 0.0,
+    mesh: Mesh | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: int = 50,
+    progress: bool = False,
+) -> Spectrum:
+    """The spectrum of a whole data set, resumable.
+
+    Args:
+      probe: the model's probe.
+      params: its parameters.
+      x: ``float32[n, *input_shape]``; with a multi-process mesh, this process's rows.
+      y: ``int[n]`` true classes.
+      batch_size: rows per step (per process); a multiple of the local device count.
+      threshold: active means ``> threshold``.
+      mesh: as in :func:`accumulate`.
+      checkpoint_path: if given, the spectrum and position are saved there
+        (atomically) every ``checkpoint_every`` batches; a run started again
+        with the same path, data and probe layout continues from it and ends
+        bit-identical to an uninterrupted run. Single-process only.
+      checkpoint_every: batches between saves.
+      progress: show a progress bar.
+
+    Returns:
+      The spectrum.
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    if len(x) != len(y):
+        raise ValueError(f"x and y must have the same length; got {len(x)} and {len(y)}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    spectrum = init_spectrum(probe.index, num_classes=probe.num_classes, threshold=threshold)
+    multi = mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1
+    start = 0
+    fingerprint = None
+    if checkpoint_path is not None:
+        if multi:
+            raise ValueError("checkpoint_path is for single-process runs; got a multi-process mesh")
+        if int(checkpoint_every) < 1:
+            raise ValueError(f"checkpoint_every must be >= 1; got {checkpoint_every}")
+        checkpoint_path = Path(checkpoint_path)
+        fingerprint = _fingerprint(x, y)
+        if checkpoint_path.exists():
+            saved, meta = load_spectrum(checkpoint_path, with_metadata=True)
+            _check_same_layout(spectrum, saved, "resume")
+            if meta.get("data_fingerprint") != fingerprint:
+                raise ValueError(
+                    f"cannot resume from {checkpoint_path}: it was computed on other data "
+                    f"(expected fingerprint {fingerprint}, got {meta.get('data_fingerprint')})"
+                )
+            spectrum, start = saved, int(meta["position"])
+    n_batches = -(-(len(x) - start) // batch_size)
+    if multi:
+        from jax.experimental import multihost_utils
+
+        n_batches = int(np.max(multihost_utils.process_allgather(np.array([n_batches]))))
+    batches = (
+        _padded_batches(x[start:], y[start:], batch_size, n_batches) if n_batches else iter(())
+    )
+
+    def save(done: int, current: Spectrum) -> None:
+        if checkpoint_path is not None and done % checkpoint_every == 0:
+            position = min(len(x), start + done * batch_size)
+            meta = {
+                "position": position,
+                "data_fingerprint": fingerprint,
+                "complete": position == len(x),
+            }
+            save_spectrum(
+                checkpoint_path, _to_local(current) if mesh is not None else current, metadata=meta
+            )
+
+    result = accumulate(
+        probe,
+        params,
+        batches,
+        spectrum=spectrum,
+        mesh=mesh,
+        progress=progress,
+        total=n_batches,
+        on_batch=save if checkpoint_path is not None else None,
+    )
+    if checkpoint_path is not None:
+        meta = {"position": len(x), "data_fingerprint": fingerprint, "complete": True}
+        save_spectrum(checkpoint_path, result, metadata=meta)
+    return result
+
+
+def _padded_batches(x: np.ndarray, y: np.ndarray, batch_size: int, n_batches: int):
+    """``n_batches`` fixed-shape batches; all-masked ones after the data runs out."""
+    count = 0
+    if len(x):
+        for batch in iterate_batches(x, y, batch_size=batch_size):
+            yield batch
+            count += 1
+    for _ in range(n_batches - count):
+        yield Batch(
+            np.zeros((batch_size, *x.shape[1:]), np.float32),
+            np.zeros((batch_size,), np.int32),
+            np.zeros((batch_size,), bool),
+        )
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _atomic_savez(path: Path, arrays: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_spectrum(
+    path: str | os.PathLike, spectrum: Spectrum, *, metadata: dict | None = None
+) -> Path:
+    """Writes ``spectrum`` to an ``.npz`` file, atomically (temp file, then rename).
+
+    The file holds ``a_pass``, ``a_fail`` (int32 ``[classes, neurons]``),
+    ``n_pass``, ``n_fail`` (int32 ``[classes]``), ``layer_names`` (str),
+    ``layer_sizes`` (int64), ``threshold`` (float64), ``format``,
+    ``format_version`` and ``metadata`` (a JSON string); every array loads with
+    ``np.load(path, allow_pickle=False)``.
+
+    Returns:
+      The path written.
+    """
+    path = Path(path)
+    arrays = {
+        "a_pass": np.asarray(spectrum.a_pass, np.int32),
+        "a_fail": np.asarray(spectrum.a_fail, np.int32),
+        "n_pass": np.asarray(spectrum.n_pass, np.int32),
+        "n_fail": np.asarray(spectrum.n_fail, np.int32),
+        "layer_names": np.asarray(spectrum.index.layer_names, dtype=np.str_),
+        "layer_sizes": np.asarray(spectrum.index.layer_sizes, np.int64),
+        "threshold": np.float64(spectrum.threshold),
+        "format": np.str_(SPECTRUM_FORMAT),
+        "format_version": np.int64(SPECTRUM_VERSION),
+        "metadata": np.str_(json.dumps(metadata or {}, sort_keys=True)),
+    }
+    _atomic_savez(path, arrays)
+    return path
+
+
+def load_spectrum(path: str | os.PathLike, *, with_metadata: bool = False):
+    """Reads a spectrum written by :func:`save_spectrum`, checking it is whole and consistent.
+
+    Returns:
+      The :class:`Spectrum`, or ``(spectrum, metadata)`` with ``with_metadata=True``.
+
+    Raises:
+      ValueError: a missing, unreadable, truncated or inconsistent file (the
+        message names what was expected and what was found).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"spectrum file must exist; got {str(path)!r}, which is not a file")
+    required = ("a_pass", "a_fail", "n_pass", "n_fail", "layer_names", "layer_sizes", "threshold")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in required if k not in f.files]
+            if missing:
+                raise ValueError(
+                    f"{path}: not a spectrum file: missing {missing}, got {sorted(f.files)}"
+                )
+            arrays = {k: f[k] for k in f.files}
+    except ValueError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: not a readable spectrum file ({e})") from None
+    except Exception as e:  # zipfile, zlib and OS errors from a damaged file
+        raise ValueError(
+            f"{path}: not a readable spectrum file ({type(e).__name__}: {e})"
+        ) from None
+    fmt = str(arrays.get("format", SPECTRUM_FORMAT))
+    if fmt != SPECTRUM_FORMAT:
+        raise ValueError(f"{path}: format must be {SPECTRUM_FORMAT!r}; got {fmt!r}")
+    index = NeuronIndex(
+        tuple(str(s) for s in arrays["layer_names"]), tuple(int(s) for s in arrays["layer_sizes"])
+    )
+    a_pass, a_fail, n_pass, n_fail = (arrays[k] for k in ("a_pass", "a_fail", "n_pass", "n_fail"))
+    c, n = n_pass.shape[0] if n_pass.ndim == 1 else -1, index.num_neurons
+    for name, a, shape in (
+        ("a_pass", a_pass, (c, n)),
+        ("a_fail", a_fail, (c, n)),
+        ("n_fail", n_fail, (c,)),
+    ):
+        if a.shape != shape or not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(
+                f"{path}: {name} must be integer of shape {shape}; got {a.dtype} {a.shape}"
+            )
+    if not np.issubdtype(n_pass.dtype, np.integer) or c < 2:
+        raise ValueError(
+            f"{path}: n_pass must be integer of shape [classes >= 2]; got {n_pass.dtype} {n_pass.shape}"
+        )
+    if min(a.min() for a in (a_pass, a_fail, n_pass, n_fail)) < 0:
+        raise ValueError(f"{path}: counts must be >= 0; got a negative count")
+    if (a_pass > n_pass[:, None]).any() or (a_fail > n_fail[:, None]).any():
+        raise ValueError(f"{path}: active counts must not exceed the input counts of their class")
+    try:
+        meta = json.loads(str(arrays.get("metadata", "{}")))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: metadata must be JSON ({e})") from None
+    spectrum = Spectrum(
+        *(jnp.asarray(a, jnp.int32) for a in (a_pass, a_fail, n_pass, n_fail)),
+        index,
+        float(arrays["threshold"]),
+    )
+    return (spectrum, meta) if with_metadata else spectrum
+
+
+# --------------------------------------------------------------------------- training loops
+
+
+class SpectrumMetric(nnx.Metric):
+    """An ``nnx.Metric`` that accumulates a spectrum: ``update`` / ``compute`` / ``reset``.
+
+    Carry it in an NNX eval step with one extra line::
+
+        metric = SpectrumMetric(probe.index, num_classes=10)
+        logits, acts = probe(params, x)
+        metric.update(logits=logits, activations=acts, labels=y)
+        spectrum = metric.compute()
+
+    Linen users call the pure :func:`init_spectrum` and :func:`update` instead.
+    """
+
+    def __init__(self, index: NeuronIndex, *, num_classes: int, threshold: float = 0.0):
+        self.index = index
+        self.threshold = float(threshold)
+        zero = init_spectrum(index, num_classes=num_classes, threshold=threshold)
+        self.a_pass = nnx.metrics.MetricState(zero.a_pass)
+        self.a_fail = nnx.metrics.MetricState(zero.a_fail)
+        self.n_pass = nnx.metrics.MetricState(zero.n_pass)
+        self.n_fail = nnx.metrics.MetricState(zero.n_fail)
+
+    def reset(self) -> None:
+        """Sets every count to zero."""
+        for var in (self.a_pass, self.a_fail, self.n_pass, self.n_fail):
+            var[...] = jnp.zeros_like(var[...])
+
+    def update(self, *, logits, activations, labels, mask=None, **_) -> None:  # noqa: D417
+        """Adds a batch: ``logits[batch, classes]``, ``activations`` (flat or per layer), ``labels[batch]``."""
+        new = update(self.compute(), logits, activations, labels, mask=mask)
+        self.a_pass[...], self.a_fail[...] = new.a_pass, new.a_fail
+        self.n_pass[...], self.n_fail[...] = new.n_pass, new.n_fail
+
+    def compute(self) -> Spectrum:
+        """The spectrum so far."""
+        return Spectrum(
+            self.a_pass[...],
+            self.a_fail[...],
+            self.n_pass[...],
+            self.n_fail[...],
+            self.index,
+            self.threshold,
+        )
