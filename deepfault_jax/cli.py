@@ -159,6 +159,137 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_list(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise UsageError(f"--layers must name at least one layer; got {text!r}")
+    return items
+
+
+def _check_out_file(path: str, suffix: str) -> Path:
+    """Fails early when ``path`` cannot be written (its directory is created)."""
+    out = Path(path).expanduser()
+    if out.suffix != suffix:
+        raise UsageError(f"--out must end in {suffix}; got {str(out)!r}")
+    if out.is_dir():
+        raise UsageError(f"--out must be a file path; got existing directory {str(out)!r}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as e:
+        raise UsageError(
+            f"--out must be a writable location; got {str(out)!r} ({e.strerror or e})"
+        ) from None
+    return out
+
+
+def _cmd_spectrum(args: argparse.Namespace) -> int:
+    import time
+
+    from deepfault_jax import data, probe, zoo
+    from deepfault_jax import spectrum as spectrum_lib
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1; got {args.batch_size}")
+    if args.devices < 1:
+        raise UsageError(f"--devices must be >= 1; got {args.devices}")
+    if args.batch_size % args.devices:
+        raise UsageError(
+            f"--batch-size must be a multiple of --devices ({args.devices}); got {args.batch_size}"
+        )
+    if args.save_every is not None and args.save_every < 1:
+        raise UsageError(f"--save-every must be >= 1; got {args.save_every}")
+    out = _check_out_file(args.out, ".npz")
+    mesh = spectrum_lib.data_mesh(args.devices) if args.devices > 1 else None
+    dataset = data.load_dataset(args.dataset)
+    if args.checkpoint:
+        model, params, meta = zoo.load_checkpoint(args.checkpoint, input_shape=dataset.input_shape)
+        if model.num_classes != dataset.num_classes:
+            raise ValueError(
+                f"checkpoint {args.checkpoint} has {model.num_classes} classes; "
+                f"data set {dataset.name!r} has {dataset.num_classes}"
+            )
+        source = str(Path(args.checkpoint).expanduser().absolute())
+    else:
+        model, params, meta = zoo.load_or_train(
+            args.model, dataset, seed=args.seed, progress=not args.no_progress
+        )
+        source = f"zoo:{args.model}:seed{args.seed}"
+    prb = probe.model_probe(
+        model,
+        params,
+        layers=_split_list(args.layers),
+        conv_reduce=args.conv_reduce,
+        activation=args.activation,
+    )
+    x, y = dataset.split(args.split)
+    partial = out.with_name(out.stem + ".partial.npz") if args.save_every else None
+    start = time.perf_counter()
+    spec = spectrum_lib.compute_spectrum(
+        prb,
+        params,
+        x,
+        y,
+        batch_size=args.batch_size,
+        threshold=args.threshold,
+        mesh=mesh,
+        checkpoint_path=partial,
+        checkpoint_every=args.save_every or 1,
+        progress=not args.no_progress,
+    )
+    seconds = time.perf_counter() - start
+    layers = spectrum_lib.layer_summary(spec)
+    n_pass, n_fail = int(spec.n_pass.sum()), int(spec.n_fail.sum())
+    metadata = {
+        "model": model.name,
+        "model_source": source,
+        "dataset": dataset.name,
+        "split": args.split,
+        "threshold": args.threshold,
+        "conv_reduce": args.conv_reduce,
+        "activation": args.activation,
+        "num_inputs": n_pass + n_fail,
+        "num_pass": n_pass,
+        "num_fail": n_fail,
+        "versions": zoo.package_versions(),
+    }
+    spectrum_lib.save_spectrum(out, spec, metadata=metadata)
+    if partial is not None:
+        partial.unlink(missing_ok=True)
+    report = {
+        **{k: v for k, v in metadata.items() if k != "versions"},
+        "accuracy": n_pass / (n_pass + n_fail),
+        "num_classes": spec.num_classes,
+        "num_neurons": spec.index.num_neurons,
+        "layers": layers,
+        "devices": args.devices,
+        "batch_size": args.batch_size,
+        "seconds": round(seconds, 3),
+        "spectrum": str(out.absolute()),
+    }
+
+    def share(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    human = [
+        f"spectrum of {model.name} on {dataset.name} ({args.split}): {n_pass + n_fail} inputs, "
+        f"{n_pass} passing, {n_fail} failing (accuracy {report['accuracy']:.4f}); "
+        f"threshold {args.threshold:g}, {args.activation}-activation, conv_reduce {args.conv_reduce}",
+        f"{'layer':<16} {'neurons':>8} {'active|fail':>12} {'active|pass':>12}",
+    ]
+    human += [
+        f"{r['layer']:<16} {r['neurons']:>8} {share(r['active_share_fail']):>12} "
+        f"{share(r['active_share_pass']):>12}"
+        for r in layers
+    ]
+    human.append(f"wrote {out} in {seconds:.2f} s")
+    _emit(args, report, human)
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import jax
 
@@ -239,6 +370,40 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
+        "spectrum",
+        help="compute the hit spectrum of a model on a data set",
+        description="Compute the all-class hit spectrum (DeepFault's A_s, A_f, N_s, N_f for every "
+        "class and neuron) in one streaming jitted pass and write it as .npz.",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default="mlp-3x50", choices=model_names, metavar="NAME",
+                     help="zoo model, trained on the data set on first use and cached "
+                     "(default: mlp-3x50)")  # fmt: skip
+    src.add_argument("--checkpoint", metavar="DIR", help="a checkpoint from `deepfault-jax train`")
+    p.add_argument("--dataset", default="digits", metavar="SPEC", help=dataset_help)
+    p.add_argument("--split", default="test", choices=("train", "test"), help="(default: test)")
+    p.add_argument("--seed", type=int, default=0, help="training seed of a --model (default: 0)")
+    p.add_argument("--threshold", type=float, default=0.0,
+                   help="a neuron is active when its value is > T (default: 0)")  # fmt: skip
+    p.add_argument("--layers", metavar="A,B,...", default=None,
+                   help="layers to probe (default: every hidden Dense/Conv)")  # fmt: skip
+    p.add_argument("--conv-reduce", default="mean", choices=("mean", "max", "none"),
+                   help="conv channel value: spatial mean (the paper's), max, or none "
+                   "(every position a neuron) (default: mean)")  # fmt: skip
+    p.add_argument("--activation", default="pre", choices=("pre", "post"),
+                   help="probe values before or after the activation function (default: pre)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=512, help="inputs per step (default: 512)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="split each batch over N local devices with shard_map (default: 1)")  # fmt: skip
+    p.add_argument("--save-every", type=int, default=None, metavar="N",
+                   help="save progress to OUT.partial.npz every N batches; the same command "
+                   "started again resumes from it")  # fmt: skip
+    p.add_argument("--out", metavar="FILE.npz", required=True, help="spectrum file to write")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    common(p)
+    p.set_defaults(func=_cmd_spectrum)
+
+    p = sub.add_parser(
         "info",
         help="versions, devices and the data sets available here",
         description="Show package versions, JAX devices, and which data sets can be loaded here.",
@@ -260,6 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog = getattr(e, "prog", "deepfault-jax")
         sys.stderr.write(f"{prog}: error: {_one_line(e)}\n")
         return 2
+    except BrokenPipeError:  # `... --json | head`: the reader left; not an error of ours
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        return 0
     except KeyboardInterrupt:
         sys.stderr.write("deepfault-jax: interrupted\n")
         return 130

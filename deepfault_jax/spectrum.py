@@ -50,6 +50,7 @@ __all__ = [
     "compute_spectrum",
     "data_mesh",
     "init_spectrum",
+    "layer_summary",
     "load_spectrum",
     "merge",
     "save_spectrum",
@@ -493,6 +494,7 @@ def compute_spectrum(
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
     progress: bool = False,
+    callback: Callable[[int, Spectrum], None] | None = None,
 ) -> Spectrum:
     """The spectrum of a whole data set, resumable.
 
@@ -510,6 +512,9 @@ def compute_spectrum(
         bit-identical to an uninterrupted run. Single-process only.
       checkpoint_every: batches between saves.
       progress: show a progress bar.
+      callback: called after each batch (after any save) with (batches done
+        in this call, spectrum); an exception it raises stops the run, and a
+        run with ``checkpoint_path`` resumes from the last save.
 
     Returns:
       The spectrum.
@@ -548,7 +553,7 @@ def compute_spectrum(
         _padded_batches(x[start:], y[start:], batch_size, n_batches) if n_batches else iter(())
     )
 
-    def save(done: int, current: Spectrum) -> None:
+    def after_batch(done: int, current: Spectrum) -> None:
         if checkpoint_path is not None and done % checkpoint_every == 0:
             position = min(len(x), start + done * batch_size)
             meta = {
@@ -559,6 +564,8 @@ def compute_spectrum(
             save_spectrum(
                 checkpoint_path, _to_local(current) if mesh is not None else current, metadata=meta
             )
+        if callback is not None:
+            callback(done, current)
 
     result = accumulate(
         probe,
@@ -568,7 +575,7 @@ def compute_spectrum(
         mesh=mesh,
         progress=progress,
         total=n_batches,
-        on_batch=save if checkpoint_path is not None else None,
+        on_batch=after_batch,
     )
     if checkpoint_path is not None:
         meta = {"position": len(x), "data_fingerprint": fingerprint, "complete": True}
@@ -750,3 +757,32 @@ class SpectrumMetric(nnx.Metric):
             self.index,
             self.threshold,
         )
+
+
+def layer_summary(spectrum: Spectrum) -> list[dict]:
+    """Per layer: neurons, and the share of (input, neuron) pairs active on failing and on passing inputs.
+
+    Returns:
+      ``[{"layer", "neurons", "active_share_fail", "active_share_pass"}]``;
+      a share is None when there is no failing (or passing) input.
+    """
+    a_pass = np.asarray(spectrum.a_pass, np.int64).sum(axis=0)
+    a_fail = np.asarray(spectrum.a_fail, np.int64).sum(axis=0)
+    n_pass = int(np.asarray(spectrum.n_pass, np.int64).sum())
+    n_fail = int(np.asarray(spectrum.n_fail, np.int64).sum())
+    rows = []
+    for name, size in zip(spectrum.index.layer_names, spectrum.index.layer_sizes, strict=True):
+        cols = spectrum.index.layer_slice(name)
+        rows.append(
+            {
+                "layer": name,
+                "neurons": size,
+                "active_share_fail": float(a_fail[cols].sum() / (n_fail * size))
+                if n_fail
+                else None,
+                "active_share_pass": float(a_pass[cols].sum() / (n_pass * size))
+                if n_pass
+                else None,
+            }
+        )
+    return rows

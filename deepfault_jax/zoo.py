@@ -56,10 +56,12 @@ __all__ = [
     "Model",
     "TrainResult",
     "create_model",
+    "default_cache_dir",
     "default_epochs",
     "evaluate",
     "init_params",
     "load_checkpoint",
+    "load_or_train",
     "package_versions",
     "predict",
     "save_checkpoint",
@@ -618,3 +620,49 @@ def load_checkpoint(
             f"({type(e).__name__}: {first})"
         ) from None
     return arch, params, meta
+
+
+def default_cache_dir() -> Path:
+    """Where :func:`load_or_train` keeps trained models: ``$DEEPFAULT_JAX_CACHE`` or
+    ``~/.cache/deepfault-jax``."""
+    return Path(os.environ.get("DEEPFAULT_JAX_CACHE", Path.home() / ".cache" / "deepfault-jax"))
+
+
+def load_or_train(
+    name: str,
+    dataset: Dataset,
+    *,
+    seed: int = 0,
+    activation: str = "relu",
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> tuple[Model, Any, dict]:
+    """The cached model for (architecture, data set, activation, seed), trained on first use.
+
+    Training uses the defaults of :func:`train` with ``jax.random.key(seed)``;
+    the checkpoint is kept in ``cache_dir/models/`` (default
+    :func:`default_cache_dir`).
+
+    Returns:
+      ``(model, params, metadata)`` as :func:`load_checkpoint`.
+    """
+    model = create_model(
+        name,
+        input_shape=dataset.input_shape,
+        num_classes=dataset.num_classes,
+        activation=activation,
+    )
+    slug = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in dataset.name).strip("-")
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = root / "models" / f"{name}-{activation}-{slug}-seed{int(seed)}"
+    if (path / "model.json").is_file():
+        return load_checkpoint(path, model=name, input_shape=dataset.input_shape)
+    result = train(jax.random.key(int(seed)), model, dataset, progress=progress)
+    meta = {
+        "dataset": dataset.name,
+        "seed": int(seed),
+        "epochs": len(result.history),
+        "test_accuracy": result.test_accuracy,
+    }
+    save_checkpoint(path, model, result.params, metadata=meta)
+    return load_checkpoint(path, model=name, input_shape=dataset.input_shape)
