@@ -524,6 +524,10 @@ def compute_spectrum(
         raise ValueError(f"x and y must have the same length; got {len(x)} and {len(y)}")
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    if x.shape[1:] != probe.input_shape:
+        raise ValueError(
+            f"x must have shape [n, {', '.join(map(str, probe.input_shape))}]; got {list(x.shape)}"
+        )
     spectrum = init_spectrum(probe.index, num_classes=probe.num_classes, threshold=threshold)
     multi = mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1
     start = 0

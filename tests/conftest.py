@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# Sharding tests need several devices: force 8 CPU devices before JAX starts.
+FORCED_DEVICES = 8
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={FORCED_DEVICES}"
+).strip()
+
 import gzip
 import struct
 from pathlib import Path

@@ -1,0 +1,40 @@
+"""One process of a two-process spectrum run over 127.0.0.1 (started by test_spectrum.py).
+
+Usage: python multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz
+Each process holds 2 forced CPU devices and its own rows of the digits test split
+(rows PROCESS_ID::NUM_PROCESSES); process 0 writes the global spectrum.
+"""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+
+import jax  # noqa: E402
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def main() -> None:
+    pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid
+    )
+    from deepfault_jax import data, probe, spectrum, zoo
+
+    ds = data.load_dataset("digits")
+    model = zoo.create_model("lenet1", input_shape=ds.input_shape, num_classes=10)
+    params = zoo.init_params(jax.random.key(7), model)  # the same on every process
+    prb = probe.model_probe(model, params)
+    mesh = spectrum.data_mesh()
+    assert mesh.devices.size == 2 * nproc, mesh
+    result = spectrum.compute_spectrum(
+        prb, params, ds.x_test[pid::nproc], ds.y_test[pid::nproc], batch_size=32, mesh=mesh
+    )
+    if pid == 0:
+        spectrum.save_spectrum(out, result)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()

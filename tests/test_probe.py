@@ -1,0 +1,160 @@
+"""Probes: the captured values equal a NumPy forward pass; layer selection; NeuronIndex."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from reference import conv_same_forward, dense_forward, reduce_conv
+
+from deepfault_jax import probe, zoo
+
+
+def _random_x(shape, n=6, seed=0):
+    return np.random.default_rng(seed).random((n, *shape), dtype=np.float32)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+@pytest.mark.parametrize("side", ["pre", "post"])
+def test_mlp_probe_matches_numpy_forward(activation, side):
+    model = zoo.create_model(
+        "mlp-3x50", input_shape=(8, 8, 1), num_classes=10, activation=activation
+    )
+    params = zoo.init_params(jax.random.key(1), model)
+    prb = probe.model_probe(model, params, activation=side)
+    assert prb.index.layer_names == ("dense_0", "dense_1", "dense_2")
+    x = _random_x((8, 8, 1))
+    logits, acts = jax.jit(prb)(params, x)
+    act = {"relu": lambda v: np.maximum(v, 0), "leaky_relu": lambda v: np.where(v > 0, v, 0.01 * v)}
+    h = x.reshape(len(x), -1)
+    for i in range(3):
+        pre = dense_forward(h, params[f"dense_{i}"]["kernel"], params[f"dense_{i}"]["bias"])
+        want = pre if side == "pre" else act[activation](pre)
+        np.testing.assert_allclose(acts[f"dense_{i}"], want, rtol=1e-4, atol=1e-5)
+        h = act[activation](pre)
+    out = dense_forward(h, params["logits"]["kernel"], params["logits"]["bias"])
+    np.testing.assert_allclose(logits, out, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("conv_reduce", ["mean", "max", "none"])
+@pytest.mark.parametrize("side", ["pre", "post"])
+def test_conv_probe_matches_numpy_forward(conv_reduce, side):
+    model = zoo.create_model("lenet1", input_shape=(8, 8, 1), num_classes=10)
+    params = zoo.init_params(jax.random.key(2), model)
+    prb = probe.model_probe(model, params, conv_reduce=conv_reduce, activation=side)
+    assert prb.index.layer_names == ("conv_0", "conv_1")
+    x = _random_x((8, 8, 1))
+    _, acts = prb(params, x)
+    conv0 = conv_same_forward(x, params["conv_0"]["kernel"], params["conv_0"]["bias"])
+    relu0 = np.maximum(conv0, 0)
+    want = reduce_conv(conv0 if side == "pre" else relu0, conv_reduce)
+    np.testing.assert_allclose(acts["conv_0"], want, rtol=1e-4, atol=1e-5)
+    # second conv: its input is the 2x2 max pool of the first conv's relu
+    pooled = relu0.reshape(len(x), 4, 2, 4, 2, 4).max(axis=(2, 4))
+    conv1 = conv_same_forward(pooled, params["conv_1"]["kernel"], params["conv_1"]["bias"])
+    want = reduce_conv(conv1 if side == "pre" else np.maximum(conv1, 0), conv_reduce)
+    np.testing.assert_allclose(acts["conv_1"], want, rtol=1e-4, atol=1e-5)
+    sizes = {"mean": (4, 12), "max": (4, 12), "none": (8 * 8 * 4, 4 * 4 * 12)}[conv_reduce]
+    assert prb.index.layer_sizes == sizes
+
+
+def test_layer_selection():
+    model = zoo.create_model("lenet5", input_shape=(8, 8, 1), num_classes=10)
+    params = zoo.init_params(jax.random.key(0), model)
+    assert probe.model_probe(model, params).index.layer_names == (
+        "conv_0", "conv_1", "dense_0", "dense_1")  # fmt: skip
+    by_name = probe.model_probe(model, params, layers=["dense_1", "conv_0"])
+    assert by_name.index.layer_names == ("conv_0", "dense_1")  # model order, not argument order
+    by_predicate = probe.model_probe(model, params, layers=lambda n: n.startswith("dense"))
+    assert by_predicate.index.layer_names == ("dense_0", "dense_1")
+    # the output layer is probed only when named
+    assert probe.model_probe(model, params, layers=["logits"]).index.layer_sizes == (10,)
+    with pytest.raises(ValueError, match="unknown layer 'dense_9'; expected one of conv_0, conv_1"):
+        probe.model_probe(model, params, layers=["dense_9"])
+    with pytest.raises(ValueError, match="no layer selected"):
+        probe.model_probe(model, params, layers=lambda n: False)
+
+
+def test_option_errors():
+    model = zoo.create_model("mlp-3x50", input_shape=(8, 8, 1), num_classes=10)
+    params = zoo.init_params(jax.random.key(0), model)
+    with pytest.raises(ValueError, match="conv_reduce must be one of mean, max, none; got 'sum'"):
+        probe.model_probe(model, params, conv_reduce="sum")
+    with pytest.raises(ValueError, match="activation must be 'pre' or 'post'; got 'mid'"):
+        probe.model_probe(model, params, activation="mid")
+    with pytest.raises(ValueError, match="activation='post' needs activation_fn"):
+        probe.linen_probe(model.module, params, input_shape=(8, 8, 1), activation="post")
+
+
+def test_nnx_probe_names_layers_like_linen_and_skips_output():
+    linen = zoo.create_model("mlp-3x50", input_shape=(8, 8, 1), num_classes=10)
+    nnx_model = zoo.create_model("nnx-mlp-3x50", input_shape=(8, 8, 1), num_classes=10)
+    params = zoo.init_params(jax.random.key(0), nnx_model)
+    prb = probe.model_probe(nnx_model, params)
+    assert prb.index == probe.model_probe(linen, zoo.init_params(jax.random.key(0), linen)).index
+    x = _random_x((8, 8, 1))
+    logits, acts = jax.jit(prb)(params, x)
+    np.testing.assert_array_equal(logits, nnx_model.apply(params, x))
+    kernel = params["dense_0"]["kernel"].get_value()
+    bias = params["dense_0"]["bias"].get_value()
+    np.testing.assert_allclose(
+        acts["dense_0"], dense_forward(x.reshape(6, -1), kernel, bias), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_linen_sown_values():
+    class Sower(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = x.reshape((x.shape[0], -1))
+            h = nn.Dense(5, name="hidden")(x)
+            self.sow("intermediates", "hidden_tanh", jnp.tanh(h))
+            return nn.Dense(3, name="out")(jnp.tanh(h))
+
+    module = Sower()
+    params = module.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))["params"]
+    prb = probe.linen_probe(module, params, input_shape=(4, 4, 1), sown=True)
+    assert prb.index.layer_names == ("hidden_tanh",) and prb.index.layer_sizes == (5,)
+    x = _random_x((4, 4, 1))
+    _, acts = prb(params, x)
+    pre = dense_forward(x.reshape(6, -1), params["hidden"]["kernel"], params["hidden"]["bias"])
+    np.testing.assert_allclose(acts["hidden_tanh"], np.tanh(pre), rtol=1e-4, atol=1e-5)
+
+
+def test_function_probe():
+    def fn(params, x):
+        h = x.reshape(x.shape[0], -1) @ params["w"]
+        feature_map = x * params["s"]
+        return h[:, :3], {"h": h, "map": feature_map}
+
+    params = {"w": jnp.ones((16, 4)), "s": jnp.float32(2.0)}
+    prb = probe.function_probe(fn, params, input_shape=(4, 4, 1))
+    assert prb.index.layer_names == ("h", "map") and prb.index.layer_sizes == (4, 1)
+    assert prb.num_classes == 3
+    x = _random_x((4, 4, 1))
+    logits, flat = prb.flat(params, x)
+    np.testing.assert_allclose(flat[:, 4], (2 * x).mean(axis=(1, 2, 3)), rtol=1e-6)
+    none = probe.function_probe(fn, params, input_shape=(4, 4, 1), conv_reduce="none")
+    assert none.index.layer_sizes == (4, 16)
+
+
+def test_neuron_index_round_trip():
+    index = probe.NeuronIndex(("a", "b", "c"), (3, 1, 5))
+    assert index.num_neurons == 9 and index.offsets == (0, 3, 4)
+    for i in range(9):
+        layer, unit = index.locate(i)
+        assert index.neuron_id(layer, unit) == i
+    assert index.locate(3) == ("b", 0) and index.locate(8) == ("c", 4)
+    np.testing.assert_array_equal(index.layer_ids(["a", "c"]), [0, 1, 2, 4, 5, 6, 7, 8])
+    np.testing.assert_array_equal(index.layer_of_ids(), [0, 0, 0, 1, 2, 2, 2, 2, 2])
+    with pytest.raises(ValueError, match=r"neuron id must lie in \[0, 9\); got 9"):
+        index.locate(9)
+    with pytest.raises(ValueError, match=r"unit of 'b' must lie in \[0, 1\); got 1"):
+        index.neuron_id("b", 1)
+    with pytest.raises(ValueError, match="unknown layer 'z'; expected one of a, b, c"):
+        index.layer_slice("z")
+    with pytest.raises(ValueError, match="unique"):
+        probe.NeuronIndex(("a", "a"), (1, 1))
+    assert hash(index) == hash(probe.NeuronIndex(("a", "b", "c"), (3, 1, 5)))
