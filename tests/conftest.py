@@ -10,14 +10,14 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={FORCED_DEVICES}"
 ).strip()
 
-import gzip
-import struct
-from pathlib import Path
+import gzip  # noqa: E402 - the device count above must be set before JAX is imported
+import struct  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import numpy as np
-import pytest
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
-from deepfault_jax import data
+from deepfault_jax import data  # noqa: E402
 
 FASHION_ABSENT = not data.FASHION_MNIST_DIR.is_dir()
 needs_fashion = pytest.mark.skipif(
