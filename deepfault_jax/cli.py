@@ -196,6 +196,7 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-size must be >= 1; got {args.batch_size}")
     if args.devices < 1:
         raise UsageError(f"--devices must be >= 1; got {args.devices}")
+    mesh = spectrum_lib.data_mesh(args.devices) if args.devices > 1 else None
     if args.batch_size % args.devices:
         raise UsageError(
             f"--batch-size must be a multiple of --devices ({args.devices}); got {args.batch_size}"
@@ -203,7 +204,6 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
     if args.save_every is not None and args.save_every < 1:
         raise UsageError(f"--save-every must be >= 1; got {args.save_every}")
     out = _check_out_file(args.out, ".npz")
-    mesh = spectrum_lib.data_mesh(args.devices) if args.devices > 1 else None
     dataset = data.load_dataset(args.dataset)
     if args.checkpoint:
         model, params, meta = zoo.load_checkpoint(args.checkpoint, input_shape=dataset.input_shape)

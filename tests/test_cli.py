@@ -175,3 +175,131 @@ def test_console_script_and_module_exit_codes(tmp_path):
     mod = subprocess.run([sys.executable, "-m", "deepfault_jax.cli", "--version"],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert mod.returncode == 0 and mod.stdout.startswith("deepfault-jax ")
+
+
+# --------------------------------------------------------------------------- spectrum
+
+
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ck") / "lenet1"
+    assert (
+        cli.main(["train", "--model", "lenet1", "--epochs", "2", "--out", str(out), "--json"]) == 0
+    )
+    return out
+
+
+def _spectrum_arrays(path):
+    with np.load(path, allow_pickle=False) as f:
+        return {
+            k: f[k] for k in ("a_pass", "a_fail", "n_pass", "n_fail", "layer_names", "layer_sizes")
+        }
+
+
+def _assert_same_arrays(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_spectrum_same_npz_for_batch_sizes_7_and_512(capsys, tmp_path, digits_checkpoint):
+    results = []
+    for b in (7, 512):
+        out = tmp_path / f"s{b}.npz"
+        code, stdout, err = run_cli(capsys, "spectrum", "--checkpoint", str(digits_checkpoint),
+                                    "--batch-size", str(b), "--out", str(out), "--json")  # fmt: skip
+        assert code == 0, err
+        results.append((json.loads(stdout), _spectrum_arrays(out)))
+    _assert_same_arrays(results[0][1], results[1][1])
+    report = results[0][0]
+    assert report["num_inputs"] == 449 and report["num_pass"] + report["num_fail"] == 449
+    assert [r["layer"] for r in report["layers"]] == ["conv_0", "conv_1"]
+    assert all(0 <= r["active_share_pass"] <= 1 for r in report["layers"])
+    assert report["spectrum"] == str(tmp_path / "s7.npz")
+
+
+@pytest.mark.skipif(__import__("jax").local_device_count() < 4, reason="needs 4 forced CPU devices")
+def test_spectrum_same_npz_for_1_and_4_devices(capsys, tmp_path, digits_checkpoint):
+    arrays = []
+    for d in (1, 4):
+        out = tmp_path / f"d{d}.npz"
+        code, _, err = run_cli(capsys, "spectrum", "--checkpoint", str(digits_checkpoint),
+                               "--devices", str(d), "--batch-size", "64", "--out", str(out))  # fmt: skip
+        assert code == 0, err
+        arrays.append(_spectrum_arrays(out))
+    _assert_same_arrays(*arrays)
+
+
+def test_spectrum_human_summary_and_options(capsys, tmp_path, digits_checkpoint):
+    out = tmp_path / "s.npz"
+    code, stdout, _ = run_cli(capsys, "spectrum", "--checkpoint", str(digits_checkpoint),
+                              "--layers", "conv_1", "--conv-reduce", "max", "--activation", "post",
+                              "--threshold", "0.25", "--split", "train", "--out", str(out))  # fmt: skip
+    assert code == 0
+    assert "spectrum of lenet1 on digits (train): 1348 inputs" in stdout
+    assert "threshold 0.25, post-activation, conv_reduce max" in stdout
+    assert "conv_1" in stdout and "conv_0" not in stdout
+    from deepfault_jax import spectrum
+
+    s, meta = spectrum.load_spectrum(out, with_metadata=True)
+    assert s.threshold == 0.25 and s.index.layer_names == ("conv_1",)
+    assert meta["conv_reduce"] == "max" and meta["split"] == "train" and meta["model"] == "lenet1"
+
+
+def test_spectrum_save_every_leaves_no_partial(capsys, tmp_path, digits_checkpoint):
+    out = tmp_path / "s.npz"
+    code, _, err = run_cli(capsys, "spectrum", "--checkpoint", str(digits_checkpoint),
+                           "--batch-size", "16", "--save-every", "3", "--out", str(out))  # fmt: skip
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
+    plain = tmp_path / "plain.npz"
+    assert (
+        run_cli(capsys, "spectrum", "--checkpoint", str(digits_checkpoint), "--out", str(plain))[0]
+        == 0
+    )
+    _assert_same_arrays(_spectrum_arrays(out), _spectrum_arrays(plain))
+
+
+def test_spectrum_with_zoo_model_trains_once_and_caches(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPFAULT_JAX_CACHE", str(tmp_path / "cache"))
+    for _ in range(2):
+        code, stdout, err = run_cli(capsys, "spectrum", "--model", "mlp-3x50", "--no-progress",
+                                    "--out", str(tmp_path / "s.npz"), "--json")  # fmt: skip
+        assert code == 0, err
+    assert json.loads(stdout)["model_source"] == "zoo:mlp-3x50:seed0"
+    cached = list((tmp_path / "cache" / "models").iterdir())
+    assert [p.name for p in cached] == ["mlp-3x50-relu-digits-seed0"]
+    assert json.loads(stdout)["accuracy"] >= 0.95
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--layers", "conv_9"], "unknown layer 'conv_9'; expected one of conv_0, conv_1"),
+        (["--out-suffix"], "unrecognized arguments"),
+        (
+            ["--batch-size", "10", "--devices", "4"],
+            "--batch-size must be a multiple of --devices (4); got 10",
+        ),
+        (["--devices", "99"], "devices must lie in [1, 8]"),
+        (["--conv-reduce", "sum"], "invalid choice: 'sum'"),
+    ],
+)
+def test_spectrum_usage_errors(capsys, tmp_path, digits_checkpoint, extra, fragment):
+    code, out, err = run_cli(capsys, "spectrum", "--checkpoint", str(digits_checkpoint),
+                             "--out", str(tmp_path / "s.npz"), *extra)  # fmt: skip
+    assert_usage_error(code, out, err, fragment)
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_spectrum_checkpoint_for_other_input_shape(capsys, tmp_path, digits_checkpoint):
+    path = tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.integers(0, 255, (20, 6, 5), dtype=np.uint8), y_train=np.arange(20) % 10,
+             x_test=rng.integers(0, 255, (10, 6, 5), dtype=np.uint8), y_test=np.arange(10))  # fmt: skip
+    code, out, err = run_cli(capsys, "spectrum", "--checkpoint", str(digits_checkpoint),
+                             "--dataset", f"npz:{path}", "--out", str(tmp_path / "s.npz"))  # fmt: skip
+    assert_usage_error(code, out, err, "trained on input shape (8, 8, 1); expected (6, 5, 1)")
+    code, out, err = run_cli(capsys, "spectrum", "--checkpoint", str(digits_checkpoint),
+                             "--out", str(tmp_path / "s.txt"))  # fmt: skip
+    assert_usage_error(code, out, err, "--out must end in .npz; got")
