@@ -166,7 +166,7 @@ def init_spectrum(index: NeuronIndex, *, num_classes: int, threshold: float = 0.
 
 def batch_counts(
     logits: jax.Array,
-    activations: jax.Array,
+    activations: jax.Array | Sequence[jax.Array],
     labels: jax.Array,
     mask: jax.Array,
     *,
@@ -176,7 +176,8 @@ def batch_counts(
 
     Args:
       logits: ``float[batch, classes]``.
-      activations: ``float[batch, neurons]``.
+      activations: ``float[batch, neurons]``, or one ``float[batch, units]``
+        per layer in neuron-id order (faster: no concatenated copy).
       labels: ``int[batch]`` true classes.
       mask: ``bool[batch]``; False rows are not counted.
       threshold: active means ``> threshold``.
@@ -185,21 +186,44 @@ def batch_counts(
       ``(a_pass[classes, neurons], a_fail[classes, neurons], n_pass[classes],
       n_fail[classes])`` as int32.
     """
+    counts, _ = _counts_and_nonfinite(logits, activations, labels, mask, threshold)
+    return counts
+
+
+def _counts_and_nonfinite(logits, activations, labels, mask, threshold):
+    """:func:`batch_counts`, and the number of non-finite values seen (logits of
+    counted rows, activations of any row), found at the cost of small arrays."""
     num_classes = logits.shape[-1]
-    active = (activations > threshold).astype(jnp.float32)
-    correct = jnp.argmax(logits, axis=-1) == labels
-    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * mask[:, None].astype(
-        jnp.float32
-    )
-    passing = onehot * correct[:, None].astype(jnp.float32)
-    failing = onehot - passing
+    parts = [activations] if isinstance(activations, jax.Array | np.ndarray) else list(activations)
+    correct = _predicts(logits, labels)
+    # each row goes to one of 2C slots: its class's pass row, its class's fail
+    # row, or (padding) slot 2C, which no output reads
+    slot = jnp.where(mask, labels + num_classes * (~correct).astype(labels.dtype), 2 * num_classes)
+    weights = (slot[:, None] == jnp.arange(2 * num_classes)[None, :]).astype(jnp.float32)
     dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
-    return (
-        dot(passing.T, active).astype(jnp.int32),
-        dot(failing.T, active).astype(jnp.int32),
-        jnp.sum(passing, axis=0).astype(jnp.int32),
-        jnp.sum(failing, axis=0).astype(jnp.int32),
+    # (a - a) is 0 for a finite value and NaN otherwise: a non-finite activation
+    # turns its column of the small count matrix into NaN, where it is detected
+    raw = jnp.concatenate(
+        [dot(weights.T, (a > threshold).astype(jnp.float32) + (a - a)) for a in parts], axis=-1
     )
+    finite = jnp.isfinite(raw)
+    bad_logits = mask & ~jnp.isfinite(jnp.sum(logits, axis=-1))
+    nonfinite = jnp.sum(~finite, dtype=jnp.int32) + jnp.sum(bad_logits, dtype=jnp.int32)
+    counts = jnp.where(finite, raw, 0.0).astype(jnp.int32)
+    totals = jnp.sum(weights, axis=0).astype(jnp.int32)
+    split = (counts[:num_classes], counts[num_classes:], totals[:num_classes], totals[num_classes:])
+    return split, nonfinite
+
+
+def _predicts(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """``argmax(logits, -1) == labels`` (first maximum wins), without a variadic reduction.
+
+    A label is the argmax when no logit is larger and no earlier logit is equal.
+    """
+    own = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+    earlier = jnp.arange(logits.shape[-1])[None, :] < labels[:, None]
+    beaten = (logits > own) | ((logits == own) & earlier)
+    return ~jnp.any(beaten, axis=-1)
 
 
 def _add(spectrum: Spectrum, counts) -> Spectrum:
@@ -212,9 +236,9 @@ def _add(spectrum: Spectrum, counts) -> Spectrum:
     )
 
 
-def _flatten_activations(spectrum: Spectrum, activations) -> jax.Array:
+def _layer_list(spectrum: Spectrum, activations) -> jax.Array | list[jax.Array]:
     if isinstance(activations, Mapping):
-        return jnp.concatenate([activations[name] for name in spectrum.index.layer_names], axis=-1)
+        return [activations[name] for name in spectrum.index.layer_names]
     return activations
 
 
@@ -239,7 +263,7 @@ def update(
     Returns:
       The new spectrum.
     """
-    acts = _flatten_activations(spectrum, activations)
+    acts = _layer_list(spectrum, activations)
     if mask is None:
         mask = jnp.ones(labels.shape, bool)
     return _add(spectrum, batch_counts(logits, acts, labels, mask, threshold=spectrum.threshold))
@@ -299,30 +323,37 @@ def data_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devs), ("data",))
 
 
-@functools.partial(jax.jit, static_argnames=("probe",), donate_argnums=(0,))
-def _step(
-    spectrum: Spectrum, params: Any, x: jax.Array, y: jax.Array, mask: jax.Array, *, probe: Probe
-):
-    logits, acts = probe.flat(params, x)
-    return _add(spectrum, batch_counts(logits, acts, y, mask, threshold=spectrum.threshold))
+def _count_step(spectrum: Spectrum, nonfinite: jax.Array, params: Any, x, y, mask, probe: Probe):
+    """One batch: its counts, and the running count of non-finite logits and
+    activations (NaN or infinite inputs or weights)."""
+    logits, by_layer = probe(params, x)
+    acts = [by_layer[name] for name in probe.index.layer_names]
+    counts, bad = _counts_and_nonfinite(logits, acts, y, mask, spectrum.threshold)
+    return counts, nonfinite + bad
+
+
+@functools.partial(jax.jit, static_argnames=("probe",), donate_argnums=(0, 1))
+def _step(spectrum: Spectrum, nonfinite, params: Any, x, y, mask, *, probe: Probe):
+    counts, nonfinite = _count_step(spectrum, nonfinite, params, x, y, mask, probe)
+    return _add(spectrum, counts), nonfinite
 
 
 @functools.lru_cache(maxsize=32)
 def _sharded_step(probe: Probe, mesh: Mesh) -> Callable:
     """``jit(shard_map(...))`` of one step over ``mesh``; built once per (probe, mesh)."""
 
-    def body(spectrum, params, x, y, mask):
-        logits, acts = probe.flat(params, x)
-        local = batch_counts(logits, acts, y, mask, threshold=spectrum.threshold)
-        return _add(spectrum, jax.lax.psum(local, "data"))
+    def body(spectrum, nonfinite, params, x, y, mask):
+        local, bad = _count_step(spectrum, jnp.zeros((), jnp.int32), params, x, y, mask, probe)
+        local, bad = jax.lax.psum((local, bad), "data")
+        return _add(spectrum, local), nonfinite + bad
 
     sharded = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(P(), P(), P("data"), P("data"), P("data")),
-        out_specs=P(),
+        in_specs=(P(), P(), P(), P("data"), P("data"), P("data")),
+        out_specs=(P(), P()),
     )
-    return jax.jit(sharded, donate_argnums=(0,))
+    return jax.jit(sharded, donate_argnums=(0, 1))
 
 
 def _replicate(tree: Any, mesh: Mesh) -> Any:
@@ -359,9 +390,7 @@ def _check_batch(batch: Batch, probe: Probe, num_classes: int) -> None:
         raise ValueError(
             f"labels must lie in [0, {num_classes}); got range [{real.min()}, {real.max()}]"
         )
-    if not np.isfinite(x).all():
-        bad = int(x.size - np.count_nonzero(np.isfinite(x)))
-        raise ValueError(f"inputs must be finite; got {bad} NaN or infinite values in a batch")
+    # finiteness is checked on the device, from the logits and activations of each row
 
 
 def accumulate(
@@ -381,8 +410,10 @@ def accumulate(
 
     One compilation serves the whole stream (every batch has the same shape;
     the padded tail is masked); the running counts are donated to each step.
-    Each batch is checked on the host first (input shape, finite values, label
-    range), so bad data fails before it is counted.
+    Each batch's input shape and label range are checked on the host before it
+    is counted; rows whose logits or activations are not finite (NaN or
+    infinite inputs) are counted on the device and fail the run before any
+    spectrum is returned or handed to ``on_batch``.
 
     Args:
       probe: the model's probe.
@@ -428,8 +459,10 @@ def accumulate(
         data_sharding = NamedSharding(mesh, P("data"))
         spectrum = _replicate(spectrum, mesh)
         params = _replicate(params, mesh)
+        nonfinite = _replicate(np.zeros((), np.int32), mesh)
     else:
         spectrum = jax.tree.map(jnp.array, spectrum)  # a private copy: the step donates it
+        nonfinite = jnp.zeros((), jnp.int32)
     bar = tqdm(
         batches,
         total=total,
@@ -453,7 +486,9 @@ def accumulate(
             )
         counted += rows
         if mesh is None:
-            spectrum = _step(spectrum, params, batch.x, batch.y, batch.mask, probe=probe)
+            spectrum, nonfinite = _step(
+                spectrum, nonfinite, params, batch.x, batch.y, batch.mask, probe=probe
+            )
         else:
             if len(batch.y) % local_devices:
                 raise ValueError(
@@ -464,11 +499,22 @@ def accumulate(
                 jax.make_array_from_process_local_data(data_sharding, np.asarray(a))
                 for a in (batch.x, batch.y, batch.mask)
             )
-            spectrum = step(spectrum, params, x, y, mask)
+            spectrum, nonfinite = step(spectrum, nonfinite, params, x, y, mask)
         done += 1
         if on_batch is not None:
+            _check_finite(nonfinite)  # never hand on (or save) counts of non-finite values
             on_batch(done, spectrum)
+    _check_finite(nonfinite)
     return _to_local(spectrum) if mesh is not None else spectrum
+
+
+def _check_finite(nonfinite: jax.Array) -> None:
+    bad = int(np.asarray(nonfinite.addressable_data(0)))
+    if bad:
+        raise ValueError(
+            f"inputs must give finite logits and activations; got {bad} NaN or infinite results "
+            "(check the inputs for NaN/inf values, and the parameters)"
+        )
 
 
 def _fingerprint(x: np.ndarray, y: np.ndarray) -> str:
@@ -579,7 +625,7 @@ def compute_spectrum(
         mesh=mesh,
         progress=progress,
         total=n_batches,
-        on_batch=after_batch,
+        on_batch=after_batch if checkpoint_path is not None or callback is not None else None,
     )
     if checkpoint_path is not None:
         meta = {"position": len(x), "data_fingerprint": fingerprint, "complete": True}

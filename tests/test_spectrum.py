@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -395,8 +396,14 @@ def test_bad_batches_are_refused(lenet, digits):
     y = digits.y_test[:20]
     x[0, 0, 0, 0] = np.nan
     x[1, 0, 0, 0] = np.inf
-    with pytest.raises(ValueError, match="inputs must be finite; got 2 NaN or infinite"):
+    with pytest.raises(
+        ValueError, match="must give finite logits and activations; got [1-9][0-9]* NaN or infinite"
+    ):
         spectrum.compute_spectrum(prb, params, x, y)
+    path = Path(tempfile.mkdtemp()) / "progress.npz"
+    with pytest.raises(ValueError, match="must give finite logits and activations"):
+        spectrum.compute_spectrum(prb, params, x, y, batch_size=4, checkpoint_path=path)
+    assert not path.exists()  # the bad rows sit in the first batch: nothing was saved
     with pytest.raises(
         ValueError, match=r"x must have shape \[n, 8, 8, 1\]; got \[20, 28, 28, 1\]"
     ):
