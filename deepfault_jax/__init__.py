@@ -7,7 +7,14 @@ The public API, by stage of the pipeline (see each module for details):
   :class:`Batch`, :func:`read_idx`, :func:`available_datasets`.
 - models (:mod:`deepfault_jax.zoo`): :func:`create_model`, :class:`Model`,
   :func:`init_params`, :func:`train`, :class:`TrainResult`, :func:`evaluate`,
-  :func:`predict`, :func:`save_checkpoint`, :func:`load_checkpoint`.
+  :func:`predict`, :func:`save_checkpoint`, :func:`load_checkpoint`,
+  :func:`load_or_train`.
+- probes (:mod:`deepfault_jax.probe`): :func:`model_probe`, :func:`linen_probe`,
+  :func:`nnx_probe`, :func:`function_probe`, :class:`Probe`, :class:`NeuronIndex`.
+- spectra (:mod:`deepfault_jax.spectrum`): :class:`Spectrum`, :class:`Counts`,
+  :func:`init_spectrum`, :func:`update_spectrum`, :func:`accumulate_spectrum`,
+  :func:`compute_spectrum`, :func:`merge_spectra`, :func:`save_spectrum`,
+  :func:`load_spectrum`, :func:`data_mesh`, :class:`SpectrumMetric`.
 """
 
 from deepfault_jax.data import (
@@ -20,6 +27,27 @@ from deepfault_jax.data import (
     read_idx,
     shuffled_batches,
 )
+from deepfault_jax.probe import (
+    NeuronIndex,
+    Probe,
+    function_probe,
+    linen_probe,
+    model_probe,
+    nnx_probe,
+)
+from deepfault_jax.spectrum import (
+    Counts,
+    Spectrum,
+    SpectrumMetric,
+    compute_spectrum,
+    data_mesh,
+    init_spectrum,
+    load_spectrum,
+    save_spectrum,
+)
+from deepfault_jax.spectrum import accumulate as accumulate_spectrum
+from deepfault_jax.spectrum import merge as merge_spectra
+from deepfault_jax.spectrum import update as update_spectrum
 from deepfault_jax.zoo import (
     Model,
     TrainResult,
@@ -28,6 +56,7 @@ from deepfault_jax.zoo import (
     evaluate,
     init_params,
     load_checkpoint,
+    load_or_train,
     package_versions,
     predict,
     save_checkpoint,
@@ -38,10 +67,28 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Batch",
+    "Counts",
     "Dataset",
     "Model",
+    "NeuronIndex",
+    "Probe",
+    "Spectrum",
+    "SpectrumMetric",
     "TrainResult",
+    "accumulate_spectrum",
     "available_datasets",
+    "compute_spectrum",
+    "data_mesh",
+    "function_probe",
+    "init_spectrum",
+    "linen_probe",
+    "load_or_train",
+    "load_spectrum",
+    "merge_spectra",
+    "model_probe",
+    "nnx_probe",
+    "save_spectrum",
+    "update_spectrum",
     "create_model",
     "default_epochs",
     "evaluate",

@@ -196,7 +196,7 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-size must be >= 1; got {args.batch_size}")
     if args.devices < 1:
         raise UsageError(f"--devices must be >= 1; got {args.devices}")
-    mesh = spectrum_lib.data_mesh(args.devices) if args.devices > 1 else None
+    mesh = spectrum_lib.data_mesh(devices=args.devices) if args.devices > 1 else None
     if args.batch_size % args.devices:
         raise UsageError(
             f"--batch-size must be a multiple of --devices ({args.devices}); got {args.batch_size}"

@@ -300,7 +300,7 @@ def _check_same_layout(a: Spectrum, b: Spectrum, what: str) -> None:
 # --------------------------------------------------------------------------- streaming
 
 
-def data_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
+def data_mesh(*, devices: int | Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D ``("data",)`` mesh over all global devices, or the first ``devices`` local ones.
 
     Args:

@@ -163,7 +163,7 @@ def test_device_counts_give_identical_spectra(lenet, digits, devices):
     model, params = lenet
     prb = probe.model_probe(model, params)
     single = spectrum.compute_spectrum(prb, params, digits.x_test, digits.y_test, batch_size=64)
-    mesh = spectrum.data_mesh(devices)
+    mesh = spectrum.data_mesh(devices=devices)
     sharded = spectrum.compute_spectrum(
         prb, params, digits.x_test, digits.y_test, batch_size=64, mesh=mesh
     )
@@ -441,3 +441,13 @@ def test_accumulate_checks_each_batch_shape(lenet):
         ValueError, match=r"inputs must have shape \[batch, 8, 8, 1\]; got \[4, 28, 28, 1\]"
     ):
         spectrum.accumulate(prb, params, [batch])
+
+
+def test_training_example_logs_the_spectrum_each_epoch():
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_with_spectrum.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--epochs", "2"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 2 and "active share fail/pass: dense_0" in lines[0]
