@@ -290,6 +290,57 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_score(value: float):
+    """JSON has no infinity: +inf (DStar's x/0) is written as the string "inf"."""
+    return "inf" if value == float("inf") else value
+
+
+def _cmd_localize(args: argparse.Namespace) -> int:
+    from deepfault_jax import localize, measures
+    from deepfault_jax import spectrum as spectrum_lib
+
+    params = {}
+    if args.star is not None:
+        if args.measure.lower() != "dstar":
+            raise UsageError(f"--star is a parameter of dstar; got --measure {args.measure}")
+        params["star"] = args.star
+    measures.get(args.measure, **params)  # unknown names fail before the file is read
+    spec = spectrum_lib.load_spectrum(args.spectrum)
+    layers = _split_list(args.layers)
+    pooled = args.class_index is None
+    if not pooled and not 0 <= args.class_index < spec.num_classes:
+        raise UsageError(f"--class must lie in [0, {spec.num_classes}); got {args.class_index}")
+    score_all = localize.scores(spec, args.measure, pooled=pooled, **params)
+    score = score_all if pooled else score_all[args.class_index]
+    ids = localize.top_k(score, args.k, allowed=localize.allowed_neurons(spec.index, layers))
+    rows = localize.ranking_table(
+        spec, score, ids, class_index=None if pooled else args.class_index
+    )
+    report = {
+        "spectrum": str(Path(args.spectrum).absolute()),
+        "measure": args.measure.lower(),
+        "params": params,
+        "k": args.k,
+        "class": None if pooled else args.class_index,
+        "pooled": pooled,
+        "layers": list(layers) if layers else list(spec.index.layer_names),
+        "neurons": [{**r, "score": _json_score(r["score"])} for r in rows],
+    }
+    scope = "all classes pooled" if pooled else f"class {args.class_index}"
+    human = [
+        f"top {args.k} neurons by {args.measure.lower()} ({scope}) of {args.spectrum}",
+        f"{'rank':>4} {'id':>6} {'layer':<14} {'unit':>5} {'A_s':>7} {'A_f':>7} {'N_s':>7} "
+        f"{'N_f':>7} {'score':>12}",
+    ]
+    human += [
+        f"{r['rank']:>4} {r['id']:>6} {r['layer']:<14} {r['unit']:>5} {r['a_s']:>7} {r['a_f']:>7} "
+        f"{r['n_s']:>7} {r['n_f']:>7} {r['score']:>12.6g}"
+        for r in rows
+    ]
+    _emit(args, report, human)
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import jax
 
@@ -331,7 +382,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     from deepfault_jax import __version__
+    from deepfault_jax.measures import names as measure_names_fn
     from deepfault_jax.zoo import MODEL_NAMES as model_names
+
+    measure_names = measure_names_fn()
 
     dataset_help = (
         "data set: digits, fashion-mnist, idx:DIR, tfds:NAME[:SPLIT] or npz:PATH (default: digits)"
@@ -402,6 +456,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     common(p)
     p.set_defaults(func=_cmd_spectrum)
+
+    p = sub.add_parser(
+        "localize",
+        help="rank neurons of a spectrum by a suspiciousness measure",
+        description="Score every neuron of a spectrum with a suspiciousness measure and list "
+        "the top k (ties: lower neuron id first).",
+    )
+    p.add_argument(
+        "--spectrum", metavar="FILE.npz", required=True, help="from `deepfault-jax spectrum`"
+    )
+    p.add_argument("--measure", default="tarantula", metavar="NAME",
+                   help=f"one of {', '.join(measure_names)} (default: tarantula)")  # fmt: skip
+    p.add_argument("--star", type=float, default=None, help="DStar's exponent (default: 3)")
+    p.add_argument("--k", type=int, default=10, help="neurons to list (default: 10)")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--class", dest="class_index", type=int, default=None, metavar="C",
+                       help="rank by the counts of inputs of true class C")  # fmt: skip
+    scope.add_argument("--pooled", action="store_true",
+                       help="rank by the counts of all classes together (the default)")  # fmt: skip
+    p.add_argument("--layers", metavar="A,B,...", default=None, help="only neurons of these layers")
+    common(p)
+    p.set_defaults(func=_cmd_localize)
 
     p = sub.add_parser(
         "info",

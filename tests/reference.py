@@ -6,6 +6,8 @@ hit spectrum. The fast paths must match these exactly.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -70,3 +72,79 @@ def reduce_conv(value, how):
         return value.reshape(value.shape[0], -1)
     axes = tuple(range(1, value.ndim - 1))
     return value.mean(axis=axes) if how == "mean" else value.max(axis=axes)
+
+
+# --------------------------------------------------------------------------- measures
+
+
+def _div(num, den, zero=0.0):
+    return zero if den == 0 else num / den
+
+
+def measure_loops(name, a_s, a_f, n_s, n_f, *, star=3.0):
+    """Every measure from its formula, one neuron at a time, in float64 (Python floats)."""
+    a_s, a_f, n_s, n_f = (np.asarray(c, np.float64).ravel() for c in (a_s, a_f, n_s, n_f))
+    out = np.zeros(a_s.shape)
+    for i in range(a_s.size):
+        ep, ef, np_, nf = float(a_s[i]), float(a_f[i]), float(n_s[i]), float(n_f[i])
+        F, P = ef + nf, ep + np_
+        if name == "tarantula":
+            x, y = _div(ef, F), _div(ep, P)
+            v = _div(x, x + y)
+        elif name == "ochiai":
+            v = _div(ef, math.sqrt(F * (ef + ep)))
+        elif name == "dstar":
+            v = (math.inf if ef > 0 else 0.0) if ep + nf == 0 else ef**star / (ep + nf)
+        elif name == "jaccard":
+            v = _div(ef, ef + nf + ep)
+        elif name == "ochiai2":
+            v = _div(ef * np_, math.sqrt((ef + ep) * (nf + np_) * (ef + np_) * (ep + nf)))
+        elif name == "op2":
+            v = ef - ep / (P + 1)
+        elif name == "barinel":
+            v = 0.0 if ep + ef == 0 else 1 - ep / (ep + ef)
+        elif name == "kulczynski1":
+            v = (math.inf if ef > 0 else 0.0) if nf + ep == 0 else ef / (nf + ep)
+        elif name == "kulczynski2":
+            v = 0.5 * (_div(ef, ef + nf) + _div(ef, ef + ep))
+        elif name == "zoltar":
+            v = 0.0 if ef == 0 else ef / (ef + nf + ep + 10000 * nf * ep / ef)
+        elif name == "wong1":
+            v = ef
+        elif name == "wong2":
+            v = ef - ep
+        elif name == "wong3":
+            h = ep if ep <= 2 else (2 + 0.1 * (ep - 2) if ep <= 10 else 2.8 + 0.001 * (ep - 10))
+            v = ef - h
+        elif name == "russell_rao":
+            v = _div(ef, F + P)
+        elif name == "sorensen_dice":
+            v = _div(2 * ef, 2 * ef + nf + ep)
+        elif name == "anderberg":
+            v = _div(ef, ef + 2 * (nf + ep))
+        elif name == "gp13":
+            v = 0.0 if ef == 0 else ef * (1 + 1 / (2 * ep + ef))
+        elif name == "ample":
+            v = abs(_div(ef, F) - _div(ep, P))
+        else:
+            raise KeyError(name)
+        out[i] = v
+    return out
+
+
+def original_scores(name, a_s, a_f, n_s, n_f, *, star=3):
+    """DeepFault's own three measures as its code computes them: numpy float64
+    division (0/0 = NaN, x/0 = inf), then NaN -> 0. Returns (scores, defined):
+    ``defined`` is False where the original produced NaN (or inf, except DStar's)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a_s, a_f, n_s, n_f = (np.asarray(c, np.float64) for c in (a_s, a_f, n_s, n_f))
+        if name == "tarantula":
+            raw = (a_f / (a_f + n_f)) / ((a_f / (a_f + n_f)) + (a_s / (a_s + n_s)))
+        elif name == "ochiai":
+            raw = a_f / np.sqrt((a_f + n_f) * (a_f + a_s))
+        elif name == "dstar":
+            raw = a_f**star / (a_s + n_f)
+        else:
+            raise KeyError(name)
+    defined = ~np.isnan(raw) & (np.isfinite(raw) | (name == "dstar"))
+    return np.where(np.isnan(raw), 0.0, raw), defined
