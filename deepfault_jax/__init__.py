@@ -15,6 +15,10 @@ The public API, by stage of the pipeline (see each module for details):
   :func:`init_spectrum`, :func:`update_spectrum`, :func:`accumulate_spectrum`,
   :func:`compute_spectrum`, :func:`merge_spectra`, :func:`save_spectrum`,
   :func:`load_spectrum`, :func:`data_mesh`, :class:`SpectrumMetric`.
+- localization (:mod:`deepfault_jax.measures`, :mod:`deepfault_jax.localize`):
+  :func:`get_measure`, :func:`measure_names`, :func:`suspiciousness`,
+  :func:`top_k_neurons`, :func:`suspicious_neurons`, :func:`random_neurons`,
+  :func:`ranking_table`, :func:`measure_agreement`.
 """
 
 from deepfault_jax.data import (
@@ -27,6 +31,12 @@ from deepfault_jax.data import (
     read_idx,
     shuffled_batches,
 )
+from deepfault_jax.localize import agreement as measure_agreement
+from deepfault_jax.localize import random_neurons, ranking_table, suspicious_neurons
+from deepfault_jax.localize import scores as suspiciousness
+from deepfault_jax.localize import top_k as top_k_neurons
+from deepfault_jax.measures import get as get_measure
+from deepfault_jax.measures import names as measure_names
 from deepfault_jax.probe import (
     NeuronIndex,
     Probe,
@@ -80,6 +90,7 @@ __all__ = [
     "compute_spectrum",
     "data_mesh",
     "function_probe",
+    "get_measure",
     "init_spectrum",
     "linen_probe",
     "load_or_train",
@@ -97,10 +108,17 @@ __all__ = [
     "load_checkpoint",
     "load_dataset",
     "make_dataset",
+    "measure_agreement",
+    "measure_names",
     "package_versions",
     "predict",
+    "random_neurons",
+    "ranking_table",
     "read_idx",
     "save_checkpoint",
     "shuffled_batches",
+    "suspicious_neurons",
+    "suspiciousness",
+    "top_k_neurons",
     "train",
 ]
