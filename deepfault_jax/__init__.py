@@ -6,7 +6,7 @@ The public API, by stage of the pipeline (see each module for details):
   :class:`Dataset`, :func:`iterate_batches`, :func:`shuffled_batches`,
   :class:`Batch`, :func:`read_idx`, :func:`available_datasets`.
 - models (:mod:`deepfault_jax.zoo`): :func:`create_model`, :class:`Model`,
-  :func:`init_params`, :func:`train`, :class:`TrainResult`, :func:`evaluate`,
+  :func:`init_params`, :func:`train`, :class:`TrainResult`, :func:`accuracy`,
   :func:`predict`, :func:`save_checkpoint`, :func:`load_checkpoint`,
   :func:`load_or_train`.
 - probes (:mod:`deepfault_jax.probe`): :func:`model_probe`, :func:`linen_probe`,
@@ -61,9 +61,9 @@ from deepfault_jax.spectrum import update as update_spectrum
 from deepfault_jax.zoo import (
     Model,
     TrainResult,
+    accuracy,
     create_model,
     default_epochs,
-    evaluate,
     init_params,
     load_checkpoint,
     load_or_train,
@@ -76,6 +76,7 @@ from deepfault_jax.zoo import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "accuracy",
     "Batch",
     "Counts",
     "Dataset",
@@ -102,7 +103,6 @@ __all__ = [
     "update_spectrum",
     "create_model",
     "default_epochs",
-    "evaluate",
     "init_params",
     "iterate_batches",
     "load_checkpoint",

@@ -341,6 +341,63 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from deepfault_jax import pipeline
+
+    classes = None
+    if args.classes != "all":
+        classes = pipeline.parse_int_list(args.classes, "--classes")
+    config = pipeline.RunConfig(
+        model=args.model,
+        activation=args.activation,
+        dataset=args.dataset,
+        checkpoint=args.checkpoint,
+        measures=pipeline.parse_names(args.measures, "--measures"),
+        k=pipeline.parse_int_list(args.k, "--k"),
+        classes=classes,
+        mode=args.mode,
+        d=args.d,
+        step_size=args.step_size,
+        steps=args.steps,
+        direction=args.direction,
+        stop_when_misclassified=args.stop_when_misclassified,
+        inputs_per_class=args.inputs_per_class,
+        random_repeats=args.random_repeats,
+        seed=args.seed,
+        layers=tuple(_split_list(args.layers)) if args.layers else None,
+        conv_reduce=args.conv_reduce,
+        values=args.values,
+        star=args.star,
+    )
+    config.validate()
+    out = _check_out_dir(args.out)
+    result = pipeline.run(config, out, progress=not args.no_progress)
+
+    def pct(v):
+        return f"{100 * v:5.1f}%"
+
+    human = [
+        f"DeepFault on {result['dataset']['name']} with {result['model']['name']} "
+        f"(test accuracy {result['model']['test_accuracy']:.4f}), mode {config.mode}, d {config.d}: "
+        f"{result['selection']['inputs']} correctly classified inputs synthesized",
+        f"{'measure':<12} {'k':>3} {'misclassified':>13} {'random':>16} {'L-inf':>6} {'act. rose':>9}",
+    ]
+    for r in result["results"]:
+        rnd = r["random"]["misclassification_rate"]
+        human.append(
+            f"{r['measure']:<12} {r['k']:>3} {pct(r['misclassification_rate']):>13} "
+            f"{pct(rnd['mean'])} +- {pct(rnd['std']).strip():>6} {r['linf']:>6.3f} "
+            f"{pct(r['activation_rose']):>9}"
+        )
+    for s in result["selection"]["skipped_classes"]:
+        human.append(f"class {s['class']} skipped: {s['reason']}")
+    human.append(
+        f"wrote {out}/report.md, report.json, synthesized.npz, figures in {result['seconds']:.1f} s"
+    )
+    _emit(args, result, human)
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import jax
 
@@ -478,6 +535,56 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", metavar="A,B,...", default=None, help="only neurons of these layers")
     common(p)
     p.set_defaults(func=_cmd_localize)
+
+    p = sub.add_parser(
+        "run",
+        help="the whole DeepFault job: spectrum, suspicious neurons, synthesis, evaluation",
+        description="Train (or load the cached) model, compute the test split's spectrum, find "
+        "each class's suspicious neurons per measure and k, synthesize inputs from correctly "
+        "classified ones, evaluate them against a random-neuron baseline, and write report.json, "
+        "report.md, synthesized.npz, spectrum.npz and PNG figures into --out.",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default="mlp-3x50", choices=model_names, metavar="NAME",
+                     help="zoo model, trained on first use and cached (default: mlp-3x50)")  # fmt: skip
+    src.add_argument("--checkpoint", metavar="DIR", help="a checkpoint from `deepfault-jax train`")
+    p.add_argument("--activation", default="relu", choices=("relu", "leaky_relu"),
+                   help="hidden activation of a --model (default: relu)")  # fmt: skip
+    p.add_argument("--dataset", default="digits", metavar="SPEC", help=dataset_help)
+    p.add_argument("--measures", default="tarantula,ochiai,dstar", metavar="A,B,...",
+                   help="suspiciousness measures (default: tarantula,ochiai,dstar)")  # fmt: skip
+    p.add_argument("--star", type=float, default=3.0, help="DStar's exponent (default: 3)")
+    p.add_argument("--k", default="1,5,10", metavar="K1,K2,...",
+                   help="suspicious set sizes (default: 1,5,10)")  # fmt: skip
+    p.add_argument("--classes", default="all", metavar="all|C1,C2,...",
+                   help="classes to synthesize from (default: all)")  # fmt: skip
+    p.add_argument("--mode", default="deepfault", choices=("deepfault", "pgd"),
+                   help="one clipped step as the original, or projected gradient ascent")  # fmt: skip
+    p.add_argument("--d", type=float, default=0.1, help="maximum L-inf distance (default: 0.1)")
+    p.add_argument("--step-size", type=float, default=None,
+                   help="gradient multiplier (default: 1 for deepfault, 2.5 d / steps for pgd)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=10, help="pgd steps (default: 10)")
+    p.add_argument("--direction", default="sign", choices=("raw", "sign", "l2", "adam"),
+                   help="pgd direction (default: sign)")  # fmt: skip
+    p.add_argument("--stop-when-misclassified", action="store_true",
+                   help="pgd: stop each input once the model misclassifies it")  # fmt: skip
+    p.add_argument("--inputs-per-class", type=int, default=20,
+                   help="correctly classified originals per class, at most (default: 20)")  # fmt: skip
+    p.add_argument("--random-repeats", type=int, default=3,
+                   help="random-neuron baselines per k (default: 3)")  # fmt: skip
+    p.add_argument(
+        "--layers", metavar="A,B,...", default=None, help="probed layers (default: all hidden)"
+    )
+    p.add_argument("--conv-reduce", default="mean", choices=("mean", "max", "none"),
+                   help="conv neuron value (default: mean)")  # fmt: skip
+    p.add_argument("--values", default="pre", choices=("pre", "post"),
+                   help="neuron values before or after the activation (default: pre)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="training, selection and baseline seed")
+    p.add_argument("--out", metavar="DIR", default="runs/deepfault",
+                   help="output directory (default: runs/deepfault)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    common(p)
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(
         "info",

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deepfault_jax.data import Batch, iterate_batches
+from deepfault_jax.files import write_atomic
 from deepfault_jax.probe import NeuronIndex, Probe
 
 __all__ = [
@@ -652,15 +653,9 @@ def _padded_batches(x: np.ndarray, y: np.ndarray, batch_size: int, n_batches: in
 
 
 def _atomic_savez(path: Path, arrays: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_atomic(path, buffer.getvalue())
 
 
 def save_spectrum(

@@ -49,6 +49,7 @@ import optax
 from flax import nnx
 
 from deepfault_jax.data import Dataset, iterate_batches, shuffled_batches
+from deepfault_jax.files import current_umask, write_atomic
 
 __all__ = [
     "ACTIVATIONS",
@@ -58,7 +59,7 @@ __all__ = [
     "create_model",
     "default_cache_dir",
     "default_epochs",
-    "evaluate",
+    "accuracy",
     "init_params",
     "load_checkpoint",
     "load_or_train",
@@ -314,7 +315,7 @@ def predict(model: Model, params: Any, x: np.ndarray, *, batch_size: int = 1024)
     return np.concatenate(out)
 
 
-def evaluate(
+def accuracy(
     model: Model, params: Any, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1024
 ) -> float:
     """Accuracy in [0, 1] of ``model`` on images ``x[n, ...]`` with labels ``y[n]``."""
@@ -425,11 +426,11 @@ def train(
             )
             losses.append(loss)
         mean_loss = float(np.mean(jax.device_get(losses)))
-        accuracy = evaluate(model, params, dataset.x_test, dataset.y_test)
-        history.append({"epoch": epoch + 1, "loss": mean_loss, "test_accuracy": accuracy})
+        test_accuracy = accuracy(model, params, dataset.x_test, dataset.y_test)
+        history.append({"epoch": epoch + 1, "loss": mean_loss, "test_accuracy": test_accuracy})
         if progress:
             tqdm.write(
-                f"epoch {epoch + 1}/{epochs}: loss {mean_loss:.4f}, test accuracy {accuracy:.4f}",
+                f"epoch {epoch + 1}/{epochs}: loss {mean_loss:.4f}, test accuracy {test_accuracy:.4f}",
                 file=sys.stderr,
             )
     return TrainResult(params, history, history[-1]["test_accuracy"], time.perf_counter() - start)
@@ -463,15 +464,7 @@ def package_versions() -> dict[str, str]:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def save_checkpoint(
@@ -503,6 +496,7 @@ def save_checkpoint(
     staging = Path(
         tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp")
     )
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private
     try:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(staging / "params", params)
@@ -619,6 +613,7 @@ def load_checkpoint(
             f"checkpoint {directory}: parameters do not fit {arch.name} with input {saved_shape} "
             f"({type(e).__name__}: {first})"
         ) from None
+    meta["checkpoint"] = str(directory)
     return arch, params, meta
 
 

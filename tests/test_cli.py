@@ -47,7 +47,7 @@ def test_train_json_result_and_checkpoint(capsys, tmp_path):
     from deepfault_jax import data
 
     digits = data.load_dataset("digits")
-    assert zoo.evaluate(model, params, digits.x_test, digits.y_test) == result["test_accuracy"]
+    assert zoo.accuracy(model, params, digits.x_test, digits.y_test) == result["test_accuracy"]
 
 
 def test_train_human_output(capsys, tmp_path):

@@ -84,7 +84,7 @@ def test_train_on_digits_reaches_95_percent(digits, name):
     assert len(result.history) == zoo.default_epochs(digits) == 40
     assert result.test_accuracy >= 0.95
     assert result.history[-1]["loss"] < result.history[0]["loss"] / 5
-    assert result.test_accuracy == zoo.evaluate(model, result.params, digits.x_test, digits.y_test)
+    assert result.test_accuracy == zoo.accuracy(model, result.params, digits.x_test, digits.y_test)
 
 
 def test_train_is_reproducible_by_seed(digits):
