@@ -1,0 +1,225 @@
+"""The end-to-end run: outputs, numbers recomputable from the files, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from deepfault_jax import cli, data, pipeline, probe, zoo
+
+SMALL = {"inputs_per_class": 4, "k": (1, 3), "random_repeats": 2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def model_cache(tmp_path_factory):
+    """Trained models cached in a private directory for this module."""
+    old = os.environ.get("DEEPFAULT_JAX_CACHE")
+    os.environ["DEEPFAULT_JAX_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["DEEPFAULT_JAX_CACHE"]
+    else:
+        os.environ["DEEPFAULT_JAX_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    config = pipeline.RunConfig(**SMALL)
+    return config, out, pipeline.run(config, out)
+
+
+def test_run_writes_every_output(finished_run):
+    config, out, result = finished_run
+    names = {
+        "report.json",
+        "report.md",
+        "synthesized.npz",
+        "spectrum.npz",
+        "misclassification.png",
+        "examples.png",
+    }
+    assert names <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(result))
+    md = (out / "report.md").read_text()
+    assert "| measure | k | misclassified | random |" in md and md.count("| tarantula |") == 2
+    for png in ("misclassification.png", "examples.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(result["results"]) == 3 * 2 and len(result["random_runs"]) == 2 * 2
+    assert result["selection"]["inputs"] == 40 and result["selection"]["skipped_classes"] == []
+
+
+def test_every_number_in_the_report_is_recomputable(finished_run):
+    """From synthesized.npz and the checkpoint alone."""
+    config, out, result = finished_run
+    report = json.loads((out / "report.json").read_text())
+    with np.load(out / "synthesized.npz", allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays["meta"]))
+    model, params, _ = zoo.load_checkpoint(meta["checkpoint"])
+    prb = probe.model_probe(
+        model, params, layers=meta["probe"]["layers"], conv_reduce=meta["probe"]["conv_reduce"],
+        activation=meta["probe"]["values"],
+    )  # fmt: skip
+    x0, y = arrays["x_original"], arrays["y"]
+    np.testing.assert_array_equal(np.argmax(model.apply(params, x0), -1), y)  # correct originals
+    digits = data.load_dataset("digits")
+    np.testing.assert_array_equal(digits.x_test[arrays["test_index"]], x0)
+
+    def recompute(tag):
+        x, table = arrays[f"{tag}__x"], arrays[f"{tag}__table"]
+        logits = np.asarray(model.apply(params, x), np.float64)
+        pred = logits.argmax(-1)
+        np.testing.assert_array_equal(pred, arrays[f"{tag}__pred"])
+        loss = np.asarray(
+            optax.softmax_cross_entropy_with_integer_labels(model.apply(params, x), y)
+        )
+        diff = (x - x0).reshape(len(x), -1).astype(np.float64)
+        sets = table[y]
+        before = np.take_along_axis(np.asarray(prb.flat(params, x0)[1]), sets, 1)
+        after = np.take_along_axis(np.asarray(prb.flat(params, x)[1]), sets, 1)
+        t = meta["probe"]["threshold"]
+        return {
+            "misclassification_rate": np.mean(pred != y),
+            "accuracy": np.mean(pred == y),
+            "loss": loss.mean(),
+            "l1": np.abs(diff).sum(1).mean(),
+            "l2": np.sqrt((diff**2).sum(1)).mean(),
+            "linf": np.abs(diff).max(1).mean(),
+            "linf_max": np.abs(diff).max(),
+            "activation_rose": np.mean(after > before),
+            "activation_mean_rise": np.mean(after - before),
+            "became_active": np.mean((before <= t) & (after > t)),
+        }
+
+    checked = 0
+    for row in report["results"]:
+        mine = recompute(f"{row['measure']}_k{row['k']}")
+        for key, value in mine.items():
+            assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (
+                row["measure"],
+                row["k"],
+                key,
+            )
+            checked += 1
+        randoms = [recompute(f"random_k{row['k']}_r{r}") for r in range(config.random_repeats)]
+        for key in mine:
+            values = [r[key] for r in randoms]
+            assert row["random"][key]["mean"] == pytest.approx(np.mean(values), rel=1e-5, abs=1e-6)
+            assert row["random"][key]["std"] == pytest.approx(np.std(values), rel=1e-5, abs=1e-6)
+            checked += 2
+        assert np.abs(arrays[f"{row['measure']}_k{row['k']}__x"] - x0).max() <= config.d + 1e-6
+    assert checked > 100
+    accuracy = np.mean(np.argmax(model.apply(params, digits.x_test), -1) == digits.y_test)
+    assert report["model"]["test_accuracy"] == pytest.approx(accuracy)
+
+
+def test_random_sets_exclude_the_measures_neurons(finished_run):
+    config, out, result = finished_run
+    with np.load(out / "synthesized.npz", allow_pickle=False) as f:
+        for k in config.k:
+            chosen = np.concatenate([f[f"{m}_k{k}__table"] for m in config.measures], axis=1)
+            for r in range(config.random_repeats):
+                rand = f[f"random_k{k}_r{r}__table"]
+                assert rand.shape == (10, k)
+                for c in range(10):
+                    assert not set(rand[c]) & set(chosen[c])
+
+
+def test_same_seed_same_report(finished_run, tmp_path):
+    config, out, result = finished_run
+    again = pipeline.run(config, tmp_path)
+    for a, b in zip(result["results"], again["results"], strict=True):
+        assert {k: v for k, v in a.items()} == {k: v for k, v in b.items()}
+
+
+def test_pgd_mode_run(tmp_path):
+    config = pipeline.RunConfig(mode="pgd", steps=5, d=0.15, measures=("ochiai",), **SMALL)
+    result = pipeline.run(config, tmp_path)
+    assert result["synthesis"]["step_size"] == pytest.approx(2.5 * 0.15 / 5)
+    with np.load(tmp_path / "synthesized.npz", allow_pickle=False) as f:
+        x0 = f["x_original"]
+        for key in f.files:
+            if key.endswith("__x"):
+                assert (
+                    np.abs(f[key] - x0).max() <= 0.15 + 1e-6
+                    and 0 <= f[key].min()
+                    and f[key].max() <= 1
+                )
+
+
+def test_class_without_correct_inputs_is_reported(tmp_path):
+    digits = data.load_dataset("digits")
+    model = zoo.create_model("mlp-3x50", input_shape=digits.input_shape, num_classes=10)
+    params = zoo.train(jax.random.key(0), model, digits, epochs=1).params  # barely trained
+    pred = zoo.predict(model, params, digits.x_test)
+    never_right = [c for c in range(10) if not np.any((pred == c) & (digits.y_test == c))]
+    assert never_right, "the barely trained model should miss some class entirely"
+    ck = zoo.save_checkpoint(tmp_path / "ck", model, params)
+    result = pipeline.run(pipeline.RunConfig(checkpoint=str(ck), **SMALL), tmp_path / "out")
+    skipped = result["selection"]["skipped_classes"]
+    assert [s["class"] for s in skipped] == never_right
+    assert "classified correctly" in skipped[0]["reason"]
+    assert "skipped" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"d": 0.0}, r"d \(the maximum L-inf distance\) must be > 0; got 0.0"),
+        ({"d": -1.0}, "must be > 0; got -1.0"),
+        ({"k": (1, 0)}, r"k must be positive integers; got \[1, 0\]"),
+        ({"measures": ("tarantula", "nope")}, "unknown measure 'nope'"),
+        (
+            {"layers": ("dense_2",), "k": (51,)},
+            "k must be <= 50, the neurons of the probed layers dense_2; got 51",
+        ),
+        ({"classes": (3, 12)}, r"classes must lie in \[0, 10\); got \[12\]"),
+    ],
+)
+def test_bad_configuration_is_refused_before_work(tmp_path, config, message):
+    with pytest.raises(ValueError, match=message):
+        pipeline.run(pipeline.RunConfig(**{**SMALL, **config}), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_command(capsys, tmp_path):
+    code = cli.main(["run", "--inputs-per-class", "3", "--k", "1,2", "--random-repeats", "1",
+                     "--measures", "dstar", "--out", str(tmp_path / "r"), "--json"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    assert [(r["measure"], r["k"]) for r in result["results"]] == [("dstar", 1), ("dstar", 2)]
+    code = cli.main(["run", "--out", str(tmp_path / "h"), "--inputs-per-class", "2", "--k", "1",
+                     "--random-repeats", "1", "--no-progress"])  # fmt: skip
+    human = capsys.readouterr().out
+    assert code == 0 and "misclassified" in human and "wrote" in human
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--d", "0"], "must be > 0; got 0.0"),
+        (["--k", "1,x"], "--k must be comma-separated integers; got '1,x'"),
+        (["--k", "1000"], "k must be <= 150"),
+        (["--mode", "fgsm"], "invalid choice: 'fgsm'"),
+    ],
+)
+def test_run_command_usage_errors(capsys, tmp_path, argv, fragment):
+    code = cli.main(["run", "--out", str(tmp_path / "r"), *argv])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "" and fragment in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_run_with_a_checkpoint_for_another_input_shape(capsys, tmp_path):
+    model = zoo.create_model("lenet1", input_shape=(28, 28, 1), num_classes=10)
+    ck = zoo.save_checkpoint(tmp_path / "ck", model, zoo.init_params(jax.random.key(0), model))
+    code = cli.main(["run", "--checkpoint", str(ck), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "trained on input shape (28, 28, 1); expected (8, 8, 1)" in err
