@@ -458,6 +458,16 @@ def _parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
+    def model_source(p: argparse.ArgumentParser) -> None:
+        src = p.add_mutually_exclusive_group()
+        src.add_argument("--model", default="mlp-3x50", choices=model_names, metavar="NAME",
+                         help="zoo model, trained on the data set on first use and cached "
+                         "(default: mlp-3x50)")  # fmt: skip
+        src.add_argument(
+            "--checkpoint", metavar="DIR", help="a checkpoint from `deepfault-jax train`"
+        )
+        p.add_argument("--dataset", default="digits", metavar="SPEC", help=dataset_help)
+
     p = sub.add_parser(
         "train",
         help="train a zoo model and save a checkpoint",
@@ -486,12 +496,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Compute the all-class hit spectrum (DeepFault's A_s, A_f, N_s, N_f for every "
         "class and neuron) in one streaming jitted pass and write it as .npz.",
     )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default="mlp-3x50", choices=model_names, metavar="NAME",
-                     help="zoo model, trained on the data set on first use and cached "
-                     "(default: mlp-3x50)")  # fmt: skip
-    src.add_argument("--checkpoint", metavar="DIR", help="a checkpoint from `deepfault-jax train`")
-    p.add_argument("--dataset", default="digits", metavar="SPEC", help=dataset_help)
+    model_source(p)
     p.add_argument("--split", default="test", choices=("train", "test"), help="(default: test)")
     p.add_argument("--seed", type=int, default=0, help="training seed of a --model (default: 0)")
     p.add_argument("--threshold", type=float, default=0.0,
@@ -544,13 +549,9 @@ def _parser() -> argparse.ArgumentParser:
         "classified ones, evaluate them against a random-neuron baseline, and write report.json, "
         "report.md, synthesized.npz, spectrum.npz and PNG figures into --out.",
     )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default="mlp-3x50", choices=model_names, metavar="NAME",
-                     help="zoo model, trained on first use and cached (default: mlp-3x50)")  # fmt: skip
-    src.add_argument("--checkpoint", metavar="DIR", help="a checkpoint from `deepfault-jax train`")
+    model_source(p)
     p.add_argument("--activation", default="relu", choices=("relu", "leaky_relu"),
                    help="hidden activation of a --model (default: relu)")  # fmt: skip
-    p.add_argument("--dataset", default="digits", metavar="SPEC", help=dataset_help)
     p.add_argument("--measures", default="tarantula,ochiai,dstar", metavar="A,B,...",
                    help="suspiciousness measures (default: tarantula,ochiai,dstar)")  # fmt: skip
     p.add_argument("--star", type=float, default=3.0, help="DStar's exponent (default: 3)")

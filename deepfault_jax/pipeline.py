@@ -261,30 +261,28 @@ def run(
     jobs = [(m, k) for k in config.k for m in config.measures]
     bar = tqdm(total=len(jobs) + len(config.k) * config.random_repeats, desc="synthesis",
                unit="set", disable=None if progress else True, leave=False)  # fmt: skip
+
+    def synthesize_and_measure(tag: str, table: np.ndarray) -> dict:
+        """Synthesizes toward ``table``, stores the arrays under ``tag``, returns the metrics."""
+        xs = _synthesize_all(synth, params, x0, y0, table, config.batch_size)
+        metrics = evaluate.evaluate_synthesis(
+            prb, params, x0, xs, y0, table, threshold=config.threshold
+        )
+        arrays[f"{tag}__x"] = xs
+        arrays[f"{tag}__pred"] = np.asarray(metrics.pop("predictions"), np.int32)
+        arrays[f"{tag}__table"] = table
+        bar.update()
+        return metrics
+
     for k in config.k:
         tables = {}
         for name in config.measures:
-            table = np.asarray(
+            tables[name] = np.asarray(
                 localize.suspicious_neurons(spec, name, k, **_measure_params(name, config)),
                 np.int32,
             )
-            tables[name] = table
-            xs = _synthesize_all(synth, params, x0, y0, table, config.batch_size)
-            metrics = evaluate.evaluate_synthesis(
-                prb, params, x0, xs, y0, table, threshold=config.threshold
-            )
-            tag = f"{name}_k{k}"
-            arrays[f"{tag}__x"] = xs
-            arrays[f"{tag}__pred"] = np.asarray(metrics["predictions"], np.int32)
-            arrays[f"{tag}__table"] = table
-            results.append(
-                {
-                    "measure": name,
-                    "k": k,
-                    **{m: v for m, v in metrics.items() if m != "predictions"},
-                }
-            )
-            bar.update()
+            metrics = synthesize_and_measure(f"{name}_k{k}", tables[name])
+            results.append({"measure": name, "k": k, **metrics})
         repeats = []
         for r in range(config.random_repeats):
             rkey = jax.random.fold_in(jax.random.fold_in(random_key, k), r)
@@ -293,18 +291,9 @@ def run(
                                         exclude=[t[c] for t in tables.values()])
                 for c in range(dataset.num_classes)
             ]).astype(np.int32)  # fmt: skip
-            xs = _synthesize_all(synth, params, x0, y0, table, config.batch_size)
-            metrics = evaluate.evaluate_synthesis(
-                prb, params, x0, xs, y0, table, threshold=config.threshold
-            )
-            tag = f"random_k{k}_r{r}"
-            arrays[f"{tag}__x"] = xs
-            arrays[f"{tag}__pred"] = np.asarray(metrics["predictions"], np.int32)
-            arrays[f"{tag}__table"] = table
-            metrics = {m: v for m, v in metrics.items() if m != "predictions"}
+            metrics = synthesize_and_measure(f"random_k{k}_r{r}", table)
             repeats.append(metrics)
             random_runs.append({"k": k, "repeat": r, **metrics})
-            bar.update()
         summary = evaluate.summarize_repeats(repeats)
         for row in results:
             if row["k"] == k:
