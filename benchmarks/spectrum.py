@@ -1,23 +1,31 @@
-"""Spectrum throughput: deepfault-jax `accumulate` against the forward-pass limit.
+"""Spectrum throughput: deepfault-jax against the forward-pass limit, PyTorch and the original.
 
-For each model, one data set of Fashion-MNIST size (the real Fashion-MNIST test
-or train split when installed, else uniform noise of the same shape) is streamed
-in fixed-shape batches through
+For each model, a data set (the real Fashion-MNIST for 28x28x1 models when
+installed, else uniform noise; uniform noise of 32x32x3 for ``cifar-convnet``)
+is streamed in fixed-shape batches through:
 
-* ``limit``:   a jitted forward pass that returns the logits and every probed
-               pre-activation (what any spectrum needs to compute), blocked on
-               each batch's result;
-* ``forward``: a jitted forward pass returning the logits only;
-* ``ours``:    ``deepfault_jax.spectrum.accumulate`` (host checks of each batch,
-               the forward pass, the counting, donated counts).
+* ``limit``:         a jitted forward pass returning the logits and every probed
+                     pre-activation (what any spectrum must compute);
+* ``forward``:       a jitted forward pass returning the logits only;
+* ``ours``:          ``deepfault_jax.spectrum.accumulate``, everything included;
+* ``torch-eager``:   PyTorch (CPU) with forward hooks counting the same spectrum,
+                     the same weights copied across;
+* ``torch-compile``: the same step under ``torch.compile``;
+* ``original``:      the original DeepFault's counting ported to Python/NumPy
+                     (per input, per neuron, list membership tests) over
+                     precomputed activations, at ``--original-sizes`` inputs,
+                     against ``ours`` on the same inputs (forward pass included
+                     for ours only).
 
-Each implementation is warmed up (compilation reported apart), then timed over
-``--repeats`` full passes; the median samples per second and the ratios
-ours / limit and ours / forward are reported, measured in the same run.
+Each implementation is warmed up (first pass, compilation included, reported
+apart), then timed ``--repeats`` times; medians and ratios come from one run.
+The PyTorch spectra are compared with ours cell by cell; cells that differ are
+counted, with the largest |pre-activation| among the inputs whose activity
+differs between the frameworks (values within float rounding of the threshold).
 
-    python benchmarks/spectrum.py                 # mlp-3x50 and lenet5, 10k inputs
-    python benchmarks/spectrum.py --quick         # under a minute
-    python benchmarks/spectrum.py --json          # one JSON object on stdout
+    python benchmarks/spectrum.py --quick
+    python benchmarks/spectrum.py                       # all models, batch 1024
+    python benchmarks/spectrum.py --batch-sizes 256,1024,4096 --json
 """
 
 from __future__ import annotations
@@ -34,39 +42,57 @@ import numpy as np
 
 from deepfault_jax import data, probe, spectrum, zoo
 
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+import peers  # noqa: E402
 
-def _inputs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+MODELS = ("mlp-3x50", "mlp-8x20", "lenet5", "cifar-convnet")
+IMPLS = ("limit", "forward", "ours", "torch-eager", "torch-compile")
+
+
+def inputs_for(name: str, n: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """``n`` inputs and labels for ``name``'s input shape, and where they come from."""
+    rng = np.random.default_rng(0)
+    if name == "cifar-convnet":
+        x = rng.random((n, 32, 32, 3), dtype=np.float32)
+        return x, rng.integers(0, 10, n).astype(np.int32), "uniform noise 32x32x3"
     if data.FASHION_MNIST_DIR.is_dir():
         ds = data.load_dataset("fashion-mnist")
-        x = np.concatenate([ds.x_test, ds.x_train])[:n]
-        y = np.concatenate([ds.y_test, ds.y_train])[:n]
-        return x, y, "fashion-mnist"
-    rng = np.random.default_rng(seed)
+        x = np.concatenate([ds.x_test, ds.x_train])
+        y = np.concatenate([ds.y_test, ds.y_train])
+        reps = -(-n // len(x))
+        return np.tile(x, (reps, 1, 1, 1))[:n], np.tile(y, reps)[:n], "fashion-mnist"
     x = rng.random((n, 28, 28, 1), dtype=np.float32)
     return x, rng.integers(0, 10, n).astype(np.int32), "uniform noise 28x28x1"
 
 
-def _time(run, repeats: int) -> tuple[float, list[float]]:
+def timed(run, repeats: int) -> dict:
     start = time.perf_counter()
-    run()  # warm-up: compiles
-    compile_and_first = time.perf_counter() - start
+    run()
+    first = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return compile_and_first, times
+    return {"first_pass_seconds": first, "median_seconds": statistics.median(times), "times": times}
 
 
-def bench_model(name: str, x, y, *, batch_size: int, repeats: int) -> dict:
+def trained_params(model):
+    """Parameters trained briefly on the model's data, so that passing and failing inputs mix."""
+    x, y, _ = inputs_for(model.name, 4096)
+    ds = data.make_dataset("bench", x[:3072], y[:3072], x[3072:], y[3072:], num_classes=10)
+    return zoo.train(jax.random.key(0), model, ds, epochs=1, batch_size=128).params
+
+
+def bench_model(name: str, *, n: int, batch_size: int, repeats: int, impls, original_sizes) -> dict:
+    x, y, source = inputs_for(name, n)
     model = zoo.create_model(name, input_shape=x.shape[1:], num_classes=10)
-    params = zoo.init_params(jax.random.key(0), model)
+    params = trained_params(model)
     prb = probe.model_probe(model, params)
-    n = len(x)
     batches = list(data.iterate_batches(x, y, batch_size=batch_size))
-
-    limit_fn = jax.jit(prb.flat)
-    forward_fn = jax.jit(model.apply)
+    result = {"model": name, "data": source, "inputs": n, "batch_size": batch_size,
+              "neurons": prb.index.num_neurons, "impls": {}}  # fmt: skip
+    limit_fn, forward_fn = jax.jit(prb.flat), jax.jit(model.apply)
 
     def run_limit():
         out = None
@@ -80,56 +106,155 @@ def bench_model(name: str, x, y, *, batch_size: int, repeats: int) -> dict:
             out = forward_fn(params, b.x)
         jax.block_until_ready(out)
 
-    def run_ours():
-        s = spectrum.accumulate(prb, params, batches)
-        jax.block_until_ready(s)
+    ours_spectrum = {}
 
-    result = {
-        "model": name,
-        "inputs": n,
-        "batch_size": batch_size,
-        "neurons": prb.index.num_neurons,
+    def run_ours():
+        ours_spectrum["s"] = jax.block_until_ready(spectrum.accumulate(prb, params, batches))
+
+    runners = {"limit": run_limit, "forward": run_forward, "ours": run_ours}
+    torch_counts = {}
+    if any(i.startswith("torch") for i in impls):
+        import torch
+
+        torch.set_num_threads(2)
+        xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        yt = torch.from_numpy(y.astype(np.int64))
+        tbatches = [
+            (xt[i : i + batch_size], yt[i : i + batch_size]) for i in range(0, n, batch_size)
+        ]
+        tbatches = [
+            tb for tb in tbatches if len(tb[1]) == batch_size
+        ]  # full batches (the same work)
+        for impl in ("torch-eager", "torch-compile"):
+            if impl in impls:
+                net, hidden, _ = peers.torch_model(model, params)
+                counter = peers.TorchSpectrum(net, hidden, 10, compile=impl == "torch-compile")
+
+                def run_torch(counter=counter, impl=impl):
+                    counter.counts.zero_()
+                    torch_counts[impl] = counter.run(tbatches).numpy().astype(np.int64)
+
+                runners[impl] = run_torch
+        result["torch_inputs"] = len(tbatches) * batch_size
+    for impl in impls:
+        timing = timed(runners[impl], repeats)
+        rows = result.get("torch_inputs", n) if impl.startswith("torch") else n
+        timing["samples_per_second"] = rows / timing["median_seconds"]
+        result["impls"][impl] = timing
+    ours = result["impls"]["ours"]["samples_per_second"]
+    result["ratios"] = {
+        f"ours/{impl}": ours / t["samples_per_second"]
+        for impl, t in result["impls"].items()
+        if impl != "ours"
     }
-    for impl, run in (("limit", run_limit), ("forward", run_forward), ("ours", run_ours)):
-        first, times = _time(run, repeats)
-        median = statistics.median(times)
-        result[impl] = {
-            "samples_per_second": n / median,
-            "median_seconds": median,
-            "first_pass_seconds": first,
-            "times": times,
-        }
-    ours = result["ours"]["samples_per_second"]
-    result["ratio_ours_limit"] = ours / result["limit"]["samples_per_second"]
-    result["ratio_ours_forward"] = ours / result["forward"]["samples_per_second"]
+    if torch_counts:
+        result["agreement"] = agreement(
+            prb, params, x, y, ours_spectrum, torch_counts, result, batch_size
+        )
+    if original_sizes:
+        result["original"] = bench_original(prb, params, name, original_sizes, batch_size)
     return result
+
+
+def agreement(prb, params, x, y, ours_spectrum, torch_counts, result, batch_size) -> dict:
+    """Cells where PyTorch's spectrum differs from ours, and why (values at the threshold)."""
+    rows = result["torch_inputs"]
+    s = spectrum.compute_spectrum(prb, params, x[:rows], y[:rows], batch_size=batch_size)
+    ours = np.concatenate([np.asarray(s.a_pass), np.asarray(s.a_fail)]).astype(np.int64)
+    out = {}
+    for impl, counts in torch_counts.items():
+        differing = int((counts != ours).sum())
+        entry = {"cells": int(ours.size), "differing_cells": differing}
+        if differing:
+            import torch
+
+            net, hidden, _ = peers.torch_model(
+                zoo.create_model(result["model"], input_shape=x.shape[1:], num_classes=10), params
+            )
+            counter = peers.TorchSpectrum(net, hidden, 10)
+            t_acts = np.concatenate(
+                counter.activations(
+                    torch.from_numpy(np.ascontiguousarray(x[:rows].transpose(0, 3, 1, 2)))
+                ),
+                axis=1,
+            )
+            j_acts = np.asarray(prb.flat(params, x[:rows])[1])
+            flips = (t_acts > 0) != (j_acts > 0)
+            entry["inputs_with_flipped_activity"] = int(flips.any(axis=1).sum())
+            entry["largest_abs_value_involved"] = float(
+                max(np.abs(t_acts[flips]).max(), np.abs(j_acts[flips]).max())
+            )
+        out[impl] = entry
+    return out
+
+
+def bench_original(prb, params, name, sizes, batch_size) -> list[dict]:
+    rows = []
+    for size in sizes:
+        x, y, _ = inputs_for(name, size)
+        logits, acts = jax.jit(prb)(params, x)
+        values = [np.asarray(acts[layer]) for layer in prb.index.layer_names]
+        pred = np.asarray(logits).argmax(-1)
+        start = time.perf_counter()
+        counts = peers.original_counts(values, pred, y)
+        original_seconds = time.perf_counter() - start
+        batches = list(data.iterate_batches(x, y, batch_size=min(batch_size, size)))
+        ours = timed(
+            lambda b=batches: jax.block_until_ready(spectrum.accumulate(prb, params, b)), 3
+        )
+        s = spectrum.accumulate(prb, params, batches).pooled()
+        same = np.array_equal(np.concatenate(counts[0]), np.asarray(s.a_s)) and np.array_equal(
+            np.concatenate(counts[2]), np.asarray(s.a_f)
+        )
+        rows.append({
+            "inputs": size,
+            "original_seconds": original_seconds,
+            "original_per_input_us": 1e6 * original_seconds / size,
+            "ours_seconds": ours["median_seconds"],
+            "ratio_ours_over_original": original_seconds / ours["median_seconds"],
+            "same_counts": bool(same),
+        })  # fmt: skip
+    return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="mlp-3x50,lenet5", help="comma-separated zoo models")
-    parser.add_argument("--inputs", type=int, default=10_000, help="data set size (default 10000)")
-    parser.add_argument("--batch-size", type=int, default=1024, help="(default 1024)")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated zoo models")
+    parser.add_argument("--impls", default=",".join(IMPLS), help=f"of {', '.join(IMPLS)}")
+    parser.add_argument(
+        "--inputs", type=int, default=10_000, help="inputs per pass (default 10000)"
+    )
+    parser.add_argument("--batch-sizes", default="1024", help="comma-separated (default 1024)")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes (default 5)")
-    parser.add_argument("--quick", action="store_true", help="2,048 inputs, 3 repeats")
+    parser.add_argument("--original-sizes", default="1000,10000,60000",
+                        help="data sizes for the original's counting, '' to skip")  # fmt: skip
+    parser.add_argument(
+        "--quick", action="store_true", help="mlp-3x50 and lenet5, 2048 inputs, under a minute"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    if "ours" not in impls:
+        impls.append("ours")
+    unknown = [i for i in impls if i not in IMPLS]
+    if unknown:
+        parser.error(f"--impls must be among {', '.join(IMPLS)}; got {unknown}")
+    sizes = [int(s) for s in args.original_sizes.split(",") if s.strip()]
     if args.quick:
-        args.inputs, args.repeats = 2048, 3
-    x, y, source = _inputs(args.inputs, 0)
-    results = [
-        bench_model(m.strip(), x, y, batch_size=args.batch_size, repeats=args.repeats)
-        for m in args.models.split(",")
-    ]
+        models, args.inputs, args.repeats, sizes = ["mlp-3x50", "lenet5"], 2048, 3, [1000]
+    results = []
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        for name in models:
+            results.append(bench_model(name, n=args.inputs, batch_size=bs, repeats=args.repeats,
+                                       impls=impls, original_sizes=sizes if bs == int(args.batch_sizes.split(",")[0]) else []))  # fmt: skip
     report = {
         "benchmark": "spectrum",
-        "data": source,
-        "inputs": len(x),
-        "batch_size": args.batch_size,
-        "repeats": args.repeats,
         "backend": jax.default_backend(),
         "devices": [d.device_kind for d in jax.local_devices()],
         "machine": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": __import__("os").cpu_count(),
         "jax": jax.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "results": results,
@@ -138,17 +263,28 @@ def main(argv=None) -> int:
         json.dump(report, sys.stdout)
         print()
         return 0
-    print(f"spectrum throughput on {source}, {len(x)} inputs, batch {args.batch_size}, "
-          f"{jax.default_backend()} ({report['devices'][0]}), median of {args.repeats}")  # fmt: skip
-    print(f"{'model':<10} {'limit/s':>10} {'forward/s':>10} {'ours/s':>10} "
-          f"{'ours/limit':>10} {'ours/fwd':>9} {'compile+1st (ours)':>19}")  # fmt: skip
+    print(f"spectrum throughput, samples/s (median of {args.repeats}); {jax.default_backend()}, "
+          f"{report['cpus']} cpus")  # fmt: skip
+    head = f"{'model':<14} {'batch':>5} " + " ".join(f"{i:>13}" for i in impls)
+    print(head + "   ratios (ours / x)")
     for r in results:
-        print(
-            f"{r['model']:<10} {r['limit']['samples_per_second']:>10.0f} "
-            f"{r['forward']['samples_per_second']:>10.0f} {r['ours']['samples_per_second']:>10.0f} "
-            f"{r['ratio_ours_limit']:>10.3f} {r['ratio_ours_forward']:>9.3f} "
-            f"{r['ours']['first_pass_seconds']:>18.2f}s"
+        line = f"{r['model']:<14} {r['batch_size']:>5} " + " ".join(
+            f"{r['impls'][i]['samples_per_second']:>13.0f}" for i in impls
         )
+        ratios = ", ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in r["ratios"].items())
+        print(f"{line}   {ratios}")
+        for impl, a in r.get("agreement", {}).items():
+            extra = ""
+            if a["differing_cells"]:
+                extra = (f" ({a['inputs_with_flipped_activity']} inputs with a value at the threshold, "
+                         f"largest |value| {a['largest_abs_value_involved']:.2g})")  # fmt: skip
+            print(
+                f"    {impl}: {a['differing_cells']} of {a['cells']} cells differ from ours{extra}"
+            )
+        for o in r.get("original", []):
+            print(f"    original counting at {o['inputs']} inputs: {o['original_seconds']:.2f} s "
+                  f"({o['original_per_input_us']:.0f} us/input), ours {o['ours_seconds'] * 1e3:.1f} ms: "
+                  f"{o['ratio_ours_over_original']:.0f}x; same counts: {o['same_counts']}")  # fmt: skip
     return 0
 
 
