@@ -84,7 +84,9 @@ def trained_params(model):
     return zoo.train(jax.random.key(0), model, ds, epochs=1, batch_size=128).params
 
 
-def bench_model(name: str, *, n: int, batch_size: int, repeats: int, impls, original_sizes) -> dict:
+def bench_model(
+    name: str, *, n: int, batch_size: int, repeats: int, impls, original_sizes, torch_device="cpu"
+) -> dict:
     x, y, source = inputs_for(name, n)
     model = zoo.create_model(name, input_shape=x.shape[1:], num_classes=10)
     params = trained_params(model)
@@ -119,8 +121,13 @@ def bench_model(name: str, *, n: int, batch_size: int, repeats: int, impls, orig
         torch.set_num_threads(2)
         xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
         yt = torch.from_numpy(y.astype(np.int64))
+        # fresh tensors: views at different storage offsets make torch.compile recompile
         tbatches = [
-            (xt[i : i + batch_size], yt[i : i + batch_size]) for i in range(0, n, batch_size)
+            (
+                xt[i : i + batch_size].clone().to(torch_device),
+                yt[i : i + batch_size].clone().to(torch_device),
+            )
+            for i in range(0, n, batch_size)
         ]
         tbatches = [
             tb for tb in tbatches if len(tb[1]) == batch_size
@@ -128,11 +135,13 @@ def bench_model(name: str, *, n: int, batch_size: int, repeats: int, impls, orig
         for impl in ("torch-eager", "torch-compile"):
             if impl in impls:
                 net, hidden, _ = peers.torch_model(model, params)
+                net = net.to(torch_device)
                 counter = peers.TorchSpectrum(net, hidden, 10, compile=impl == "torch-compile")
+                counter.counts = counter.counts.to(torch_device)
 
                 def run_torch(counter=counter, impl=impl):
                     counter.counts.zero_()
-                    torch_counts[impl] = counter.run(tbatches).numpy().astype(np.int64)
+                    torch_counts[impl] = counter.run(tbatches).cpu().numpy().astype(np.int64)
 
                 runners[impl] = run_torch
         result["torch_inputs"] = len(tbatches) * batch_size
@@ -192,9 +201,13 @@ def bench_original(prb, params, name, sizes, batch_size) -> list[dict]:
     rows = []
     for size in sizes:
         x, y, _ = inputs_for(name, size)
-        logits, acts = jax.jit(prb)(params, x)
-        values = [np.asarray(acts[layer]) for layer in prb.index.layer_names]
-        pred = np.asarray(logits).argmax(-1)
+        run = jax.jit(prb)
+        parts = [run(params, b.x) for b in data.iterate_batches(x, y, batch_size=1024)]
+        values = [
+            np.concatenate([np.asarray(p[1][layer]) for p in parts])[:size]
+            for layer in prb.index.layer_names
+        ]
+        pred = np.concatenate([np.asarray(p[0]) for p in parts])[:size].argmax(-1)
         start = time.perf_counter()
         counts = peers.original_counts(values, pred, y)
         original_seconds = time.perf_counter() - start
@@ -217,6 +230,27 @@ def bench_original(prb, params, name, sizes, batch_size) -> list[dict]:
     return rows
 
 
+def print_result(r: dict, impls) -> None:
+    line = f"{r['model']:<14} {r['batch_size']:>5} " + " ".join(
+        f"{i} {r['impls'][i]['samples_per_second']:.0f}" for i in impls
+    )
+    ratios = ", ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in r["ratios"].items())
+    print(f"{line}\n    ours / x: {ratios}", flush=True)
+    for impl, a in r.get("agreement", {}).items():
+        extra = ""
+        if a["differing_cells"]:
+            extra = (f" ({a['inputs_with_flipped_activity']} inputs with a value at the threshold, "
+                     f"largest |value| {a['largest_abs_value_involved']:.2g})")  # fmt: skip
+        print(
+            f"    {impl}: {a['differing_cells']} of {a['cells']} cells differ from ours{extra}",
+            flush=True,
+        )
+    for o in r.get("original", []):
+        print(f"    original counting at {o['inputs']} inputs: {o['original_seconds']:.2f} s "
+              f"({o['original_per_input_us']:.0f} us/input), ours {o['ours_seconds'] * 1e3:.1f} ms: "
+              f"{o['ratio_ours_over_original']:.0f}x; same counts: {o['same_counts']}", flush=True)  # fmt: skip
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated zoo models")
@@ -231,6 +265,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="mlp-3x50 and lenet5, 2048 inputs, under a minute"
     )
+    parser.add_argument("--original-models", default="mlp-3x50,lenet5",
+                        help="models whose original counting is timed")  # fmt: skip
+    parser.add_argument("--torch-device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -241,13 +278,21 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--impls must be among {', '.join(IMPLS)}; got {unknown}")
     sizes = [int(s) for s in args.original_sizes.split(",") if s.strip()]
+    original_models = {m.strip() for m in args.original_models.split(",")}
     if args.quick:
         models, args.inputs, args.repeats, sizes = ["mlp-3x50", "lenet5"], 2048, 3, [1000]
     results = []
+    first_bs = int(args.batch_sizes.split(",")[0])
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         for name in models:
-            results.append(bench_model(name, n=args.inputs, batch_size=bs, repeats=args.repeats,
-                                       impls=impls, original_sizes=sizes if bs == int(args.batch_sizes.split(",")[0]) else []))  # fmt: skip
+            result = bench_model(
+                name, n=args.inputs, batch_size=bs, repeats=args.repeats, impls=impls,
+                original_sizes=sizes if bs == first_bs and name in original_models else [],
+                torch_device=args.torch_device,
+            )  # fmt: skip
+            results.append(result)
+            if not args.json:
+                print_result(result, impls)
     report = {
         "benchmark": "spectrum",
         "backend": jax.default_backend(),
@@ -263,28 +308,6 @@ def main(argv=None) -> int:
         json.dump(report, sys.stdout)
         print()
         return 0
-    print(f"spectrum throughput, samples/s (median of {args.repeats}); {jax.default_backend()}, "
-          f"{report['cpus']} cpus")  # fmt: skip
-    head = f"{'model':<14} {'batch':>5} " + " ".join(f"{i:>13}" for i in impls)
-    print(head + "   ratios (ours / x)")
-    for r in results:
-        line = f"{r['model']:<14} {r['batch_size']:>5} " + " ".join(
-            f"{r['impls'][i]['samples_per_second']:>13.0f}" for i in impls
-        )
-        ratios = ", ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in r["ratios"].items())
-        print(f"{line}   {ratios}")
-        for impl, a in r.get("agreement", {}).items():
-            extra = ""
-            if a["differing_cells"]:
-                extra = (f" ({a['inputs_with_flipped_activity']} inputs with a value at the threshold, "
-                         f"largest |value| {a['largest_abs_value_involved']:.2g})")  # fmt: skip
-            print(
-                f"    {impl}: {a['differing_cells']} of {a['cells']} cells differ from ours{extra}"
-            )
-        for o in r.get("original", []):
-            print(f"    original counting at {o['inputs']} inputs: {o['original_seconds']:.2f} s "
-                  f"({o['original_per_input_us']:.0f} us/input), ours {o['ours_seconds'] * 1e3:.1f} ms: "
-                  f"{o['ratio_ours_over_original']:.0f}x; same counts: {o['same_counts']}")  # fmt: skip
     return 0
 
 

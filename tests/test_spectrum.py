@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FORCED_DEVICES
+from conftest import FORCED_DEVICES, needs_fashion
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -451,3 +451,34 @@ def test_training_example_logs_the_spectrum_each_epoch():
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith("epoch")]
     assert len(lines) == 2 and "active share fail/pass: dense_0" in lines[0]
+
+
+@pytest.mark.parametrize("name", ["lenet1", "lenet5"])
+def test_fast_single_channel_conv_gives_the_same_spectrum(digits, name):
+    """The probe's rewrite of the first (one input channel) conv is exact where it counts."""
+    model = zoo.create_model(name, input_shape=digits.input_shape, num_classes=10)
+    params = zoo.train(jax.random.key(0), model, digits, epochs=2).params
+    fast = probe.model_probe(model, params)
+    plain = probe.linen_probe(model.module, params, input_shape=model.input_shape, fast_conv=False)
+    x = np.concatenate([digits.x_test, digits.x_train])
+    y = np.concatenate([digits.y_test, digits.y_train])
+    _, a = fast.flat(params, x)
+    _, b = plain.flat(params, x)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert_identical(
+        spectrum.compute_spectrum(fast, params, x, y),
+        spectrum.compute_spectrum(plain, params, x, y),
+    )
+
+
+@needs_fashion
+def test_fast_conv_spectrum_equals_plain_on_fashion_mnist():
+    ds = data.load_dataset("fashion-mnist")
+    model = zoo.create_model("lenet5", input_shape=ds.input_shape, num_classes=10)
+    params = zoo.init_params(jax.random.key(3), model)
+    fast = probe.model_probe(model, params)
+    plain = probe.linen_probe(model.module, params, input_shape=model.input_shape, fast_conv=False)
+    assert_identical(
+        spectrum.compute_spectrum(fast, params, ds.x_test, ds.y_test),
+        spectrum.compute_spectrum(plain, params, ds.x_test, ds.y_test),
+    )
