@@ -97,6 +97,19 @@ class MLP(nn.Module):
         return nn.Dense(self.num_classes, name="logits")(x)
 
 
+def _max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max pooling, stride 2, ``SAME`` padding, as ``nn.max_pool``.
+
+    For even sizes it is a reshape and a max (the same values; XLA's CPU gradient
+    of this form is ~5x faster than that of ``reduce_window``); odd sizes use
+    ``nn.max_pool``.
+    """
+    b, h, w, c = x.shape
+    if h % 2 or w % 2:
+        return nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+    return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
 class ConvNet(nn.Module):
     """Conv blocks (``Conv + activation`` per layer, 2x2 max pool after each block), then Dense.
 
@@ -120,7 +133,7 @@ class ConvNet(nn.Module):
                 )
                 x = act(conv(x))
                 i += 1
-            x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+            x = _max_pool_2x2(x)
         x = x.reshape((x.shape[0], -1))
         for j, width in enumerate(self.hidden):
             x = act(nn.Dense(width, name=f"dense_{j}")(x))
