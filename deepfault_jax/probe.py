@@ -298,17 +298,53 @@ def _single_channel_conv(next_fun, args, kwargs, context):
     bias = mod.get_variable("params", "bias")
     if kernel is None or bias is None:
         return next_fun(*args, **kwargs)
-    kh, kw = mod.kernel_size
+    return _single_channel_conv_same(x[..., 0], kernel[:, :, 0, :], bias)
+
+
+@jax.custom_vjp
+def _single_channel_conv_same(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """``SAME`` stride-1 convolution of ``x[b, h, w]`` with ``kernel[kh, kw, c]``, plus ``bias[c]``."""
+    kh, kw, _ = kernel.shape
     h, w = x.shape[1], x.shape[2]
     top, left = (kh - 1) // 2, (kw - 1) // 2
-    xp = jnp.pad(x[..., 0], ((0, 0), (top, kh - 1 - top), (left, kw - 1 - left)))
+    xp = jnp.pad(x, ((0, 0), (top, kh - 1 - top), (left, kw - 1 - left)))
     out = None
     for i in range(kh):
         for j in range(kw):
-            term = xp[:, i : i + h, j : j + w, None] * kernel[i, j, 0, :]
+            term = xp[:, i : i + h, j : j + w, None] * kernel[i, j, :]
             out = term if out is None else out + term
     return out + bias
 
+
+def _single_channel_conv_fwd(x, kernel, bias):
+    return _single_channel_conv_same(x, kernel, bias), (x, kernel)
+
+
+def _single_channel_conv_bwd(residuals, dy):
+    """Gradients by one matmul per operand and slices (no per-tap pads of the output)."""
+    x, kernel = residuals
+    kh, kw, c = kernel.shape
+    h, w = x.shape[1], x.shape[2]
+    top, left = (kh - 1) // 2, (kw - 1) // 2
+    taps = kernel.reshape(kh * kw, c)
+    # d out / d x: each tap's share of dy, shifted back by the tap's offset
+    per_tap = jnp.einsum("bhwc,tc->bhwt", dy, taps)
+    padded = jnp.pad(per_tap, ((0, 0), (kh - 1 - top, top), (kw - 1 - left, left), (0, 0)))
+    dx = None
+    for i in range(kh):
+        for j in range(kw):
+            part = padded[:, kh - 1 - i : kh - 1 - i + h, kw - 1 - j : kw - 1 - j + w, i * kw + j]
+            dx = part if dx is None else dx + part
+    # d out / d kernel: the input patches against dy
+    xp = jnp.pad(x, ((0, 0), (top, kh - 1 - top), (left, kw - 1 - left)))
+    patches = jnp.stack(
+        [xp[:, i : i + h, j : j + w] for i in range(kh) for j in range(kw)], axis=-1
+    )
+    dkernel = jnp.einsum("bhwt,bhwc->tc", patches, dy).reshape(kh, kw, c)
+    return dx, dkernel, jnp.sum(dy, axis=(0, 1, 2))
+
+
+_single_channel_conv_same.defvjp(_single_channel_conv_fwd, _single_channel_conv_bwd)
 
 # --------------------------------------------------------------------------- constructors
 

@@ -158,3 +158,23 @@ def test_neuron_index_round_trip():
     with pytest.raises(ValueError, match="unique"):
         probe.NeuronIndex(("a", "a"), (1, 1))
     assert hash(index) == hash(probe.NeuronIndex(("a", "b", "c"), (3, 1, 5)))
+
+
+def test_fast_conv_values_and_gradients_match_xla_conv():
+    model = zoo.create_model("lenet5", input_shape=(28, 28, 1), num_classes=10)
+    params = zoo.init_params(jax.random.key(5), model)
+    fast = probe.model_probe(model, params)
+    plain = probe.linen_probe(model.module, params, input_shape=(28, 28, 1), fast_conv=False)
+    x = _random_x((28, 28, 1), n=4)
+
+    def objective(prb):
+        return lambda p, x: jnp.sum(prb.flat(p, x)[1] ** 2)
+
+    np.testing.assert_allclose(
+        fast.flat(params, x)[1], plain.flat(params, x)[1], rtol=1e-5, atol=1e-6
+    )
+    for argnum in (0, 1):  # parameters and inputs
+        got = jax.grad(objective(fast), argnums=argnum)(params, x)
+        want = jax.grad(objective(plain), argnums=argnum)(params, x)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5 * float(np.abs(b).max()))
