@@ -524,11 +524,13 @@ def model_probe(
     layers: LayerSelection = None,
     conv_reduce: str = "mean",
     activation: str = "pre",
+    fast_conv: bool = True,
 ) -> Probe:
     """Probes a zoo :class:`~deepfault_jax.zoo.Model` (linen or NNX).
 
     The model's own activation function serves ``activation="post"``; the
-    default layers are every hidden Dense/Conv (``conv_i``, ``dense_i``).
+    default layers are every hidden Dense/Conv (``conv_i``, ``dense_i``);
+    ``fast_conv`` is :func:`linen_probe`'s (linen models only).
     """
     from deepfault_jax.zoo import ACTIVATIONS
 
@@ -551,4 +553,5 @@ def model_probe(
         conv_reduce=conv_reduce,
         activation=activation,
         activation_fn=act,
+        fast_conv=fast_conv,
     )

@@ -459,7 +459,7 @@ def test_fast_single_channel_conv_gives_the_same_spectrum(digits, name):
     model = zoo.create_model(name, input_shape=digits.input_shape, num_classes=10)
     params = zoo.train(jax.random.key(0), model, digits, epochs=2).params
     fast = probe.model_probe(model, params)
-    plain = probe.linen_probe(model.module, params, input_shape=model.input_shape, fast_conv=False)
+    plain = probe.model_probe(model, params, fast_conv=False)
     x = np.concatenate([digits.x_test, digits.x_train])
     y = np.concatenate([digits.y_test, digits.y_train])
     _, a = fast.flat(params, x)
@@ -477,7 +477,7 @@ def test_fast_conv_spectrum_equals_plain_on_fashion_mnist():
     model = zoo.create_model("lenet5", input_shape=ds.input_shape, num_classes=10)
     params = zoo.init_params(jax.random.key(3), model)
     fast = probe.model_probe(model, params)
-    plain = probe.linen_probe(model.module, params, input_shape=model.input_shape, fast_conv=False)
+    plain = probe.model_probe(model, params, fast_conv=False)
     assert_identical(
         spectrum.compute_spectrum(fast, params, ds.x_test, ds.y_test),
         spectrum.compute_spectrum(plain, params, ds.x_test, ds.y_test),
