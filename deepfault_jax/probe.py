@@ -271,8 +271,44 @@ def _finish(
 
 
 @contextlib.contextmanager
-def _no_context():
-    yield
+def _fast_layers(conv: bool, dense: bool):
+    """The probe's rewrites of Flax layers, as linen interceptors (none when both are off)."""
+    chosen = [f for f, on in ((_single_channel_conv, conv), (_padded_dense, dense)) if on]
+    with contextlib.ExitStack() as stack:
+        for interceptor in chosen:
+            stack.enter_context(nn.intercept_methods(interceptor))
+        yield
+
+
+_DENSE_MULTIPLE = 32
+
+
+def _padded_dense(next_fun, args, kwargs, context):
+    """A linen interceptor: ``nn.Dense`` of a width that is not a multiple of 32, computed
+    with the kernel zero-padded to the next multiple and the output sliced back."""
+    mod = context.module
+    if context.method_name != "__call__" or type(mod) is not nn.Dense or kwargs or len(args) != 1:
+        return next_fun(*args, **kwargs)
+    x = args[0]
+    plain = (
+        mod.use_bias
+        and mod.precision is None
+        and mod.dot_general is None
+        and mod.dot_general_cls is None
+        and mod.dtype in (None, jnp.float32)
+        and not mod.is_initializing()
+        and mod.features > 24  # narrower layers gained ~2% and were not bit-identical
+        and mod.features % _DENSE_MULTIPLE
+    )
+    if not plain or getattr(x, "ndim", 0) != 2 or x.dtype != jnp.float32:
+        return next_fun(*args, **kwargs)
+    kernel = mod.get_variable("params", "kernel")
+    bias = mod.get_variable("params", "bias")
+    if kernel is None or bias is None or kernel.dtype != jnp.float32:
+        return next_fun(*args, **kwargs)
+    width = -(-mod.features // _DENSE_MULTIPLE) * _DENSE_MULTIPLE
+    padded = jnp.pad(kernel, ((0, 0), (0, width - mod.features)))
+    return (x @ padded)[:, : mod.features] + bias
 
 
 def _single_channel_conv(next_fun, args, kwargs, context):
@@ -360,6 +396,7 @@ def linen_probe(
     activation: str = "pre",
     activation_fn: Callable[[jax.Array], jax.Array] | None = None,
     fast_conv: bool = True,
+    fast_dense: bool = True,
 ) -> Probe:
     """Probes a Flax linen module through ``capture_intermediates`` (or its sown values).
 
@@ -379,6 +416,10 @@ def linen_probe(
         channel (a grey image's first layer) as k*k shifted multiply-adds, which
         XLA's CPU backend runs several times faster than its convolution; the
         values agree to float rounding (the tests check that spectra are equal).
+      fast_dense: compute ``nn.Dense`` layers wider than 24 whose width is not a multiple of
+        32 with the kernel zero-padded to the next multiple and the result
+        sliced back (the same sums; ~20% faster for a 784-50-50-50 MLP on
+        XLA's CPU backend; the tests check the values are bit-identical).
 
     Returns:
       A :class:`Probe`. ``fn`` takes the same ``params``.
@@ -389,7 +430,7 @@ def linen_probe(
         return method_name == "__call__" and isinstance(mdl, _LINEN_LAYERS)
 
     def raw_fn(params, x):
-        with nn.intercept_methods(_single_channel_conv) if fast_conv else _no_context():
+        with _fast_layers(fast_conv, fast_dense):
             logits, state = module.apply(
                 {"params": params},
                 x,
@@ -525,12 +566,13 @@ def model_probe(
     conv_reduce: str = "mean",
     activation: str = "pre",
     fast_conv: bool = True,
+    fast_dense: bool = True,
 ) -> Probe:
     """Probes a zoo :class:`~deepfault_jax.zoo.Model` (linen or NNX).
 
     The model's own activation function serves ``activation="post"``; the
     default layers are every hidden Dense/Conv (``conv_i``, ``dense_i``);
-    ``fast_conv`` is :func:`linen_probe`'s (linen models only).
+    ``fast_conv`` and ``fast_dense`` are :func:`linen_probe`'s (linen models only).
     """
     from deepfault_jax.zoo import ACTIVATIONS
 
@@ -554,4 +596,5 @@ def model_probe(
         activation=activation,
         activation_fn=act,
         fast_conv=fast_conv,
+        fast_dense=fast_dense,
     )

@@ -178,3 +178,20 @@ def test_fast_conv_values_and_gradients_match_xla_conv():
         want = jax.grad(objective(plain), argnums=argnum)(params, x)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("name", ["mlp-3x50", "mlp-5x30", "mlp-6x25", "mlp-8x20", "lenet5"])
+def test_fast_dense_values_are_bit_identical(name):
+    model = zoo.create_model(name, input_shape=(28, 28, 1), num_classes=10)
+    params = zoo.init_params(jax.random.key(2), model)
+    fast = probe.model_probe(model, params)
+    plain = probe.model_probe(model, params, fast_dense=False)
+    x = _random_x((28, 28, 1), n=300)
+    (la, aa), (lb, ab) = jax.jit(fast.flat)(params, x), jax.jit(plain.flat)(params, x)
+    np.testing.assert_array_equal(la, lb)
+    np.testing.assert_array_equal(aa, ab)
+    grads = [
+        jax.grad(lambda p, pr=pr: jnp.sum(pr.flat(p, x)[1] ** 2))(params) for pr in (fast, plain)
+    ]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
