@@ -54,16 +54,20 @@ def _check_out_dir(path: str) -> Path:
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out must be a directory path; got existing file {str(out)!r}")
-    probe_at = out if out.is_dir() else out.parent
+    _check_writable(out, out if out.is_dir() else out.parent)
+    return out
+
+
+def _check_writable(out: Path, directory: Path) -> None:
+    """Creates ``directory`` and writes a temporary file there, or raises a UsageError naming ``out``."""
     try:
-        probe_at.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=probe_at):
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as e:
         raise UsageError(
             f"--out must be a writable location; got {str(out)!r} ({e.strerror or e})"
         ) from None
-    return out
 
 
 def _slug(spec: str) -> str:
@@ -175,14 +179,7 @@ def _check_out_file(path: str, suffix: str) -> Path:
         raise UsageError(f"--out must end in {suffix}; got {str(out)!r}")
     if out.is_dir():
         raise UsageError(f"--out must be a file path; got existing directory {str(out)!r}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out.parent):
-            pass
-    except OSError as e:
-        raise UsageError(
-            f"--out must be a writable location; got {str(out)!r} ({e.strerror or e})"
-        ) from None
+    _check_writable(out, out.parent)
     return out
 
 
@@ -458,6 +455,13 @@ def _parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
+    def probe_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--layers", metavar="A,B,...", default=None,
+                       help="layers to probe (default: every hidden Dense/Conv)")  # fmt: skip
+        p.add_argument("--conv-reduce", default="mean", choices=("mean", "max", "none"),
+                       help="conv channel value: spatial mean (the paper's), max, or none "
+                       "(every position a neuron) (default: mean)")  # fmt: skip
+
     def model_source(p: argparse.ArgumentParser) -> None:
         src = p.add_mutually_exclusive_group()
         src.add_argument("--model", default="mlp-3x50", choices=model_names, metavar="NAME",
@@ -501,11 +505,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="training seed of a --model (default: 0)")
     p.add_argument("--threshold", type=float, default=0.0,
                    help="a neuron is active when its value is > T (default: 0)")  # fmt: skip
-    p.add_argument("--layers", metavar="A,B,...", default=None,
-                   help="layers to probe (default: every hidden Dense/Conv)")  # fmt: skip
-    p.add_argument("--conv-reduce", default="mean", choices=("mean", "max", "none"),
-                   help="conv channel value: spatial mean (the paper's), max, or none "
-                   "(every position a neuron) (default: mean)")  # fmt: skip
+    probe_options(p)
     p.add_argument("--activation", default="pre", choices=("pre", "post"),
                    help="probe values before or after the activation function (default: pre)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=512, help="inputs per step (default: 512)")
@@ -573,11 +573,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="correctly classified originals per class, at most (default: 20)")  # fmt: skip
     p.add_argument("--random-repeats", type=int, default=3,
                    help="random-neuron baselines per k (default: 3)")  # fmt: skip
-    p.add_argument(
-        "--layers", metavar="A,B,...", default=None, help="probed layers (default: all hidden)"
-    )
-    p.add_argument("--conv-reduce", default="mean", choices=("mean", "max", "none"),
-                   help="conv neuron value (default: mean)")  # fmt: skip
+    probe_options(p)
     p.add_argument("--values", default="pre", choices=("pre", "post"),
                    help="neuron values before or after the activation (default: pre)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="training, selection and baseline seed")

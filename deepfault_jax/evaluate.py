@@ -30,7 +30,7 @@ __all__ = ["evaluate_synthesis", "summarize_repeats"]
 
 def _metrics(probe: Probe, params: Any, x0, x, y, sets, threshold):
     logits, flat = probe.flat(params, x)
-    _, flat0 = probe.flat(params, x0)
+    logits0, flat0 = probe.flat(params, x0)
     pred = jnp.argmax(logits, axis=-1)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     diff = (x - x0).reshape(x.shape[0], -1)
@@ -38,6 +38,7 @@ def _metrics(probe: Probe, params: Any, x0, x, y, sets, threshold):
     after = jnp.take_along_axis(flat, sets, axis=1)
     return {
         "pred": pred,
+        "pred0": jnp.argmax(logits0, axis=-1),
         "loss": loss,
         "l1": jnp.sum(jnp.abs(diff), axis=1),
         "l2": jnp.sqrt(jnp.sum(diff * diff, axis=1)),
@@ -88,11 +89,10 @@ def evaluate_synthesis(
         raise ValueError("there is nothing to evaluate: got 0 inputs")
     sets = np.asarray(table)[y]
     m = jax.device_get(_metrics_jit(probe, params, x0, x, y, sets, threshold))
-    pred0 = np.asarray(jnp.argmax(probe.flat(params, x0)[0], axis=-1))
     inactive = int(m["inactive_before"].sum())
     return {
         "inputs": int(len(y)),
-        "original_accuracy": float(np.mean(pred0 == y)),
+        "original_accuracy": float(np.mean(m["pred0"] == y)),
         "misclassification_rate": float(np.mean(m["pred"] != y)),
         "accuracy": float(np.mean(m["pred"] == y)),
         "loss": float(np.mean(m["loss"])),
