@@ -18,6 +18,16 @@ layer name -> ``float32[batch, units]`` of neuron values.
   reduced over its spatial axes: ``conv_reduce="mean"`` (the paper's choice),
   ``"max"``, or ``"none"`` (every (h, w, c) position is a neuron, flattened in
   row-major order).
+* **Gates.** ``probe.gated(params, x, gates)`` runs the model with each probed
+  layer's output multiplied by a gate per neuron (``gates[layer]`` is
+  ``float32[batch or 1, units]``, broadcast over a conv layer's spatial axes
+  unless ``conv_reduce="none"``). A gate of 1 is the plain model; its gradient
+  is ``activation * d out / d activation`` summed over the neuron's positions,
+  and a gate of 0 ablates the neuron (the attribution statistics and exact
+  ablation use both). Gates act on the layer's output (the pre-activation
+  value); for ``relu`` and ``leaky_relu`` zeroing it zeroes the post-activation
+  value too. Linen Dense/Conv captures, NNX layers and function probes given a
+  ``gated_fn`` support gates; sown values do not (``probe.gated`` is None).
 
 :class:`NeuronIndex` maps flat neuron ids (over all probed layers, in layer
 order) to ``(layer, unit)`` and back.
@@ -161,6 +171,10 @@ class Probe:
       num_classes: the number of logits.
       conv_reduce: how conv activations were reduced.
       activation: ``"pre"`` or ``"post"``.
+      gated: ``(params, x, gates) -> (logits, activations)`` with each probed
+        layer's output multiplied by ``gates[layer]`` (``float32[batch or 1,
+        units]``); the activations are the values before the gate. None when
+        the model cannot be gated (sown values).
     """
 
     fn: Callable[[Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -169,6 +183,24 @@ class Probe:
     num_classes: int
     conv_reduce: str = "mean"
     activation: str = "pre"
+    gated: Callable[..., tuple[jax.Array, dict[str, jax.Array]]] | None = None
+
+    def require_gates(self, what: str) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+        """``gated``, or a ValueError saying that ``what`` needs a gateable probe."""
+        if self.gated is None:
+            raise ValueError(
+                f"{what} needs a probe that can gate its layers (linen Dense/Conv captures, NNX "
+                "layers, or function_probe(..., gated_fn=...)); got one without gates "
+                "(sown values)"
+            )
+        return self.gated
+
+    def ones(self, batch: int = 1) -> dict[str, jax.Array]:
+        """Gates of 1 for every probed neuron (``float32[batch, units]`` per layer): the plain model."""
+        return {
+            name: jnp.ones((batch, size), jnp.float32)
+            for name, size in zip(self.index.layer_names, self.index.layer_sizes, strict=True)
+        }
 
     def __call__(self, params: Any, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Logits and the per-layer activations of a batch ``x``."""
@@ -233,6 +265,16 @@ def _select(available: Sequence[str], layers: LayerSelection, default: Sequence[
     return chosen
 
 
+def _gate_for(gate: jax.Array, value: jax.Array, conv_reduce: str) -> jax.Array:
+    """A gate ``[batch or 1, units]`` shaped to broadcast against a layer output ``value``."""
+    gate = jnp.asarray(gate, value.dtype)
+    if value.ndim <= 2:
+        return gate
+    if conv_reduce == "none":
+        return gate.reshape((gate.shape[0], *value.shape[1:]))
+    return gate.reshape((gate.shape[0],) + (1,) * (value.ndim - 2) + (value.shape[-1],))
+
+
 def _finish(
     raw_fn: Callable[[Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]],
     params: Any,
@@ -242,8 +284,14 @@ def _finish(
     conv_reduce: str,
     activation: str,
     activation_fn: Callable[[jax.Array], jax.Array] | None,
+    raw_gated: Callable[..., jax.Array] | None = None,
 ) -> Probe:
-    """Selects layers, applies activation and reduction, and resolves the layout."""
+    """Selects layers, applies activation and reduction, and resolves the layout.
+
+    ``raw_gated(params, x, edit) -> logits`` runs the model calling
+    ``edit(name, value)`` on each layer's output and using what it returns; it
+    gives the probe its gates.
+    """
     input_shape = tuple(int(d) for d in input_shape)
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     logits_shape, raw_shapes = jax.eval_shape(raw_fn, params, x)
@@ -253,21 +301,60 @@ def _finish(
     chosen = _select(available, layers, default_exclude(available))
     post = activation == "post"
 
-    def fn(params, x):
-        logits, raw = raw_fn(params, x)
+    def neurons(raw):
         acts = {}
         for name in chosen:
             value = raw[name]
             if post:
                 value = activation_fn(value)
             acts[name] = _reduce(value, conv_reduce).astype(jnp.float32)
-        return logits, acts
+        return acts
+
+    def fn(params, x):
+        logits, raw = raw_fn(params, x)
+        return logits, neurons(raw)
 
     _, shapes = jax.eval_shape(fn, params, x)
     index = NeuronIndex(tuple(chosen), tuple(int(shapes[n].shape[-1]) for n in chosen))
     if len(logits_shape.shape) != 2:
         raise ValueError(f"logits must have shape [batch, classes]; got {logits_shape.shape}")
-    return Probe(fn, index, input_shape, int(logits_shape.shape[-1]), conv_reduce, activation)
+    gated = None
+    if raw_gated is not None:
+        sizes = dict(zip(index.layer_names, index.layer_sizes, strict=True))
+
+        def gated(params, x, gates):
+            unknown = sorted(set(gates) - set(chosen))
+            if unknown:
+                raise ValueError(
+                    f"gates must name probed layers ({', '.join(chosen)}); got {unknown}"
+                )
+            for name, gate in gates.items():
+                if jnp.ndim(gate) != 2 or jnp.shape(gate)[-1] != sizes[name]:
+                    raise ValueError(
+                        f"gate of {name!r} must have shape [batch or 1, {sizes[name]}]; "
+                        f"got {list(jnp.shape(gate))}"
+                    )
+            seen: dict[str, jax.Array] = {}
+
+            def edit(name, value):
+                if name not in sizes:
+                    return value
+                if name in seen:
+                    raise ValueError(f"cannot gate layer {name!r}: the model calls it twice")
+                seen[name] = value
+                if name not in gates:
+                    return value
+                return value * _gate_for(gates[name], value, conv_reduce)
+
+            logits = raw_gated(params, x, edit)
+            missing = [name for name in chosen if name not in seen]
+            if missing:
+                raise ValueError(f"cannot gate layers {missing}: the model did not call them")
+            return logits, neurons(seen)
+
+    return Probe(
+        fn, index, input_shape, int(logits_shape.shape[-1]), conv_reduce, activation, gated
+    )
 
 
 @contextlib.contextmanager
@@ -455,8 +542,27 @@ def linen_probe(
     def default(available: list[str]) -> list[str]:
         return available if sown else available[:-1]
 
+    def raw_gated(params, x, edit):
+        def gate(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if context.method_name == "__call__" and isinstance(context.module, _LINEN_LAYERS):
+                out = edit("/".join(context.module.path), out)
+            return out
+
+        # the gate runs outermost, so it sees what the fast rewrites return
+        with nn.intercept_methods(gate), _fast_layers(fast_conv, fast_dense):
+            return module.apply({"params": params}, x)
+
     return _finish(
-        raw_fn, params, input_shape, layers, default, conv_reduce, activation, activation_fn
+        raw_fn,
+        params,
+        input_shape,
+        layers,
+        default,
+        conv_reduce,
+        activation,
+        activation_fn,
+        None if sown else raw_gated,
     )
 
 
@@ -520,9 +626,43 @@ def nnx_probe(
     def default(available: list[str]) -> list[str]:
         return [name for name in available if name not in outputs]
 
+    def raw_gated(state, x, edit):
+        model = nnx.merge(graphdef, state)
+        for name in sorted(layer_paths, key=_natural_key):
+            *parents, last = name.split("/")
+            owner = model
+            for part in parents:
+                owner = owner[int(part)] if part.isdigit() else getattr(owner, part)
+            layer = owner[int(last)] if last.isdigit() else getattr(owner, last)
+            wrapped = _EditedLayer(layer, name, edit)
+            if last.isdigit():
+                owner[int(last)] = wrapped
+            else:
+                # a plain attribute write: this model copy lives only inside this call
+                object.__setattr__(owner, last, wrapped)
+        return model(x)
+
     return _finish(
-        capture, state, input_shape, layers, default, conv_reduce, activation, activation_fn
+        capture,
+        state,
+        input_shape,
+        layers,
+        default,
+        conv_reduce,
+        activation,
+        activation_fn,
+        raw_gated,
     )
+
+
+class _EditedLayer:
+    """Calls an NNX layer and passes its output through ``edit(name, value)``."""
+
+    def __init__(self, layer, name: str, edit):
+        self.layer, self.name, self.edit = layer, name, edit
+
+    def __call__(self, *args, **kwargs):
+        return self.edit(self.name, self.layer(*args, **kwargs))
 
 
 def function_probe(
@@ -534,6 +674,7 @@ def function_probe(
     conv_reduce: str = "mean",
     activation: str = "pre",
     activation_fn: Callable[[jax.Array], jax.Array] | None = None,
+    gated_fn: Callable[..., jax.Array] | None = None,
 ) -> Probe:
     """Probes any function ``fn(params, x) -> (logits, {name: activation})``.
 
@@ -546,6 +687,10 @@ def function_probe(
       params: its parameters (concrete or abstract; used for shapes).
       input_shape, layers, conv_reduce, activation, activation_fn: as in
         :func:`linen_probe` (the default selects every named activation).
+      gated_fn: optional ``(params, x, edit) -> logits``: the same model, with
+        each named activation ``value`` replaced by ``edit(name, value)``
+        before later layers use it. It gives the probe gates (attribution
+        statistics, exact ablation).
     """
     _check_options(conv_reduce, activation, activation_fn)
 
@@ -554,7 +699,15 @@ def function_probe(
         return logits, dict(acts)
 
     return _finish(
-        raw_fn, params, input_shape, layers, lambda a: a, conv_reduce, activation, activation_fn
+        raw_fn,
+        params,
+        input_shape,
+        layers,
+        lambda a: a,
+        conv_reduce,
+        activation,
+        activation_fn,
+        gated_fn,
     )
 
 
