@@ -18,6 +18,20 @@ start when a counter could pass 2**31 - 1. Memory is O(classes x neurons),
 whatever the data size; the last batch is padded and masked, so one
 compilation serves a run. Counts are integer sums, so any batch size, device
 count, process count or resume point gives the same, bit-identical spectrum.
+
+With ``attribution=True`` the same jitted pass also gathers an
+:class:`Attribution` (DESIGN section 7): per class and neuron, float sums over
+passing and failing inputs of the neuron's value and of ``activation * d loss /
+d activation`` (cross-entropy with the true label), and the linearised
+ablation's predicted fixes and breaks. They come from one Jacobian of the
+logits with respect to the probe's gates (``probe.gated``): one forward pass
+and one backward pass per class, vmapped, per batch. The float sums depend on
+the summation order, so across batch sizes, device counts and resume points
+they agree within float32 rounding (relative 1e-5 of the largest magnitude
+per layer in the tests), not bit for bit; the fix and break counts are
+integer sums of per-input decisions and are equal whenever each input's
+first-order logits are (the tests check equality across batch sizes and
+devices on real data).
 """
 
 from __future__ import annotations
@@ -43,6 +57,8 @@ from deepfault_jax.files import write_atomic
 from deepfault_jax.probe import NeuronIndex, Probe
 
 __all__ = [
+    "Attribution",
+    "AttributionSums",
     "Counts",
     "Spectrum",
     "SpectrumMetric",
@@ -80,6 +96,69 @@ class Counts(NamedTuple):
     n_f: jax.Array
 
 
+class AttributionSums(NamedTuple):
+    """What an attribution measure reads: per-neuron sums (``[neurons]`` or ``[classes, neurons]``)
+    and the input counts they were taken over (``[1]`` or ``[classes, 1]``, broadcastable).
+
+    Attributes:
+      act_pass: sum of the neuron's value over passing inputs.
+      act_fail: sum of the neuron's value over failing inputs.
+      gxa_pass: sum of ``activation * d loss / d activation`` over passing inputs.
+      gxa_fail: the same over failing inputs.
+      fixes: failing inputs that zeroing the neuron would make correct (first order).
+      breaks: passing inputs that zeroing the neuron would make wrong (first order).
+      n_pass: passing inputs.
+      n_fail: failing inputs.
+    """
+
+    act_pass: jax.Array
+    act_fail: jax.Array
+    gxa_pass: jax.Array
+    gxa_fail: jax.Array
+    fixes: jax.Array
+    breaks: jax.Array
+    n_pass: jax.Array
+    n_fail: jax.Array
+
+
+@struct.dataclass
+class Attribution:
+    """Per class (true label) and neuron: attribution sums gathered beside the counts.
+
+    For an input with logits ``z``, label ``y`` and a neuron with value ``a``
+    (its layer's output, reduced like the counts for conv channels), let ``g``
+    be a gate multiplying the neuron's output (1 in the model as it is) and
+    ``J = d z / d g`` at ``g = 1`` (``a * d z / d a`` summed over the
+    neuron's positions).
+
+    Attributes:
+      act_pass: ``float32[classes, neurons]``, sum of ``a`` over passing inputs.
+      act_fail: the same over failing inputs.
+      gxa_pass: sum over passing inputs of ``d loss / d g = a * d loss / d a``,
+        the loss being the cross-entropy with the true label: the first-order
+        drop of the loss when the neuron is zeroed.
+      gxa_fail: the same over failing inputs.
+      fixes: ``int32[classes, neurons]``, failing inputs whose first-order
+        logits with the neuron zeroed, ``z - J``, pick the true class.
+      breaks: passing inputs whose ``z - J`` no longer picks the true class.
+    """
+
+    act_pass: jax.Array
+    act_fail: jax.Array
+    gxa_pass: jax.Array
+    gxa_fail: jax.Array
+    fixes: jax.Array
+    breaks: jax.Array
+
+
+def _zero_attribution(c: int, n: int) -> Attribution:
+    f, i = jnp.zeros((c, n), jnp.float32), jnp.zeros((c, n), jnp.int32)
+    return Attribution(f, f, f, f, i, i)
+
+
+_ATTRIBUTION_FIELDS = ("act_pass", "act_fail", "gxa_pass", "gxa_fail", "fixes", "breaks")
+
+
 @struct.dataclass
 class Spectrum:
     """The all-class hit spectrum of a set of neurons: a pytree of int32 counts.
@@ -91,6 +170,8 @@ class Spectrum:
       n_fail: ``int32[classes]``, misclassified inputs of each class.
       index: the neuron layout (static).
       threshold: a neuron is active when its value is ``> threshold`` (static).
+      attribution: the :class:`Attribution` sums of the same inputs, or None
+        (a count-only spectrum).
 
     Example:
       >>> s = init_spectrum(NeuronIndex(("dense_0",), (4,)), num_classes=3)
@@ -104,6 +185,7 @@ class Spectrum:
     n_fail: jax.Array
     index: NeuronIndex = struct.field(pytree_node=False)
     threshold: float = struct.field(pytree_node=False, default=0.0)
+    attribution: Attribution | None = None
 
     @property
     def num_classes(self) -> int:
@@ -137,9 +219,30 @@ class Spectrum:
         """The four counts over all classes together, each ``int32[neurons]``."""
         return Counts(*(jnp.sum(a, axis=0) for a in self.counts()))
 
+    def attribution_sums(self, *, pooled: bool = False) -> AttributionSums:
+        """The attribution sums per class (``[classes, neurons]``) or over all classes (``[neurons]``).
+
+        Raises:
+          ValueError: the spectrum was computed without ``attribution=True``.
+        """
+        if self.attribution is None:
+            raise ValueError(
+                "attribution measures need attribution sums: compute the spectrum with "
+                "attribution=True (CLI: --attribution); got a count-only spectrum"
+            )
+        sums = [getattr(self.attribution, f) for f in _ATTRIBUTION_FIELDS]
+        n_pass, n_fail = self.n_pass[:, None], self.n_fail[:, None]
+        if pooled:
+            sums = [jnp.sum(a, axis=0) for a in sums]
+            n_pass, n_fail = jnp.sum(n_pass, axis=0), jnp.sum(n_fail, axis=0)
+        return AttributionSums(*sums, n_pass, n_fail)
+
     def layer(self, name: str) -> Spectrum:
         """The spectrum restricted to one layer's neurons."""
         cols = self.index.layer_slice(name)
+        attribution = None
+        if self.attribution is not None:
+            attribution = jax.tree.map(lambda a: a[:, cols], self.attribution)
         return Spectrum(
             self.a_pass[:, cols],
             self.a_fail[:, cols],
@@ -147,11 +250,14 @@ class Spectrum:
             self.n_fail,
             NeuronIndex((name,), (self.index.layer_sizes[self.index.layer_names.index(name)],)),
             self.threshold,
+            attribution,
         )
 
 
-def init_spectrum(index: NeuronIndex, *, num_classes: int, threshold: float = 0.0) -> Spectrum:
-    """An all-zero spectrum for ``index`` and ``num_classes`` classes."""
+def init_spectrum(
+    index: NeuronIndex, *, num_classes: int, threshold: float = 0.0, attribution: bool = False
+) -> Spectrum:
+    """An all-zero spectrum for ``index`` and ``num_classes`` classes (with zero attribution sums)."""
     if int(num_classes) < 2:
         raise ValueError(f"num_classes must be >= 2; got {num_classes}")
     c, n = int(num_classes), index.num_neurons
@@ -162,6 +268,7 @@ def init_spectrum(index: NeuronIndex, *, num_classes: int, threshold: float = 0.
         jnp.zeros((c,), jnp.int32),
         index,
         float(threshold),
+        _zero_attribution(c, n) if attribution else None,
     )
 
 
@@ -196,16 +303,11 @@ def _counts_and_nonfinite(logits, activations, labels, mask, threshold):
     counted rows, activations of any row), found at the cost of small arrays."""
     num_classes = logits.shape[-1]
     parts = [activations] if isinstance(activations, jax.Array | np.ndarray) else list(activations)
-    correct = _predicts(logits, labels)
-    # each row goes to one of 2C slots: its class's pass row, its class's fail
-    # row, or (padding) slot 2C, which no output reads
-    slot = jnp.where(mask, labels + num_classes * (~correct).astype(labels.dtype), 2 * num_classes)
-    weights = (slot[:, None] == jnp.arange(2 * num_classes)[None, :]).astype(jnp.float32)
-    dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+    weights, _ = _slot_weights(logits, labels, mask)
     # (a - a) is 0 for a finite value and NaN otherwise: a non-finite activation
     # turns its column of the small count matrix into NaN, where it is detected
     raw = jnp.concatenate(
-        [dot(weights.T, (a > threshold).astype(jnp.float32) + (a - a)) for a in parts], axis=-1
+        [_dot(weights.T, (a > threshold).astype(jnp.float32) + (a - a)) for a in parts], axis=-1
     )
     finite = jnp.isfinite(raw)
     bad_logits = mask & ~jnp.isfinite(jnp.sum(logits, axis=-1))
@@ -214,6 +316,63 @@ def _counts_and_nonfinite(logits, activations, labels, mask, threshold):
     totals = jnp.sum(weights, axis=0).astype(jnp.int32)
     split = (counts[:num_classes], counts[num_classes:], totals[:num_classes], totals[num_classes:])
     return split, nonfinite
+
+
+_dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+
+
+def _slot_weights(logits, labels, mask):
+    """``float32[batch, 2 * classes]`` one-hot rows (its class's pass slot, or its
+    class's fail slot; none for padding) and ``bool[batch]`` correct."""
+    num_classes = logits.shape[-1]
+    correct = _predicts(logits, labels)
+    # each row goes to one of 2C slots: its class's pass row, its class's fail
+    # row, or (padding) slot 2C, which no output reads
+    slot = jnp.where(mask, labels + num_classes * (~correct).astype(labels.dtype), 2 * num_classes)
+    weights = (slot[:, None] == jnp.arange(2 * num_classes)[None, :]).astype(jnp.float32)
+    return weights, correct
+
+
+def _attribution_batch(probe: Probe, params: Any, x, labels, mask):
+    """Logits, activations and the :class:`Attribution` sums of one batch, from one
+    forward pass and one vmapped backward pass per class through the gates."""
+    batch = x.shape[0]
+    logits, jvp_back, acts = jax.vjp(
+        lambda g: probe.gated(params, x, g), probe.ones(batch), has_aux=True
+    )
+    num_classes = logits.shape[-1]
+    weights, correct = _slot_weights(logits, labels, mask)
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
+    # d loss / d logits of the cross-entropy with the true label
+    residual = jax.nn.softmax(logits, axis=-1) - onehot
+    cotangents = jnp.broadcast_to(
+        jnp.eye(num_classes, dtype=logits.dtype)[:, None, :], (num_classes, batch, num_classes)
+    )
+    (jac,) = jax.vmap(jvp_back)(cotangents)  # layer -> [classes, batch, units]
+    earlier = jnp.arange(num_classes)[:, None, None] < labels[None, :, None]
+    own_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)  # [batch, 1]
+    sums = {f: [] for f in _ATTRIBUTION_FIELDS}
+    for name in probe.index.layer_names:
+        j = jac[name]
+        gxa = jnp.einsum("cbu,bc->bu", j, residual, precision=jax.lax.Precision.HIGHEST)
+        # first-order logits with the neuron zeroed: logits - J
+        moved = logits.T[:, :, None] - j
+        own = own_logit - jnp.take_along_axis(j, labels[None, :, None], axis=0)[0]
+        beaten = (moved > own[None]) | ((moved == own[None]) & earlier)
+        right = ~jnp.any(beaten, axis=0)  # [batch, units]
+        fix = (right & ~correct[:, None]).astype(jnp.float32)
+        brk = (~right & correct[:, None]).astype(jnp.float32)
+        act = acts[name]
+        for field, value in (("act", act), ("gxa", gxa)):
+            both = _dot(weights.T, value)
+            sums[f"{field}_pass"].append(both[:num_classes])
+            sums[f"{field}_fail"].append(both[num_classes:])
+        sums["fixes"].append(_dot(weights.T[num_classes:], fix))
+        sums["breaks"].append(_dot(weights.T[:num_classes], brk))
+    cat = {f: jnp.concatenate(v, axis=-1) for f, v in sums.items()}
+    for f in ("fixes", "breaks"):
+        cat[f] = cat[f].astype(jnp.int32)
+    return logits, acts, Attribution(**cat)
 
 
 def _predicts(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -227,13 +386,16 @@ def _predicts(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return ~jnp.any(beaten, axis=-1)
 
 
-def _add(spectrum: Spectrum, counts) -> Spectrum:
+def _add(spectrum: Spectrum, counts, attribution: Attribution | None = None) -> Spectrum:
     a_pass, a_fail, n_pass, n_fail = counts
+    if attribution is not None:
+        attribution = jax.tree.map(jnp.add, spectrum.attribution, attribution)
     return spectrum.replace(
         a_pass=spectrum.a_pass + a_pass,
         a_fail=spectrum.a_fail + a_fail,
         n_pass=spectrum.n_pass + n_pass,
         n_fail=spectrum.n_fail + n_fail,
+        attribution=attribution if attribution is not None else spectrum.attribution,
     )
 
 
@@ -278,7 +440,12 @@ def merge(a: Spectrum, b: Spectrum) -> Spectrum:
         classes or threshold.
     """
     _check_same_layout(a, b, "merge")
-    return _add(a, (b.a_pass, b.a_fail, b.n_pass, b.n_fail))
+    if (a.attribution is None) != (b.attribution is None):
+        raise ValueError(
+            "cannot merge a spectrum with attribution sums and one without: expected both "
+            f"{'with' if a.attribution is not None else 'without'}, got the other"
+        )
+    return _add(a, (b.a_pass, b.a_fail, b.n_pass, b.n_fail), b.attribution)
 
 
 def _check_same_layout(a: Spectrum, b: Spectrum, what: str) -> None:
@@ -325,18 +492,27 @@ def data_mesh(*, devices: int | Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def _count_step(spectrum: Spectrum, nonfinite: jax.Array, params: Any, x, y, mask, probe: Probe):
-    """One batch: its counts, and the running count of non-finite logits and
-    activations (NaN or infinite inputs or weights)."""
-    logits, by_layer = probe(params, x)
+    """One batch: its counts (and attribution sums when the spectrum has them), and the
+    running count of non-finite logits, activations and attribution sums (NaN or
+    infinite inputs or weights)."""
+    attribution = None
+    if spectrum.attribution is None:
+        logits, by_layer = probe(params, x)
+    else:
+        logits, by_layer, attribution = _attribution_batch(probe, params, x, y, mask)
     acts = [by_layer[name] for name in probe.index.layer_names]
     counts, bad = _counts_and_nonfinite(logits, acts, y, mask, spectrum.threshold)
-    return counts, nonfinite + bad
+    if attribution is not None:
+        bad = bad + jnp.sum(
+            ~jnp.isfinite(attribution.gxa_pass + attribution.gxa_fail), dtype=jnp.int32
+        )
+    return (counts, attribution), nonfinite + bad
 
 
 @functools.partial(jax.jit, static_argnames=("probe",), donate_argnums=(0, 1))
 def _step(spectrum: Spectrum, nonfinite, params: Any, x, y, mask, *, probe: Probe):
-    counts, nonfinite = _count_step(spectrum, nonfinite, params, x, y, mask, probe)
-    return _add(spectrum, counts), nonfinite
+    (counts, attribution), nonfinite = _count_step(spectrum, nonfinite, params, x, y, mask, probe)
+    return _add(spectrum, counts, attribution), nonfinite
 
 
 @functools.lru_cache(maxsize=32)
@@ -345,8 +521,8 @@ def _sharded_step(probe: Probe, mesh: Mesh) -> Callable:
 
     def body(spectrum, nonfinite, params, x, y, mask):
         local, bad = _count_step(spectrum, jnp.zeros((), jnp.int32), params, x, y, mask, probe)
-        local, bad = jax.lax.psum((local, bad), "data")
-        return _add(spectrum, local), nonfinite + bad
+        (counts, attribution), bad = jax.lax.psum((local, bad), "data")
+        return _add(spectrum, counts, attribution), nonfinite + bad
 
     sharded = jax.shard_map(
         body,
@@ -401,6 +577,7 @@ def accumulate(
     *,
     num_classes: int | None = None,
     threshold: float = 0.0,
+    attribution: bool = False,
     spectrum: Spectrum | None = None,
     mesh: Mesh | None = None,
     progress: bool = False,
@@ -425,6 +602,9 @@ def accumulate(
         process must pass the same number of batches.
       num_classes: classes (default: the probe's number of logits).
       threshold: active means ``> threshold``; ignored when ``spectrum`` is given.
+      attribution: also gather the :class:`Attribution` sums (needs a probe
+        with gates); ignored when ``spectrum`` is given (its own sums, or
+        none, decide).
       spectrum: continue from this spectrum instead of zeros.
       mesh: a 1-D ``("data",)`` mesh (:func:`data_mesh`) to split each batch
         over its devices with ``shard_map`` and sum with ``psum``; None runs on
@@ -444,13 +624,17 @@ def accumulate(
             f"num_classes must match the model's {probe.num_classes} logits; got {num_classes}"
         )
     if spectrum is None:
-        spectrum = init_spectrum(probe.index, num_classes=num_classes, threshold=threshold)
+        spectrum = init_spectrum(
+            probe.index, num_classes=num_classes, threshold=threshold, attribution=attribution
+        )
     elif spectrum.index != probe.index or spectrum.num_classes != num_classes:
         _check_same_layout(
             init_spectrum(probe.index, num_classes=num_classes, threshold=spectrum.threshold),
             spectrum,
             "continue",
         )
+    if spectrum.attribution is not None:
+        probe.require_gates("attribution=True")
     counted = spectrum.num_inputs
     processes = 1
     if mesh is not None:
@@ -537,6 +721,7 @@ def compute_spectrum(
     *,
     batch_size: int = 512,
     threshold: float = 0.0,
+    attribution: bool = False,
     mesh: Mesh | None = None,
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
@@ -552,6 +737,7 @@ def compute_spectrum(
       y: ``int[n]`` true classes.
       batch_size: rows per step (per process); a multiple of the local device count.
       threshold: active means ``> threshold``.
+      attribution: also gather the :class:`Attribution` sums.
       mesh: as in :func:`accumulate`.
       checkpoint_path: if given, the spectrum and position are saved there
         (atomically) every ``checkpoint_every`` batches; a run started again
@@ -575,7 +761,9 @@ def compute_spectrum(
         raise ValueError(
             f"x must have shape [n, {', '.join(map(str, probe.input_shape))}]; got {list(x.shape)}"
         )
-    spectrum = init_spectrum(probe.index, num_classes=probe.num_classes, threshold=threshold)
+    spectrum = init_spectrum(
+        probe.index, num_classes=probe.num_classes, threshold=threshold, attribution=attribution
+    )
     multi = mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1
     start = 0
     fingerprint = None
@@ -589,6 +777,11 @@ def compute_spectrum(
         if checkpoint_path.exists():
             saved, meta = load_spectrum(checkpoint_path, with_metadata=True)
             _check_same_layout(spectrum, saved, "resume")
+            if (saved.attribution is None) != (spectrum.attribution is None):
+                raise ValueError(
+                    f"cannot resume from {checkpoint_path}: expected a spectrum "
+                    f"{'with' if attribution else 'without'} attribution sums, got the other"
+                )
             if meta.get("data_fingerprint") != fingerprint:
                 raise ValueError(
                     f"cannot resume from {checkpoint_path}: it was computed on other data "
@@ -666,8 +859,11 @@ def save_spectrum(
     The file holds ``a_pass``, ``a_fail`` (int32 ``[classes, neurons]``),
     ``n_pass``, ``n_fail`` (int32 ``[classes]``), ``layer_names`` (str),
     ``layer_sizes`` (int64), ``threshold`` (float64), ``format``,
-    ``format_version`` and ``metadata`` (a JSON string); every array loads with
-    ``np.load(path, allow_pickle=False)``.
+    ``format_version`` and ``metadata`` (a JSON string), and, for a spectrum
+    with attribution sums, ``attribution_act_pass``, ``attribution_act_fail``,
+    ``attribution_gxa_pass``, ``attribution_gxa_fail`` (float32) and
+    ``attribution_fixes``, ``attribution_breaks`` (int32), each ``[classes,
+    neurons]``; every array loads with ``np.load(path, allow_pickle=False)``.
 
     Returns:
       The path written.
@@ -685,6 +881,10 @@ def save_spectrum(
         "format_version": np.int64(SPECTRUM_VERSION),
         "metadata": np.str_(json.dumps(metadata or {}, sort_keys=True)),
     }
+    if spectrum.attribution is not None:
+        for field in _ATTRIBUTION_FIELDS:
+            dtype = np.int32 if field in ("fixes", "breaks") else np.float32
+            arrays[f"attribution_{field}"] = np.asarray(getattr(spectrum.attribution, field), dtype)
     _atomic_savez(path, arrays)
     return path
 
@@ -748,10 +948,31 @@ def load_spectrum(path: str | os.PathLike, *, with_metadata: bool = False):
         meta = json.loads(str(arrays.get("metadata", "{}")))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: metadata must be JSON ({e})") from None
+    present = [f for f in _ATTRIBUTION_FIELDS if f"attribution_{f}" in arrays]
+    attribution = None
+    if present:
+        if len(present) != len(_ATTRIBUTION_FIELDS):
+            raise ValueError(
+                f"{path}: attribution sums must be whole: expected {list(_ATTRIBUTION_FIELDS)}, "
+                f"got {present}"
+            )
+        parts = {}
+        for field in _ATTRIBUTION_FIELDS:
+            a = arrays[f"attribution_{field}"]
+            integer = field in ("fixes", "breaks")
+            kind_ok = np.issubdtype(a.dtype, np.integer if integer else np.floating)
+            if a.shape != (c, n) or not kind_ok:
+                raise ValueError(
+                    f"{path}: attribution_{field} must be {'integer' if integer else 'float'} of "
+                    f"shape {(c, n)}; got {a.dtype} {a.shape}"
+                )
+            parts[field] = jnp.asarray(a, jnp.int32 if integer else jnp.float32)
+        attribution = Attribution(**parts)
     spectrum = Spectrum(
         *(jnp.asarray(a, jnp.int32) for a in (a_pass, a_fail, n_pass, n_fail)),
         index,
         float(arrays["threshold"]),
+        attribution,
     )
     return (spectrum, meta) if with_metadata else spectrum
 
