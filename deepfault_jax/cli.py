@@ -232,6 +232,7 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
         y,
         batch_size=args.batch_size,
         threshold=args.threshold,
+        attribution=args.attribution,
         mesh=mesh,
         checkpoint_path=partial,
         checkpoint_every=args.save_every or 1,
@@ -248,6 +249,7 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
         "threshold": args.threshold,
         "conv_reduce": args.conv_reduce,
         "activation": args.activation,
+        "attribution": args.attribution,
         "num_inputs": n_pass + n_fail,
         "num_pass": n_pass,
         "num_fail": n_fail,
@@ -509,6 +511,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", default="pre", choices=("pre", "post"),
                    help="probe values before or after the activation function (default: pre)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=512, help="inputs per step (default: 512)")
+    p.add_argument("--attribution", action="store_true",
+                   help="also gather the attribution sums (activation, gradient x activation, "
+                   "linearised ablation) that the measures gradxact, actdiff and "
+                   "linear_ablation read")  # fmt: skip
     p.add_argument("--devices", type=int, default=1,
                    help="split each batch over N local devices with shard_map (default: 1)")  # fmt: skip
     p.add_argument("--save-every", type=int, default=None, metavar="N",
@@ -553,7 +559,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", default="relu", choices=("relu", "leaky_relu"),
                    help="hidden activation of a --model (default: relu)")  # fmt: skip
     p.add_argument("--measures", default="tarantula,ochiai,dstar", metavar="A,B,...",
-                   help="suspiciousness measures (default: tarantula,ochiai,dstar)")  # fmt: skip
+                   help="suspiciousness measures: count measures and the attribution measures "
+                   "gradxact, actdiff, linear_ablation (default: tarantula,ochiai,dstar)")  # fmt: skip
     p.add_argument("--star", type=float, default=3.0, help="DStar's exponent (default: 3)")
     p.add_argument("--k", default="1,5,10", metavar="K1,K2,...",
                    help="suspicious set sizes (default: 1,5,10)")  # fmt: skip

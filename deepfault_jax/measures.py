@@ -16,6 +16,13 @@ that ranks the neuron as the original DeepFault does where it is defined: a
 
 Use :func:`get` to look a measure up by name (with parameters) and
 :func:`names` for the list.
+
+**Attribution measures** (DESIGN section 7) read the float sums gathered with
+``attribution=True`` instead of the counts: ``gradxact``, ``actdiff`` and
+``linear_ablation``. Each takes the eight arrays of
+:class:`~deepfault_jax.spectrum.AttributionSums` (``act_pass, act_fail,
+gxa_pass, gxa_fail, fixes, breaks, n_pass, n_fail``); :func:`kind` tells the
+two families apart. They too never return NaN, and higher is more suspicious.
 """
 
 from __future__ import annotations
@@ -34,8 +41,12 @@ __all__ = [
     "anderberg",
     "barinel",
     "dstar",
+    "actdiff",
     "get",
     "gp13",
+    "gradxact",
+    "kind",
+    "linear_ablation",
     "jaccard",
     "kulczynski1",
     "kulczynski2",
@@ -288,6 +299,78 @@ def ample(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> jax
     return jnp.abs(_ratio(a_ef, a_ef + a_nf) - _ratio(a_ep, a_ep + a_np))
 
 
+def gradxact(
+    act_pass: ArrayLike,
+    act_fail: ArrayLike,
+    gxa_pass: ArrayLike,
+    gxa_fail: ArrayLike,
+    fixes: ArrayLike,
+    breaks: ArrayLike,
+    n_pass: ArrayLike,
+    n_fail: ArrayLike,
+) -> jax.Array:
+    """Gradient x activation of the loss, averaged over all inputs.
+
+    ``(sum_pass + sum_fail of a * d loss / d a) / (P + F)``: the first-order
+    drop of the mean cross-entropy loss when the neuron is zeroed. A neuron
+    that pushes inputs toward wrong classes scores high; one the model needs
+    scores below zero.
+
+    Edge cases: no input (P + F = 0) gives 0.
+    """
+    del act_pass, act_fail, fixes, breaks
+    gp, gf, n_p, n_f = _f(gxa_pass, gxa_fail, n_pass, n_fail)
+    return _ratio(gp + gf, n_p + n_f)
+
+
+def actdiff(
+    act_pass: ArrayLike,
+    act_fail: ArrayLike,
+    gxa_pass: ArrayLike,
+    gxa_fail: ArrayLike,
+    fixes: ArrayLike,
+    breaks: ArrayLike,
+    n_pass: ArrayLike,
+    n_fail: ArrayLike,
+) -> jax.Array:
+    """Mean activation on failing inputs minus mean activation on passing inputs.
+
+    ``sum_fail a / F - sum_pass a / P``: the float analogue of the hit
+    spectrum (how much more the neuron fires when the model fails).
+
+    Edge cases: a mean over no input (F = 0 or P = 0) is 0.
+    """
+    del gxa_pass, gxa_fail, fixes, breaks
+    ap, af, n_p, n_f = _f(act_pass, act_fail, n_pass, n_fail)
+    return _ratio(af, n_f) - _ratio(ap, n_p)
+
+
+def linear_ablation(
+    act_pass: ArrayLike,
+    act_fail: ArrayLike,
+    gxa_pass: ArrayLike,
+    gxa_fail: ArrayLike,
+    fixes: ArrayLike,
+    breaks: ArrayLike,
+    n_pass: ArrayLike,
+    n_fail: ArrayLike,
+) -> jax.Array:
+    """Linearised ablation: predicted fixes of failing inputs minus predicted breaks of passing ones.
+
+    ``fixes - breaks``, where an input's logits with the neuron zeroed are
+    predicted to first order from the Jacobian of the logits (``z - J``). A
+    neuron whose removal would repair more inputs than it breaks scores above
+    zero.
+
+    Edge cases: none (a difference of counts); an integer-valued float32.
+    """
+    del act_pass, act_fail, gxa_pass, gxa_fail, n_pass, n_fail
+    fx, br = _f(fixes, breaks)
+    return fx - br
+
+
+_ATTRIBUTION = {"gradxact": gradxact, "actdiff": actdiff, "linear_ablation": linear_ablation}
+
 _REGISTRY: dict[str, Callable[..., jax.Array]] = {
     "tarantula": tarantula,
     "ochiai": ochiai,
@@ -307,12 +390,32 @@ _REGISTRY: dict[str, Callable[..., jax.Array]] = {
     "anderberg": anderberg,
     "gp13": gp13,
     "ample": ample,
+    **_ATTRIBUTION,
 }
 
 
-def names() -> tuple[str, ...]:
-    """The names :func:`get` accepts, in a fixed order (the paper's three first)."""
-    return tuple(_REGISTRY)
+def names(*, family: str | None = None) -> tuple[str, ...]:
+    """The names :func:`get` accepts, in a fixed order (the paper's three first).
+
+    Args:
+      family: ``"counts"`` or ``"attribution"`` for one family; None for both.
+    """
+    if family not in (None, "counts", "attribution"):
+        raise ValueError(f"family must be 'counts', 'attribution' or None; got {family!r}")
+    return tuple(n for n in _REGISTRY if family is None or kind(n) == family)
+
+
+def _key(name: str) -> str:
+    key = str(name).lower().replace("-", "_")
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown measure {name!r}; expected one of {', '.join(names())}")
+    return key
+
+
+def kind(name: str) -> str:
+    """``"counts"`` for a function of the four counts, ``"attribution"`` for one of the
+    attribution sums (:class:`~deepfault_jax.spectrum.AttributionSums`)."""
+    return "attribution" if _key(name) in _ATTRIBUTION else "counts"
 
 
 def get(name: str, **params: float) -> Measure:
@@ -323,7 +426,9 @@ def get(name: str, **params: float) -> Measure:
       **params: the measure's parameters (``star`` for ``dstar``).
 
     Returns:
-      A function ``(a_s, a_f, n_s, n_f) -> score``, pure and jit-able.
+      A function ``(a_s, a_f, n_s, n_f) -> score`` (count measures) or of the
+      eight attribution sums (attribution measures, see :func:`kind`), pure
+      and jit-able.
 
     Raises:
       ValueError: an unknown name (the message lists the names) or parameter.
@@ -331,9 +436,7 @@ def get(name: str, **params: float) -> Measure:
     Example:
       >>> score = get("dstar", star=2)(a_s, a_f, n_s, n_f)  # doctest: +SKIP
     """
-    key = str(name).lower().replace("-", "_")
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown measure {name!r}; expected one of {', '.join(names())}")
+    key = _key(name)
     fn = _REGISTRY[key]
     accepted = [p for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
     unknown = sorted(set(params) - {p.name for p in accepted})

@@ -227,9 +227,11 @@ def run(
                 f"{', '.join(prb.index.layer_names)}; got {k}"
             )
     x_test, y_test = dataset.x_test, dataset.y_test
+    attribution = any(measures.kind(name) == "attribution" for name in config.measures)
     spec = spectrum.compute_spectrum(
-        prb, params, x_test, y_test, batch_size=config.batch_size, threshold=config.threshold
-    )
+        prb, params, x_test, y_test, batch_size=config.batch_size, threshold=config.threshold,
+        attribution=attribution,
+    )  # fmt: skip
     pred = zoo.predict(model, params, x_test)
     key = jax.random.key(config.seed)
     select_key, random_key = jax.random.split(key)
