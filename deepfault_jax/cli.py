@@ -397,6 +397,48 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_faultbench(args: argparse.Namespace) -> int:
+    from deepfault_jax import faults, pipeline
+    from deepfault_jax import report as report_lib
+
+    kinds = (
+        faults.FAULT_KINDS if args.kinds == "all" else pipeline.parse_names(args.kinds, "--kinds")
+    )
+    seeds = pipeline.parse_int_list(args.seeds, "--seeds")
+    config = pipeline.FaultbenchConfig(
+        models=pipeline.parse_names(args.models, "--models"),
+        dataset=args.dataset,
+        kinds=tuple(kinds),
+        faults=pipeline.parse_int_list(args.faults, "--faults"),
+        seeds=seeds,
+        inputs=args.inputs,
+        min_drop=args.min_drop,
+        methods=pipeline.parse_names(args.methods, "--methods") if args.methods else None,
+        layers=tuple(_split_list(args.layers)) if args.layers else None,
+        conv_reduce=args.conv_reduce,
+        values=args.values,
+        model_seed=args.model_seed,
+    )
+    config.validate()
+    out = _check_out_dir(args.out)
+    result = pipeline.faultbench(config, out, progress=not args.no_progress)
+    human = [
+        f"planted-fault benchmark on {result['dataset']['name']} "
+        f"({result['dataset']['inputs']} test inputs), {len(result['trials'])} trials"
+    ]
+    for model in result["models"]:
+        for count in config.faults:
+            human += ["", f"{model}, {count} planted fault(s):"]
+            human += report_lib.faultbench_table(result, model, count)
+    human += [f"skipped: {s['model']} {s['kind']} x{s['faults']} seed {s['seed']}: {s['reason']}"
+              for s in result["skipped"]]  # fmt: skip
+    human.append(
+        f"wrote {out}/faultbench.md, faultbench.json, faultbench.png in {result['seconds']:.1f} s"
+    )
+    _emit(args, result, human)
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import jax
 
@@ -589,6 +631,41 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     common(p)
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "faultbench",
+        help="plant known faults in trained models and score every localizer on them",
+        description="Plant faulty neurons of documented kinds in trained zoo models (each "
+        "lowering the accuracy by at least --min-drop), localize them with every method (count "
+        "measures, attribution measures, exact ablation) and report top-5/top-10 recall and mean "
+        "rank against the random ranking, as faultbench.json, faultbench.md and faultbench.png.",
+    )
+    p.add_argument("--models", default="mlp-3x50", metavar="A,B,...",
+                   help="zoo models, trained on first use and cached (default: mlp-3x50)")  # fmt: skip
+    p.add_argument("--dataset", default="digits", metavar="SPEC", help=dataset_help)
+    p.add_argument("--kinds", default="all", metavar="all|A,B,...",
+                   help="fault kinds: push_last, push_early, always_on, corrupt_in (default: all)")  # fmt: skip
+    p.add_argument("--faults", default="1,3", metavar="N1,N2,...",
+                   help="faults planted together per trial (default: 1,3)")  # fmt: skip
+    p.add_argument("--seeds", default="0,1,2,3,4", metavar="S1,S2,...",
+                   help="trial seeds (default: 0,1,2,3,4)")  # fmt: skip
+    p.add_argument("--inputs", type=int, default=2000,
+                   help="test inputs to plant and localize on (default: 2000)")  # fmt: skip
+    p.add_argument("--min-drop", type=float, default=0.02,
+                   help="accuracy drop each fault must cause (default: 0.02)")  # fmt: skip
+    p.add_argument("--methods", default=None, metavar="M/pooled,M/per-class,...",
+                   help="methods (default: tarantula, ochiai, dstar, gradxact, actdiff, "
+                   "linear_ablation, each pooled and per-class, and ablation/pooled, "
+                   "ablation_loss/pooled)")  # fmt: skip
+    probe_options(p)
+    p.add_argument("--values", default="pre", choices=("pre", "post"),
+                   help="neuron values before or after the activation (default: pre)")  # fmt: skip
+    p.add_argument("--model-seed", type=int, default=0, help="training seed (default: 0)")
+    p.add_argument("--out", metavar="DIR", default="runs/faultbench",
+                   help="output directory (default: runs/faultbench)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    common(p)
+    p.set_defaults(func=_cmd_faultbench)
 
     p = sub.add_parser(
         "info",

@@ -393,3 +393,172 @@ def parse_names(text: str, what: str) -> tuple[str, ...]:
     if not values:
         raise ValueError(f"{what} must list at least one name; got {text!r}")
     return values
+
+
+# --------------------------------------------------------------------------- faultbench
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultbenchConfig:
+    """What ``deepfault-jax faultbench`` runs.
+
+    Attributes:
+      models: zoo models (each trained once with ``model_seed``, cached).
+      dataset: data set spec; faults are planted and localized on its test split.
+      kinds: fault kinds (:data:`deepfault_jax.faults.FAULT_KINDS`).
+      faults: numbers of faults planted together per trial.
+      seeds: trial seeds (neurons, target classes, noise).
+      inputs: test inputs used (the first ones of the split).
+      min_drop: accuracy drop each planted fault must cause.
+      methods: localization methods (``NAME/pooled`` or ``NAME/per-class``;
+        ``ablation/pooled`` and ``ablation_loss/pooled`` for exact ablation).
+      layers: probed layers (None: every hidden Dense/Conv).
+      conv_reduce: ``"mean"`` or ``"max"``.
+      values: ``"pre"`` or ``"post"`` activation values.
+      model_seed: training seed of the models.
+      batch_size: inputs per compiled step.
+    """
+
+    models: tuple[str, ...] = ("mlp-3x50",)
+    dataset: str = "digits"
+    kinds: tuple[str, ...] = ("push_last", "push_early", "always_on", "corrupt_in")
+    faults: tuple[int, ...] = (1, 3)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    inputs: int = 2000
+    min_drop: float = 0.02
+    methods: tuple[str, ...] | None = None
+    layers: tuple[str, ...] | None = None
+    conv_reduce: str = "mean"
+    values: str = "pre"
+    model_seed: int = 0
+    batch_size: int = 500
+
+    def validate(self) -> None:
+        """Raises ValueError for a configuration that cannot run (before any work)."""
+        from deepfault_jax import faults as faults_lib
+
+        for name in self.models:
+            if name not in zoo.MODEL_NAMES:
+                raise ValueError(
+                    f"unknown model {name!r}; expected one of {', '.join(zoo.MODEL_NAMES)}"
+                )
+        for kind in self.kinds:
+            if kind not in faults_lib.FAULT_KINDS:
+                raise ValueError(
+                    f"unknown fault kind {kind!r}; expected one of {', '.join(faults_lib.FAULT_KINDS)}"
+                )
+        if not self.models or not self.kinds or not self.faults or not self.seeds:
+            raise ValueError("models, kinds, faults and seeds must each list at least one value")
+        if any(int(f) != f or f < 1 for f in self.faults):
+            raise ValueError(f"faults must be positive integers; got {list(self.faults)}")
+        if self.inputs < 10:
+            raise ValueError(f"inputs must be >= 10; got {self.inputs}")
+        if not 0 < self.min_drop < 1:
+            raise ValueError(f"min_drop must lie in (0, 1); got {self.min_drop}")
+        if self.conv_reduce not in ("mean", "max"):
+            raise ValueError(
+                f"conv_reduce must be 'mean' or 'max' (faults are planted in whole channels); "
+                f"got {self.conv_reduce!r}"
+            )
+        for method in self.resolved_methods():
+            name, _, scope = method.partition("/")
+            if scope not in ("pooled", "per-class"):
+                raise ValueError(f"a method must be NAME/pooled or NAME/per-class; got {method!r}")
+            if name not in ("ablation", "ablation_loss"):
+                measures.get(name)
+            elif scope != "pooled":
+                raise ValueError(f"exact ablation is ranked pooled only; got {method!r}")
+
+    def resolved_methods(self) -> tuple[str, ...]:
+        """The methods in use (default: every method of :func:`faults.default_methods`)."""
+        from deepfault_jax import faults as faults_lib
+
+        return self.methods if self.methods is not None else faults_lib.default_methods()
+
+
+def faultbench(config: FaultbenchConfig, out_dir: str | Path, *, progress: bool = False) -> dict:
+    """Plants faults in trained models and scores every localizer on them.
+
+    Writes ``faultbench.json`` (configuration, every trial, the summary),
+    ``faultbench.md`` (tables) and ``faultbench.png`` (top-10 recall per
+    method) into ``out_dir``.
+
+    Returns:
+      The content of ``faultbench.json``.
+    """
+    from tqdm.auto import tqdm
+
+    from deepfault_jax import faults as faults_lib
+
+    config.validate()
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    dataset = data.load_dataset(config.dataset)
+    x, y = dataset.x_test[: config.inputs], dataset.y_test[: config.inputs]
+    methods = config.resolved_methods()
+    trials, models = [], {}
+    jobs = [(m, k, c, s) for m in config.models for k in config.kinds for c in config.faults
+            for s in config.seeds]  # fmt: skip
+    bar = tqdm(total=len(jobs), desc="faultbench", unit="trial",
+               disable=None if progress else True, leave=False)  # fmt: skip
+    for name in config.models:
+        model, params, meta = zoo.load_or_train(
+            name, dataset, seed=config.model_seed, progress=progress
+        )
+
+        def probe_fn(model, params):
+            return probe.model_probe(
+                model, params, layers=list(config.layers) if config.layers else None,
+                conv_reduce=config.conv_reduce, activation=config.values,
+            )  # fmt: skip
+
+        index = probe_fn(model, params).index
+        models[name] = {
+            "checkpoint": meta.get("checkpoint"),
+            "layers": list(index.layer_names),
+            "layer_sizes": list(index.layer_sizes),
+            "neurons": index.num_neurons,
+            "accuracy": float(np.mean(zoo.predict(model, params, x) == y)),
+        }
+        for kind in config.kinds:
+            for count in config.faults:
+                for seed in config.seeds:
+                    key = jax.random.fold_in(
+                        jax.random.key(seed), faults_lib.FAULT_KINDS.index(kind) * 100 + count
+                    )
+                    trial = faults_lib.run_trial(
+                        key, model, params, probe_fn, x, y, kind=kind, count=count, seed=seed,
+                        methods=methods, min_drop=config.min_drop, batch_size=config.batch_size,
+                    )  # fmt: skip
+                    trials.append(trial)
+                    bar.update()
+    bar.close()
+    out = {
+        "config": dataclasses.asdict(config) | {"methods": list(methods)},
+        "versions": zoo.package_versions(),
+        "dataset": {"name": dataset.name, "inputs": int(len(x))},
+        "models": models,
+        "trials": [dataclasses.asdict(t) for t in trials],
+        "summary": faults_lib.summarize(trials),
+        "skipped": [
+            {
+                "model": t.model,
+                "kind": t.kind,
+                "faults": t.count,
+                "seed": t.seed,
+                "reason": t.skipped or f"planted {len(t.faults)} of {t.count}",
+                "notes": list(t.notes),
+            }
+            for t in trials
+            if t.skipped or len(t.faults) < t.count
+        ],  # fmt: skip
+        "files": {
+            n: str(out_dir / n) for n in ("faultbench.json", "faultbench.md", "faultbench.png")
+        },
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report.write_json(out_dir / "faultbench.json", out)
+    report.write_bytes(out_dir / "faultbench.md", report.faultbench_markdown(out).encode())
+    report.plot_faultbench(out, out_dir / "faultbench.png")
+    return out

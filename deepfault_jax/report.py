@@ -12,7 +12,10 @@ import numpy as np
 from deepfault_jax.files import write_atomic
 
 __all__ = [
+    "faultbench_markdown",
+    "faultbench_table",
     "markdown_report",
+    "plot_faultbench",
     "plot_examples",
     "plot_misclassification",
     "write_bytes",
@@ -196,3 +199,113 @@ def plot_examples(
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return write_bytes(path, buffer.getvalue())
+
+
+def _figure_bytes(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def faultbench_table(result: dict, model: str, faults: int) -> list[str]:
+    """Markdown table rows: every method's recall and mean rank for one model and fault count,
+    best top-10 recall first, the random ranking last."""
+    rows = [r for r in result["summary"] if r["model"] == model and r["faults"] == faults]
+    random_rows = [r for r in rows if r["method"].startswith("random")]
+    rows = sorted((r for r in rows if not r["method"].startswith("random")),
+                  key=lambda r: (-r["top10_recall"], r["mean_rank"]))  # fmt: skip
+    lines = [
+        "| method | top-5 recall | top-10 recall | mean rank | trials |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in [*rows, *random_rows]:
+        lines.append(
+            f"| {r['method']} | {r['top5_recall']:.2f} ± {r['top5_recall_std']:.2f} "
+            f"| {r['top10_recall']:.2f} ± {r['top10_recall_std']:.2f} "
+            f"| {r['mean_rank']:.1f} ± {r['mean_rank_std']:.1f} | {r['trials']} |"
+        )
+    return lines
+
+
+def faultbench_markdown(result: dict) -> str:
+    """The planted-fault benchmark as a Markdown page: one table per model and fault count."""
+    cfg = result["config"]
+    lines = [
+        "# Planted-fault benchmark",
+        "",
+        f"Data: `{result['dataset']['name']}`, the first {result['dataset']['inputs']} test "
+        f"inputs. Fault kinds {', '.join(cfg['kinds'])}; {', '.join(map(str, cfg['faults']))} "
+        f"fault(s) per trial; seeds {', '.join(map(str, cfg['seeds']))}; each fault lowers the "
+        f"accuracy by at least {cfg['min_drop']}. Probe: {cfg['values']}-activation values, "
+        f"conv_reduce {cfg['conv_reduce']}. Scores are means ± standard deviations over the "
+        "trials (all kinds and seeds); a method's rank of a neuron is 1 for its most suspicious.",
+        "",
+    ]
+    for model, info in result["models"].items():
+        trials = [t for t in result["trials"] if t["model"] == model and not t["skipped"]]
+        drops = [sum(f["accuracy_drop"] for f in t["faults"]) for t in trials]
+        lines += [
+            f"## {model}",
+            "",
+            f"{info['neurons']} probed neurons in {', '.join(info['layers'])}; clean accuracy "
+            f"{info['accuracy']:.4f}"
+            + (
+                f"; planted faults lowered it by {np.mean(drops):.3f} on average "
+                f"(range {np.min(drops):.3f}-{np.max(drops):.3f})."
+                if drops
+                else "."
+            ),
+            "",
+        ]
+        for count in cfg["faults"]:
+            lines += [f"### {count} planted fault{'s' if count > 1 else ''}", ""]
+            lines += faultbench_table(result, model, count)
+            lines.append("")
+    if result["skipped"]:
+        lines += ["## Skipped trials", ""]
+        for s in result["skipped"]:
+            lines.append(
+                f"- {s['model']} {s['kind']} x{s['faults']} seed {s['seed']}: {s['reason']}"
+            )
+        lines.append("")
+    lines += [
+        "Methods: count measures and attribution measures, pooled over classes or per class "
+        "(a neuron's best rank in any class); `ablation` = exact single-neuron ablation "
+        "(fixes minus breaks), `ablation_loss` = its mean loss drop; `random` = the mean of "
+        "100 random rankings per trial, `random (expected)` = k / N and (N + 1) / 2.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_faultbench(result: dict, path: str | os.PathLike) -> Path:
+    """Bars: top-10 recall of every method, one panel per model and fault count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(m, c) for m in result["models"] for c in result["config"]["faults"]]
+    methods = [m for m in result["config"]["methods"]] + ["random"]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 0.45 * len(methods)), 2.6 * len(panels)),
+                             dpi=110, squeeze=False)  # fmt: skip
+    for ax, (model, count) in zip(axes[:, 0], panels, strict=True):
+        by = {
+            r["method"]: r
+            for r in result["summary"]
+            if r["model"] == model and r["faults"] == count
+        }
+        values = [by[m]["top10_recall"] if m in by else 0.0 for m in methods]
+        errors = [by[m]["top10_recall_std"] if m in by else 0.0 for m in methods]
+        colors = ["0.6" if m == "random" else "C0" if "/" in m and m.split("/")[0] in
+                  ("tarantula", "ochiai", "dstar") else "C1" for m in methods]  # fmt: skip
+        ax.bar(np.arange(len(methods)), values, yerr=errors, color=colors)
+        ax.set_xticks(np.arange(len(methods)), methods, rotation=60, ha="right", fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("top-10 recall", fontsize=8)
+        ax.set_title(f"{model}, {count} planted fault{'s' if count > 1 else ''}", fontsize=9)
+    fig.tight_layout()
+    return write_bytes(path, _figure_bytes(fig))

@@ -1,0 +1,510 @@
+"""Planted faults: known faulty neurons in a trained model, and how well each localizer finds them.
+
+DeepFault's measures were designed without faults whose location is known.
+This module plants them (DESIGN section 7) and scores every localization
+method by where it ranks the planted neurons.
+
+Fault kinds (each on one neuron, i.e. a Dense unit or a conv channel of a
+zoo model; the fault's *strength* is raised step by step until the model's
+accuracy on the localization inputs drops by at least ``min_drop``):
+
+* ``push_last``: a neuron of the last probed layer that, when active, pushes
+  the logits toward a wrong class ``t``: its outgoing weights move by
+  ``strength * |w|`` along the gradient of the mean ``log p(t)`` with respect
+  to them (``|w|``: their norm).
+* ``push_early``: the same for a neuron of an earlier probed layer.
+* ``always_on``: the neuron's bias is raised until it is active on every
+  input (and every position of a channel), and its outgoing weights are
+  multiplied by ``strength``.
+* ``corrupt_in``: Gaussian noise of norm ``strength * |w|`` is added to the
+  neuron's incoming weights.
+
+A fault that reaches no measurable drop at the largest strength is not
+planted: another neuron is tried, and a trial without any is reported as
+skipped, with the reason.
+
+Localization methods, each giving one ranking of all probed neurons:
+count measures (``tarantula``, ``ochiai``, ``dstar``, ...) and attribution
+measures (``gradxact``, ``actdiff``, ``linear_ablation``), each pooled over
+classes or per class (a neuron's rank is its best rank in any class's
+ranking, ties to the lower id), exact ablation (``ablation``: fixes minus
+breaks; ``ablation_loss``: mean loss drop), and the random ranking (expected
+recall ``k / N``, expected mean rank ``(N + 1) / 2``; the empirical mean of
+random permutations is reported beside it). Scores: top-5 and top-10 recall
+(the share of planted neurons among the first 5 or 10) and the mean rank of
+the planted neurons (1 = first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepfault_jax import localize, measures
+from deepfault_jax import spectrum as spectrum_lib
+from deepfault_jax.probe import Probe
+from deepfault_jax.zoo import Model, predict
+
+__all__ = [
+    "FAULT_KINDS",
+    "PlantedFault",
+    "Trial",
+    "default_methods",
+    "method_ranks",
+    "plant_faults",
+    "recall_and_rank",
+    "run_trial",
+    "summarize",
+]
+
+FAULT_KINDS = ("push_last", "push_early", "always_on", "corrupt_in")
+
+
+def _ladder(lo: float, hi: float) -> tuple[float, ...]:
+    """Strengths from ``lo`` to ``hi``, each sqrt(2) times the last (rounded to 3 digits)."""
+    steps = round(2 * np.log2(hi / lo))
+    return tuple(float(f"{lo * 2 ** (i / 2):.3g}") for i in range(steps + 1))
+
+
+_LADDERS = {
+    "push_last": _ladder(0.25, 32.0),
+    "push_early": _ladder(0.25, 32.0),
+    "always_on": _ladder(1.0, 64.0)[1:],
+    "corrupt_in": _ladder(0.5, 32.0),
+}
+_MIN_ACTIVE = 0.1  # a pushing neuron must be active on at least this share of inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class PlantedFault:
+    """One planted fault.
+
+    Attributes:
+      kind: one of :data:`FAULT_KINDS`.
+      layer: the zoo layer (``dense_1``, ``conv_0``).
+      unit: the unit or channel.
+      neuron: its id in the probe's :class:`~deepfault_jax.probe.NeuronIndex`.
+      strength: the strength used (see the module docstring).
+      target_class: the class a ``push_*`` fault pushes toward (else None).
+      accuracy_drop: accuracy before this fault minus after it.
+    """
+
+    kind: str
+    layer: str
+    unit: int
+    neuron: int
+    strength: float
+    target_class: int | None
+    accuracy_drop: float
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def _order(name: str):
+    kind = 0 if name.startswith("conv") else 1 if name.startswith("dense") else 2
+    return kind, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+class _Params:
+    """A zoo model's parameters as a mutable dict of numpy arrays, and back."""
+
+    def __init__(self, model: Model, params: Any):
+        self.model, self.original = model, params
+        tree = nnx.to_pure_dict(params) if model.is_nnx else params
+        self.tree = jax.tree.map(lambda a: np.array(a, np.float32), dict(tree))
+        self.layers = sorted(self.tree, key=_order)
+
+    def consumer(self, layer: str) -> str:
+        i = self.layers.index(layer)
+        return self.layers[i + 1]
+
+    def kernel(self, layer: str) -> np.ndarray:
+        return self.tree[layer]["kernel"]
+
+    def incoming(self, layer: str, unit: int) -> tuple:
+        """Index of the unit's incoming weights in the layer's kernel."""
+        return (..., unit)
+
+    def outgoing(self, layer: str, unit: int) -> tuple[str, tuple]:
+        """The consumer layer and the index of the weights that read ``unit``."""
+        nxt = self.consumer(layer)
+        kernel = self.kernel(nxt)
+        if kernel.ndim == 4:  # conv -> conv
+            return nxt, (slice(None), slice(None), unit, slice(None))
+        channels = self.kernel(layer).shape[-1]
+        if self.kernel(layer).ndim == 4:  # conv -> (pool, flatten) -> dense: NHWC order
+            return nxt, (slice(unit, None, channels), slice(None))
+        return nxt, (unit, slice(None))
+
+    def build(self) -> Any:
+        tree = jax.tree.map(jnp.asarray, self.tree)
+        if self.model.is_nnx:
+            state = jax.tree.map(lambda a: a, self.original)
+            nnx.replace_by_pure_dict(state, tree)
+            return state
+        return tree
+
+    def copy(self) -> _Params:
+        other = object.__new__(_Params)
+        other.model, other.original, other.layers = self.model, self.original, self.layers
+        other.tree = jax.tree.map(np.copy, self.tree)
+        return other
+
+
+def _accuracy(model: Model, params: Any, x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(predict(model, params, x) == y))
+
+
+def _raw_values(model: Model, params: Any, probe: Probe, x: np.ndarray) -> dict[str, dict]:
+    """Each probed layer's output (pre-activation) per input and unit or channel: its
+    ``"max"`` and ``"min"`` over a channel's positions."""
+    from deepfault_jax.probe import model_probe
+
+    every = model_probe(model, params, layers=list(probe.index.layer_names), conv_reduce="none")
+    _, acts = jax.jit(every.fn)(params, jnp.asarray(x))
+    out: dict[str, dict] = {"max": {}, "min": {}}
+    for name, value in acts.items():
+        channels = int(probe.index.layer_sizes[probe.index.layer_names.index(name)])
+        per = np.asarray(value).reshape(len(x), -1, channels)
+        out["max"][name], out["min"][name] = per.max(axis=1), per.min(axis=1)
+    return out
+
+
+def _push_direction(model: Model, p: _Params, layer: str, unit: int, target: int, x) -> tuple:
+    """Gradient of the mean log p(target) with respect to the weights reading ``unit``."""
+    nxt, idx = p.outgoing(layer, unit)
+    params = p.build()
+
+    def objective(w):
+        tree = dict(p.tree)
+        kernel = jnp.asarray(tree[nxt]["kernel"]).at[idx].set(w)
+        tree = {**tree, nxt: {**tree[nxt], "kernel": kernel}}
+        full = jax.tree.map(jnp.asarray, tree)
+        if model.is_nnx:
+            state = jax.tree.map(lambda a: a, params)
+            nnx.replace_by_pure_dict(state, full)
+            full = state
+        logits = model.apply(full, x)
+        return jnp.mean(jax.nn.log_softmax(logits)[:, target])
+
+    w0 = jnp.asarray(p.kernel(nxt)[idx])
+    return nxt, idx, np.asarray(jax.grad(objective)(w0))
+
+
+def _apply(kind, p: _Params, layer, unit, strength, *, target, direction, key, lift):
+    q = p.copy()
+    if kind in ("push_last", "push_early"):
+        nxt, idx, grad = direction
+        w = q.kernel(nxt)[idx]
+        norm = np.linalg.norm(grad)
+        q.tree[nxt]["kernel"][idx] = w + strength * np.linalg.norm(w) * grad / max(norm, 1e-30)
+    elif kind == "always_on":
+        q.tree[layer]["bias"][unit] += lift
+        nxt, idx = q.outgoing(layer, unit)
+        q.tree[nxt]["kernel"][idx] = q.kernel(nxt)[idx] * strength
+    else:  # corrupt_in
+        w = q.kernel(layer)[q.incoming(layer, unit)]
+        noise = np.asarray(jax.random.normal(key, w.shape), np.float32)
+        q.tree[layer]["kernel"][q.incoming(layer, unit)] = w + strength * np.linalg.norm(
+            w
+        ) * noise / np.linalg.norm(noise)
+    return q
+
+
+def plant_faults(
+    key: jax.Array,
+    model: Model,
+    params: Any,
+    probe: Probe,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    kind: str,
+    count: int = 1,
+    min_drop: float = 0.02,
+    tries: int = 8,
+) -> tuple[Any, list[PlantedFault], list[str]]:
+    """Plants ``count`` faults of one kind in distinct neurons of a zoo model.
+
+    Each fault's strength climbs its ladder until the accuracy on ``(x, y)``
+    drops by at least ``min_drop`` below the accuracy before that fault; a
+    neuron that never gets there is given up and another drawn (up to
+    ``tries`` per fault).
+
+    Args:
+      key: PRNG key (neurons, target classes, noise).
+      model: the zoo model; ``params`` its parameters (linen or NNX).
+      probe: its probe (faults go into probed Dense units or conv channels).
+      x, y: the inputs the drop is measured on (the localization inputs).
+      kind: one of :data:`FAULT_KINDS`.
+      count: faults to plant.
+      min_drop: accuracy drop each fault must cause.
+      tries: neurons tried per fault before giving up.
+
+    Returns:
+      ``(faulty params, planted faults, notes)``; fewer faults than ``count``
+      when some could not reach ``min_drop`` (the notes say why).
+    """
+    if kind not in FAULT_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(FAULT_KINDS)}; got {kind!r}")
+    if probe.conv_reduce == "none":
+        raise ValueError(
+            "faults are planted in units and channels: conv_reduce must be 'mean' or 'max'; "
+            "got 'none'"
+        )
+    if int(count) != count or count < 1:
+        raise ValueError(f"count must be a positive integer; got {count!r}")
+    if not 0 < min_drop < 1:
+        raise ValueError(f"min_drop must lie in (0, 1); got {min_drop}")
+    p = _Params(model, params)
+    names = list(probe.index.layer_names)
+    for name in names:
+        if name not in p.tree or name == p.layers[-1]:
+            raise ValueError(
+                f"faults need probed zoo layers (one of {', '.join(p.layers[:-1])}); got {name!r}"
+            )
+    if kind == "push_last":
+        pool = [names[-1]]
+    elif kind == "push_early":
+        pool = names[:-1]
+        if not pool:
+            raise ValueError(
+                f"push_early needs two or more probed layers; got {names} (use push_last)"
+            )
+    else:
+        pool = names
+    candidates = [(layer, u) for layer in pool for u in range(p.kernel(layer).shape[-1])]
+    x = np.asarray(x, np.float32)
+    y = np.asarray(y)
+    values = _raw_values(model, params, probe, x)
+    order = np.asarray(jax.random.permutation(jax.random.fold_in(key, 0), len(candidates)))
+
+    def active_enough(layer: str, unit: int) -> bool:
+        return float(np.mean(values["max"][layer][:, unit] > 0)) >= _MIN_ACTIVE
+
+    accuracy = _accuracy(model, p.build(), x, y)
+    planted: list[PlantedFault] = []
+    notes: list[str] = []
+    used: set[tuple[str, int]] = set()
+    cursor = 0
+    for f in range(int(count)):
+        done = False
+        for _ in range(tries):
+            while cursor < len(order) and (
+                candidates[order[cursor]] in used
+                or (kind.startswith("push") and not active_enough(*candidates[order[cursor]]))
+            ):
+                cursor += 1
+            if cursor >= len(order):
+                break
+            layer, unit = candidates[order[cursor]]
+            cursor += 1
+            fkey = jax.random.fold_in(key, 1000 + cursor)
+            target = None
+            direction = None
+            if kind.startswith("push"):
+                # a wrong class: one the neuron's active inputs do not belong to, mostly
+                active = values["max"][layer][:, unit] > 0
+                share = np.bincount(y[active], minlength=probe.num_classes) / max(active.sum(), 1)
+                options = np.flatnonzero(share < np.median(share) + 1e-12)
+                target = int(options[int(jax.random.randint(fkey, (), 0, options.size))])
+                direction = _push_direction(model, p, layer, unit, target, jnp.asarray(x))
+            lift = max(0.0, -float(values["min"][layer][:, unit].min())) * 1.05 + 1e-3
+            for strength in _LADDERS[kind]:
+                q = _apply(kind, p, layer, unit, strength, target=target, direction=direction,
+                           key=fkey, lift=lift)  # fmt: skip
+                acc = _accuracy(model, q.build(), x, y)
+                if accuracy - acc >= min_drop:
+                    planted.append(
+                        PlantedFault(
+                            kind,
+                            layer,
+                            int(unit),
+                            probe.index.neuron_id(layer, unit),
+                            float(strength),
+                            target,
+                            float(accuracy - acc),
+                        )  # fmt: skip
+                    )
+                    p, accuracy, done = q, acc, True
+                    used.add((layer, unit))
+                    break
+            if done:
+                break
+            used.add((layer, unit))
+            notes.append(
+                f"{kind} on {layer}:{unit} dropped accuracy by less than {min_drop} at strength "
+                f"{_LADDERS[kind][-1]}; not planted"
+            )
+        if not done:
+            notes.append(
+                f"fault {f + 1} of {count} ({kind}) not planted: no neuron reached the drop"
+            )
+            break
+    return p.build(), planted, notes
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _best_rank(per_class: np.ndarray) -> np.ndarray:
+    """A neuron order from ``[classes, neurons]`` scores: by the best rank any class gives it."""
+    ranks = np.empty(per_class.shape, np.int64)
+    for c, row in enumerate(per_class):
+        ranks[c, np.argsort(-row, kind="stable")] = np.arange(row.size)
+    best = ranks.min(axis=0)
+    return np.argsort(best, kind="stable")
+
+
+def default_methods(*, ablation: bool = True) -> tuple[str, ...]:
+    """Every method :func:`method_ranks` knows, as ``name/scope``."""
+    names = []
+    for m in ("tarantula", "ochiai", "dstar", "gradxact", "actdiff", "linear_ablation"):
+        names += [f"{m}/pooled", f"{m}/per-class"]
+    if ablation:
+        names += ["ablation/pooled", "ablation_loss/pooled"]
+    return tuple(names)
+
+
+def method_ranks(
+    spectrum: spectrum_lib.Spectrum,
+    methods: Sequence[str],
+    *,
+    ablation: localize.Ablation | None = None,
+) -> dict[str, np.ndarray]:
+    """For each method (``"ochiai/pooled"``, ``"gradxact/per-class"``, ``"ablation/pooled"``),
+    the 1-based rank of every neuron (``int64[neurons]``)."""
+    out = {}
+    for method in methods:
+        name, _, scope = method.partition("/")
+        if scope not in ("pooled", "per-class"):
+            raise ValueError(f"method must be NAME/pooled or NAME/per-class; got {method!r}")
+        pooled = scope == "pooled"
+        if name in ("ablation", "ablation_loss"):
+            if ablation is None:
+                raise ValueError(f"{method} needs an exact ablation; got none")
+            by = "fixes-breaks" if name == "ablation" else "loss"
+            score = localize.ablation_scores(ablation, by=by, pooled=pooled)
+        else:
+            measures.get(name)
+            score = np.asarray(localize.scores(spectrum, name, pooled=pooled))
+        order = np.argsort(-score, kind="stable") if pooled else _best_rank(score)
+        ranks = np.empty(order.size, np.int64)
+        ranks[order] = np.arange(1, order.size + 1)
+        out[method] = ranks
+    return out
+
+
+def recall_and_rank(ranks: np.ndarray, planted: Sequence[int]) -> dict[str, float]:
+    """Top-5 and top-10 recall and the mean rank of the ``planted`` neuron ids."""
+    r = np.asarray(ranks)[np.asarray(planted, np.int64)]
+    return {
+        "top5_recall": float(np.mean(r <= 5)),
+        "top10_recall": float(np.mean(r <= 10)),
+        "mean_rank": float(np.mean(r)),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One planted-fault trial: what was planted and how each method ranked it."""
+
+    model: str
+    kind: str
+    count: int
+    seed: int
+    faults: tuple[PlantedFault, ...]
+    accuracy_before: float
+    accuracy_after: float
+    scores: dict[str, dict[str, float]]
+    notes: tuple[str, ...]
+    seconds: float
+    skipped: str | None = None
+
+
+def run_trial(
+    key: jax.Array,
+    model: Model,
+    params: Any,
+    probe_fn: Callable[[Model, Any], Probe],
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    kind: str,
+    count: int,
+    seed: int,
+    methods: Sequence[str],
+    min_drop: float = 0.02,
+    batch_size: int = 512,
+    random_draws: int = 100,
+) -> Trial:
+    """Plants faults, computes the spectrum with attribution sums (and the exact ablation if
+    a method needs it) on the faulty model, and scores every method."""
+    start = time.perf_counter()
+    clean_probe = probe_fn(model, params)
+    before = _accuracy(model, params, x, y)
+    faulty, planted, notes = plant_faults(
+        key, model, params, clean_probe, x, y, kind=kind, count=count, min_drop=min_drop
+    )
+    if not planted:
+        return Trial(
+            model.name, kind, count, seed, (), before, before, {}, tuple(notes),
+            time.perf_counter() - start, skipped="no fault reached the accuracy drop",
+        )  # fmt: skip
+    prb = probe_fn(model, faulty)
+    spec = spectrum_lib.compute_spectrum(prb, faulty, x, y, batch_size=batch_size, attribution=True)
+    ablation = None
+    if any(m.split("/")[0] in ("ablation", "ablation_loss") for m in methods):
+        ablation = localize.exact_ablation(prb, faulty, x, y, batch_size=batch_size)
+    ranks = method_ranks(spec, methods, ablation=ablation)
+    ids = [f.neuron for f in planted]
+    scores = {m: recall_and_rank(r, ids) for m, r in ranks.items()}
+    n = prb.index.num_neurons
+    draws = [
+        recall_and_rank(
+            np.asarray(jax.random.permutation(jax.random.fold_in(key, 10_000 + i), n)) + 1, ids
+        )
+        for i in range(random_draws)
+    ]
+    scores["random"] = {k: float(np.mean([d[k] for d in draws])) for k in draws[0]}
+    scores["random (expected)"] = {
+        "top5_recall": min(5, n) / n,
+        "top10_recall": min(10, n) / n,
+        "mean_rank": (n + 1) / 2,
+    }
+    after = _accuracy(model, faulty, x, y)
+    if len(planted) < count:
+        notes.append(f"planted {len(planted)} of {count} faults")
+    return Trial(
+        model.name, kind, count, seed, tuple(planted), before, after, scores, tuple(notes),
+        time.perf_counter() - start,
+    )  # fmt: skip
+
+
+def summarize(trials: Sequence[Trial]) -> list[dict]:
+    """Per (model, number of faults, method): mean and standard deviation over the trials
+    that planted every fault (all kinds and seeds together) of each score."""
+    groups: dict[tuple, list[dict]] = {}
+    for t in trials:
+        if t.skipped or len(t.faults) < t.count:
+            continue
+        for method, s in t.scores.items():
+            groups.setdefault((t.model, t.count, method), []).append(s)
+    rows = []
+    for (model, count, method), items in groups.items():
+        row = {"model": model, "faults": count, "method": method, "trials": len(items)}
+        for k in ("top5_recall", "top10_recall", "mean_rank"):
+            v = np.asarray([s[k] for s in items])
+            row[k] = float(v.mean())
+            row[f"{k}_std"] = float(v.std())
+        rows.append(row)
+    return rows
