@@ -336,29 +336,34 @@ def _slot_weights(logits, labels, mask):
 def _attribution_batch(probe: Probe, params: Any, x, labels, mask):
     """Logits, activations and the :class:`Attribution` sums of one batch, from one
     forward pass and one vmapped backward pass per class through the gates."""
-    batch = x.shape[0]
-    logits, jvp_back, acts = jax.vjp(
-        lambda g: probe.gated(params, x, g), probe.ones(batch), has_aux=True
-    )
+    # gates of 1, built from the labels so that they carry their type: under
+    # shard_map a gradient with respect to a replicated value would be summed
+    # over the devices, and each input's own Jacobian is wanted
+    row = (labels * 0).astype(jnp.float32)[:, None]
+    gates = {name: g + row for name, g in probe.ones(1).items()}
+    logits, jvp_back, acts = jax.vjp(lambda g: probe.gated(params, x, g), gates, has_aux=True)
     num_classes = logits.shape[-1]
     weights, correct = _slot_weights(logits, labels, mask)
     onehot = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
     # d loss / d logits of the cross-entropy with the true label
     residual = jax.nn.softmax(logits, axis=-1) - onehot
-    cotangents = jnp.broadcast_to(
-        jnp.eye(num_classes, dtype=logits.dtype)[:, None, :], (num_classes, batch, num_classes)
-    )
+    # one cotangent per class; built from the logits so that it carries their
+    # type (under shard_map: varying over the data axis)
+    cotangents = jnp.eye(num_classes, dtype=logits.dtype)[:, None, :] + jnp.zeros_like(logits)
     (jac,) = jax.vmap(jvp_back)(cotangents)  # layer -> [classes, batch, units]
-    earlier = jnp.arange(num_classes)[:, None, None] < labels[None, :, None]
-    own_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)  # [batch, 1]
+    classes = jnp.arange(num_classes)[:, None, None]
+    earlier = classes < labels[None, :, None]
+    other = classes != labels[None, :, None]
     sums = {f: [] for f in _ATTRIBUTION_FIELDS}
     for name in probe.index.layer_names:
         j = jac[name]
         gxa = jnp.einsum("cbu,bc->bu", j, residual, precision=jax.lax.Precision.HIGHEST)
-        # first-order logits with the neuron zeroed: logits - J
+        # first-order logits with the neuron zeroed: logits - J; the true class's
+        # value is read from the same array (a recomputed one may differ in the
+        # last bit under XLA's fusions), and never competes with itself
         moved = logits.T[:, :, None] - j
-        own = own_logit - jnp.take_along_axis(j, labels[None, :, None], axis=0)[0]
-        beaten = (moved > own[None]) | ((moved == own[None]) & earlier)
+        own = jnp.take_along_axis(moved, labels[None, :, None], axis=0)
+        beaten = other & ((moved > own) | ((moved == own) & earlier))
         right = ~jnp.any(beaten, axis=0)  # [batch, units]
         fix = (right & ~correct[:, None]).astype(jnp.float32)
         brk = (~right & correct[:, None]).astype(jnp.float32)

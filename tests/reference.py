@@ -148,3 +148,66 @@ def original_scores(name, a_s, a_f, n_s, n_f, *, star=3):
             raise KeyError(name)
     defined = ~np.isnan(raw) & (np.isfinite(raw) | (name == "dstar"))
     return np.where(np.isnan(raw), 0.0, raw), defined
+
+
+def mlp_logits(x, layers, gates, activation):
+    """A Dense MLP in float64: ``layers`` = [(kernel, bias)] hidden then output; each hidden
+    layer's output (pre-activation) multiplied by ``gates[i]`` (``[units]``)."""
+    h = np.asarray(x, np.float64).reshape(len(x), -1)
+    for (kernel, bias), gate in zip(layers[:-1], gates, strict=True):
+        z = (h @ np.asarray(kernel, np.float64) + np.asarray(bias, np.float64)) * gate
+        h = activation(z)
+    kernel, bias = layers[-1]
+    return h @ np.asarray(kernel, np.float64) + np.asarray(bias, np.float64)
+
+
+def mlp_attribution_loops(x, y, layers, activation, *, num_classes, step=1e-4):
+    """The attribution sums of DESIGN section 7 from their definitions, in float64.
+
+    ``J[b, c, u] = d logit_c / d gate_u`` by central finite differences (one
+    neuron at a time); ``gxa = sum_c J * (softmax - onehot)`` (``a * d loss / d a``
+    of the cross-entropy); a fix / break is decided input by input from
+    ``argmax(logits - J[:, :, u])``. Returns a dict of ``[classes, neurons]``
+    arrays: act_pass, act_fail, gxa_pass, gxa_fail, fixes, breaks.
+    """
+    sizes = [np.asarray(k).shape[1] for k, _ in layers[:-1]]
+    ones = [np.ones(s) for s in sizes]
+    logits = mlp_logits(x, layers, ones, activation)
+    # pre-activation values of every hidden neuron
+    h = np.asarray(x, np.float64).reshape(len(x), -1)
+    values = []
+    for kernel, bias in layers[:-1]:
+        z = h @ np.asarray(kernel, np.float64) + np.asarray(bias, np.float64)
+        values.append(z)
+        h = activation(z)
+    values = np.concatenate(values, axis=1)
+    n = sum(sizes)
+    out = {k: np.zeros((num_classes, n)) for k in ("act_pass", "act_fail", "gxa_pass", "gxa_fail",
+                                                   "fixes", "breaks")}  # fmt: skip
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    softmax = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+    neuron = 0
+    for layer, size in enumerate(sizes):
+        for unit in range(size):
+            up = [g.copy() for g in ones]
+            down = [g.copy() for g in ones]
+            up[layer][unit] += step
+            down[layer][unit] -= step
+            jac = (
+                mlp_logits(x, layers, up, activation) - mlp_logits(x, layers, down, activation)
+            ) / (2 * step)
+            for b in range(len(x)):
+                label = int(y[b])
+                correct = int(np.argmax(logits[b])) == label
+                side = "pass" if correct else "fail"
+                residual = softmax[b].copy()
+                residual[label] -= 1.0
+                out[f"act_{side}"][label, neuron] += values[b, neuron]
+                out[f"gxa_{side}"][label, neuron] += float(jac[b] @ residual)
+                right = int(np.argmax(logits[b] - jac[b])) == label
+                if not correct and right:
+                    out["fixes"][label, neuron] += 1
+                if correct and not right:
+                    out["breaks"][label, neuron] += 1
+            neuron += 1
+    return out
