@@ -14,8 +14,9 @@ accuracy on the localization inputs drops by at least ``min_drop``):
   to them (``|w|``: their norm).
 * ``push_early``: the same for a neuron of an earlier probed layer.
 * ``always_on``: the neuron's bias is raised until it is active on every
-  input (and every position of a channel), and its outgoing weights are
-  multiplied by ``strength``.
+  input (and every position of a channel) of the model it is planted in
+  (a later fault in an earlier layer may change that), and its outgoing
+  weights are multiplied by ``strength``.
 * ``corrupt_in``: Gaussian noise of norm ``strength * |w|`` is added to the
   neuron's incoming weights.
 
@@ -337,6 +338,7 @@ def plant_faults(
                     )
                     p, accuracy, done = q, acc, True
                     used.add((layer, unit))
+                    values = _raw_values(model, p.build(), probe, x)  # for the next fault
                     break
             if done:
                 break

@@ -1,0 +1,217 @@
+"""Planted faults change the model where they say; the benchmark scores localizers honestly."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from test_cli import assert_usage_error, run_cli
+
+from deepfault_jax import faults, localize, pipeline, probe, spectrum, zoo
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory):
+    """Trained models cached in a private directory for this module."""
+    old = os.environ.get("DEEPFAULT_JAX_CACHE")
+    os.environ["DEEPFAULT_JAX_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["DEEPFAULT_JAX_CACHE"]
+    else:
+        os.environ["DEEPFAULT_JAX_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def models(digits):
+    out = {}
+    for name, epochs in (("mlp-3x50", 10), ("lenet5", 3), ("nnx-mlp-3x50", 10)):
+        model = zoo.create_model(name, input_shape=digits.input_shape, num_classes=10)
+        out[name] = (model, zoo.train(jax.random.key(0), model, digits, epochs=epochs).params)
+    return out
+
+
+def _flat(model, params) -> dict[str, np.ndarray]:
+    from flax import nnx
+
+    tree = nnx.to_pure_dict(params) if model.is_nnx else params
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+        for path, v in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+@pytest.mark.parametrize("kind", faults.FAULT_KINDS)
+@pytest.mark.parametrize("name", ["mlp-3x50", "lenet5", "nnx-mlp-3x50"])
+def test_each_fault_kind_changes_predictions_and_only_its_neurons_weights(
+    models, digits, name, kind
+):
+    model, params = models[name]
+    prb = probe.model_probe(model, params)
+    x, y = digits.x_test, digits.y_test
+    faulty, planted, notes = faults.plant_faults(
+        jax.random.key(1), model, params, prb, x, y, kind=kind, count=2, min_drop=0.02
+    )
+    assert len(planted) == 2, notes
+    before, after = zoo.predict(model, params, x), zoo.predict(model, faulty, x)
+    assert (before != after).sum() > 0
+    acc_before, acc_after = np.mean(before == y), np.mean(after == y)
+    assert acc_before - acc_after >= 0.04 - 1e-9  # two faults, each at least 0.02
+    assert sum(f.accuracy_drop for f in planted) == pytest.approx(acc_before - acc_after)
+    assert len({f.neuron for f in planted}) == 2
+    last = prb.index.layer_names[-1]
+    for f in planted:
+        assert f.neuron == prb.index.neuron_id(f.layer, f.unit)
+        assert f.accuracy_drop >= 0.02
+        assert (f.layer == last) if kind == "push_last" else True
+        assert (f.layer != last) if kind == "push_early" else True
+        assert (f.target_class is not None) == kind.startswith("push")
+    # which weights changed: the planted neurons' incoming (corrupt_in, always_on's bias)
+    # or outgoing (push_*, always_on) weights, and nothing else
+    a, b = _flat(model, params), _flat(model, faulty)
+    changed = {k for k in a if not np.array_equal(a[k], b[k])}
+    layers = [f.layer for f in planted]
+    order = sorted({k.split("/")[0] for k in a}, key=faults._order)
+    consumers = [order[order.index(layer) + 1] for layer in layers]
+    if kind == "corrupt_in":
+        assert changed <= {f"{layer}/kernel" for layer in layers}
+    elif kind == "always_on":
+        assert changed <= {f"{c}/kernel" for c in consumers} | {f"{layer}/bias" for layer in layers}
+    else:
+        assert changed <= {f"{c}/kernel" for c in consumers}
+    assert changed
+    if kind.startswith("push"):
+        # the pushed classes are predicted more often
+        targets = {f.target_class for f in planted}
+        assert sum(np.sum(after == t) for t in targets) > sum(np.sum(before == t) for t in targets)
+    if kind == "always_on":
+        # the last fault planted is active on every input, at every position
+        every = probe.model_probe(model, faulty, conv_reduce="none")
+        _, acts = every(faulty, x)
+        f = planted[-1]
+        channels = b[f"{f.layer}/kernel"].shape[-1]
+        value = np.asarray(acts[f.layer]).reshape(len(x), -1, channels)[:, :, f.unit]
+        assert (value > 0).all()
+
+
+def test_a_fault_that_changes_nothing_is_not_planted(models, digits):
+    model, params = models["mlp-3x50"]
+    prb = probe.model_probe(model, params)
+    # a drop of 0.9 is out of reach of any single neuron of this kind
+    faulty, planted, notes = faults.plant_faults(
+        jax.random.key(0), model, params, prb, digits.x_test, digits.y_test,
+        kind="corrupt_in", count=1, min_drop=0.9, tries=2,
+    )  # fmt: skip
+    assert planted == []
+    assert any("not planted" in n for n in notes)
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(faulty), strict=True)
+    )
+
+
+def test_plant_errors(models, digits):
+    model, params = models["mlp-3x50"]
+    x, y = digits.x_test, digits.y_test
+    prb = probe.model_probe(model, params)
+    with pytest.raises(ValueError, match="kind must be one of push_last"):
+        faults.plant_faults(jax.random.key(0), model, params, prb, x, y, kind="flip")
+    lenet, lenet_params = models["lenet5"]
+    with pytest.raises(ValueError, match="conv_reduce must be 'mean' or 'max'; got 'none'"):
+        faults.plant_faults(jax.random.key(0), lenet, lenet_params,
+                            probe.model_probe(lenet, lenet_params, conv_reduce="none"), x, y,
+                            kind="push_last")  # fmt: skip
+    one = probe.model_probe(model, params, layers=["dense_1"])
+    with pytest.raises(ValueError, match="push_early needs two or more probed layers"):
+        faults.plant_faults(jax.random.key(0), model, params, one, x, y, kind="push_early")
+
+
+def test_ranks_recall_and_best_rank_over_classes():
+    ranks = np.array([3, 1, 12, 2, 7])
+    assert faults.recall_and_rank(ranks, [0, 2]) == {
+        "top5_recall": 0.5, "top10_recall": 0.5, "mean_rank": 7.5}  # fmt: skip
+    per_class = np.array([[0.1, 0.9, 0.5, 0.0], [0.8, 0.2, 0.7, 0.0]])
+    # class 0 ranks 1, 2, 0, 3; class 1 ranks 0, 2, 1, 3: best ranks 0->0, 1->0, 2->1, 3->3
+    np.testing.assert_array_equal(faults._best_rank(per_class), [0, 1, 2, 3])
+
+
+def test_method_ranks_follow_the_measures(models, digits):
+    model, params = models["mlp-3x50"]
+    prb = probe.model_probe(model, params)
+    s = spectrum.compute_spectrum(prb, params, digits.x_test, digits.y_test, attribution=True)
+    ab = localize.exact_ablation(prb, params, digits.x_test, digits.y_test)
+    ranks = faults.method_ranks(s, faults.default_methods(), ablation=ab)
+    assert set(ranks) == set(faults.default_methods())
+    for method, r in ranks.items():
+        assert sorted(r.tolist()) == list(range(1, 151)), method
+    top = localize.top_k(localize.scores(s, "ochiai", pooled=True), 10)
+    np.testing.assert_array_equal(np.argsort(ranks["ochiai/pooled"])[:10], top)
+    top = localize.top_k(localize.ablation_scores(ab), 10)
+    np.testing.assert_array_equal(np.argsort(ranks["ablation/pooled"])[:10], top)
+    with pytest.raises(ValueError, match="NAME/pooled or NAME/per-class"):
+        faults.method_ranks(s, ["ochiai"])
+    with pytest.raises(ValueError, match="needs an exact ablation"):
+        faults.method_ranks(s, ["ablation/pooled"])
+
+
+def test_faultbench_command_writes_json_markdown_and_figure(capsys, tmp_path, model_cache):
+    out = tmp_path / "fb"
+    code, stdout, err = run_cli(capsys, "faultbench", "--models", "mlp-3x50", "--kinds",
+                                "push_last,always_on", "--faults", "1,2", "--seeds", "0,1",
+                                "--inputs", "300", "--out", str(out), "--json", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert json.loads((out / "faultbench.json").read_text()) == result
+    md = (out / "faultbench.md").read_text()
+    assert "## mlp-3x50" in md and "### 2 planted faults" in md and "| gradxact/pooled |" in md
+    assert (out / "faultbench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(result["trials"]) == 2 * 2 * 2
+    methods = set(result["config"]["methods"])
+    assert methods == set(faults.default_methods())
+    for count in (1, 2):
+        rows = {r["method"]: r for r in result["summary"] if r["faults"] == count}
+        assert set(rows) == methods | {"random", "random (expected)"}
+        assert rows["random (expected)"]["top10_recall"] == pytest.approx(10 / 150)
+        assert rows["random (expected)"]["mean_rank"] == pytest.approx(75.5)
+        for r in rows.values():
+            assert 0 <= r["top5_recall"] <= r["top10_recall"] <= 1
+            assert 1 <= r["mean_rank"] <= 150
+    for t in result["trials"]:
+        assert not t["skipped"] and len(t["faults"]) == t["count"]
+        assert t["accuracy_before"] - t["accuracy_after"] >= 0.02 * t["count"] - 1e-9
+        ids = [f["neuron"] for f in t["faults"]]
+        # the recorded scores are those of the planted ids
+        assert t["scores"]["gradxact/pooled"]["mean_rank"] >= 1 and len(ids) == t["count"]
+
+
+def test_faultbench_summary_recomputes_from_trials(tmp_path, model_cache):
+    config = pipeline.FaultbenchConfig(models=("mlp-3x50",), kinds=("corrupt_in",), faults=(1,),
+                                       seeds=(0, 1, 2), inputs=200,
+                                       methods=("ochiai/pooled", "gradxact/per-class"))  # fmt: skip
+    result = pipeline.faultbench(config, tmp_path)
+    for row in result["summary"]:
+        values = [t["scores"][row["method"]]["top10_recall"] for t in result["trials"]]
+        assert row["top10_recall"] == pytest.approx(np.mean(values))
+        assert row["trials"] == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--kinds", "flip"], "unknown fault kind 'flip'"),
+        (["--models", "resnet"], "unknown model 'resnet'"),
+        (["--faults", "0"], "faults must be positive integers"),
+        (["--conv-reduce", "none"], "conv_reduce must be 'mean' or 'max'"),
+        (["--methods", "ochiai"], "NAME/pooled or NAME/per-class; got 'ochiai'"),
+        (["--methods", "ablation/per-class"], "exact ablation is ranked pooled only"),
+        (["--methods", "nope/pooled"], "unknown measure 'nope'"),
+        (["--min-drop", "1.5"], "min_drop must lie in (0, 1)"),
+    ],
+)
+def test_faultbench_bad_input_is_one_line_exit_2(capsys, tmp_path, args, fragment):
+    code, out, err = run_cli(capsys, "faultbench", "--out", str(tmp_path / "fb"), *args)
+    assert_usage_error(code, out, err, fragment)
+    assert not (tmp_path / "fb").exists()
