@@ -249,7 +249,7 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
         "threshold": args.threshold,
         "conv_reduce": args.conv_reduce,
         "activation": args.activation,
-        "attribution": args.attribution,
+        "attribution": args.attribution or None,
         "num_inputs": n_pass + n_fail,
         "num_pass": n_pass,
         "num_fail": n_fail,
@@ -553,10 +553,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", default="pre", choices=("pre", "post"),
                    help="probe values before or after the activation function (default: pre)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=512, help="inputs per step (default: 512)")
-    p.add_argument("--attribution", action="store_true",
+    p.add_argument("--attribution", nargs="?", const="margin", default=False,
+                   choices=("margin", "all-classes"), metavar="margin|all-classes",
                    help="also gather the attribution sums (activation, gradient x activation, "
                    "linearised ablation) that the measures gradxact, actdiff and "
-                   "linear_ablation read")  # fmt: skip
+                   "linear_ablation read; the linearised ablation from the margin to the "
+                   "strongest rival class (the default) or from all classes' logits")  # fmt: skip
     p.add_argument("--devices", type=int, default=1,
                    help="split each batch over N local devices with shard_map (default: 1)")  # fmt: skip
     p.add_argument("--save-every", type=int, default=None, metavar="N",

@@ -23,15 +23,17 @@ With ``attribution=True`` the same jitted pass also gathers an
 :class:`Attribution` (DESIGN section 7): per class and neuron, float sums over
 passing and failing inputs of the neuron's value and of ``activation * d loss /
 d activation`` (cross-entropy with the true label), and the linearised
-ablation's predicted fixes and breaks. They come from one Jacobian of the
+ablation's predicted fixes and breaks. They come from the gradient of the
 logits with respect to the probe's gates (``probe.gated``): one forward pass
-and one backward pass per class, vmapped, per batch. The float sums depend on
-the summation order, so across batch sizes, device counts and resume points
-they agree within float32 rounding (relative 1e-5 of the largest magnitude
-per layer in the tests), not bit for bit; the fix and break counts are
-integer sums of per-input decisions and are equal whenever each input's
-first-order logits are (the tests check equality across batch sizes and
-devices on real data).
+and one vmapped backward pass per batch, with two cotangents per input (the
+loss, and the margin between the true class and its strongest rival), or one
+per class with ``attribution="all-classes"`` (the full Jacobian). The float
+sums depend on the summation order, so across batch sizes, device counts and
+resume points they agree within float32 rounding (relative 1e-5 of the
+largest magnitude of each array in the tests), not bit for bit; the fix and
+break counts are integer sums of per-input decisions and are equal whenever
+each input's first-order values are (the tests check equality across batch
+sizes and devices on real data).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from deepfault_jax.files import write_atomic
 from deepfault_jax.probe import NeuronIndex, Probe
 
 __all__ = [
+    "LINEARISED",
     "Attribution",
     "AttributionSums",
     "Counts",
@@ -138,9 +141,18 @@ class Attribution:
         the loss being the cross-entropy with the true label: the first-order
         drop of the loss when the neuron is zeroed.
       gxa_fail: the same over failing inputs.
-      fixes: ``int32[classes, neurons]``, failing inputs whose first-order
-        logits with the neuron zeroed, ``z - J``, pick the true class.
-      breaks: passing inputs whose ``z - J`` no longer picks the true class.
+      fixes: ``int32[classes, neurons]``, failing inputs that zeroing the
+        neuron would make correct, to first order (see ``linearised``).
+      breaks: passing inputs that zeroing the neuron would make wrong.
+      linearised: how a fix or break is predicted (static).
+        ``"margin"`` (the default): from the margin ``m = z_y - z_r`` between
+        the true class ``y`` and its strongest rival ``r`` (the predicted
+        class of a failing input, the runner-up of a passing one): the input
+        is right after zeroing when ``m - J_m > 0``, ``J_m = J_y - J_r``; a
+        third class overtaking both is not modelled. Two cotangents per input.
+        ``"all-classes"``: from every class's first-order logit, ``z - J``
+        picks the true class; one cotangent per class (``classes`` times the
+        backward work).
     """
 
     act_pass: jax.Array
@@ -149,11 +161,29 @@ class Attribution:
     gxa_fail: jax.Array
     fixes: jax.Array
     breaks: jax.Array
+    linearised: str = struct.field(pytree_node=False, default="margin")
 
 
-def _zero_attribution(c: int, n: int) -> Attribution:
+#: How the linearised ablation predicts fixes and breaks (see :class:`Attribution`).
+LINEARISED = ("margin", "all-classes")
+
+
+def _attribution_mode(attribution: bool | str) -> str | None:
+    """``False`` -> None; ``True`` -> ``"margin"``; a mode name -> itself."""
+    if attribution is False or attribution is None:
+        return None
+    if attribution is True:
+        return "margin"
+    if attribution not in LINEARISED:
+        raise ValueError(
+            f"attribution must be True, False or one of {', '.join(LINEARISED)}; got {attribution!r}"
+        )
+    return str(attribution)
+
+
+def _zero_attribution(c: int, n: int, linearised: str) -> Attribution:
     f, i = jnp.zeros((c, n), jnp.float32), jnp.zeros((c, n), jnp.int32)
-    return Attribution(f, f, f, f, i, i)
+    return Attribution(f, f, f, f, i, i, linearised)
 
 
 _ATTRIBUTION_FIELDS = ("act_pass", "act_fail", "gxa_pass", "gxa_fail", "fixes", "breaks")
@@ -255,9 +285,18 @@ class Spectrum:
 
 
 def init_spectrum(
-    index: NeuronIndex, *, num_classes: int, threshold: float = 0.0, attribution: bool = False
+    index: NeuronIndex,
+    *,
+    num_classes: int,
+    threshold: float = 0.0,
+    attribution: bool | str = False,
 ) -> Spectrum:
-    """An all-zero spectrum for ``index`` and ``num_classes`` classes (with zero attribution sums)."""
+    """An all-zero spectrum for ``index`` and ``num_classes`` classes.
+
+    ``attribution``: False for counts only; True (``"margin"``) or
+    ``"all-classes"`` for zero :class:`Attribution` sums of that kind.
+    """
+    mode = _attribution_mode(attribution)
     if int(num_classes) < 2:
         raise ValueError(f"num_classes must be >= 2; got {num_classes}")
     c, n = int(num_classes), index.num_neurons
@@ -268,7 +307,7 @@ def init_spectrum(
         jnp.zeros((c,), jnp.int32),
         index,
         float(threshold),
-        _zero_attribution(c, n) if attribution else None,
+        _zero_attribution(c, n, mode) if mode else None,
     )
 
 
@@ -333,9 +372,10 @@ def _slot_weights(logits, labels, mask):
     return weights, correct
 
 
-def _attribution_batch(probe: Probe, params: Any, x, labels, mask):
-    """Logits, activations and the :class:`Attribution` sums of one batch, from one
-    forward pass and one vmapped backward pass per class through the gates."""
+def _attribution_batch(probe: Probe, params: Any, x, labels, mask, linearised: str):
+    """Logits, activations and the :class:`Attribution` sums of one batch: one forward
+    pass, then one vmapped backward pass through the gates with two cotangents per
+    input (``"margin"``) or one per class (``"all-classes"``)."""
     # gates of 1, built from the labels so that they carry their type: under
     # shard_map a gradient with respect to a replicated value would be summed
     # over the devices, and each input's own Jacobian is wanted
@@ -347,24 +387,39 @@ def _attribution_batch(probe: Probe, params: Any, x, labels, mask):
     onehot = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
     # d loss / d logits of the cross-entropy with the true label
     residual = jax.nn.softmax(logits, axis=-1) - onehot
-    # one cotangent per class; built from the logits so that it carries their
-    # type (under shard_map: varying over the data axis)
-    cotangents = jnp.eye(num_classes, dtype=logits.dtype)[:, None, :] + jnp.zeros_like(logits)
-    (jac,) = jax.vmap(jvp_back)(cotangents)  # layer -> [classes, batch, units]
-    classes = jnp.arange(num_classes)[:, None, None]
-    earlier = classes < labels[None, :, None]
-    other = classes != labels[None, :, None]
+    if linearised == "margin":
+        # the strongest other class (the first of equals): the predicted class of a
+        # failing input, the runner-up of a passing one
+        rival = jnp.argmax(jnp.where(onehot > 0, -jnp.inf, logits), axis=-1)
+        toward_rival = onehot - jax.nn.one_hot(rival, num_classes, dtype=logits.dtype)
+        (grads,) = jax.vmap(jvp_back)(jnp.stack([residual, toward_rival]))  # layer -> [2, B, U]
+        margin = jnp.sum(logits * toward_rival, axis=-1, keepdims=True)  # z_y - z_rival
+        rival_later = (labels < rival)[:, None]
+    else:
+        # one cotangent per class; built from the logits so that it carries their
+        # type (under shard_map: varying over the data axis)
+        cotangents = jnp.eye(num_classes, dtype=logits.dtype)[:, None, :] + jnp.zeros_like(logits)
+        (grads,) = jax.vmap(jvp_back)(cotangents)  # layer -> [classes, batch, units]
+        classes = jnp.arange(num_classes)[:, None, None]
+        earlier = classes < labels[None, :, None]
+        other = classes != labels[None, :, None]
     sums = {f: [] for f in _ATTRIBUTION_FIELDS}
     for name in probe.index.layer_names:
-        j = jac[name]
-        gxa = jnp.einsum("cbu,bc->bu", j, residual, precision=jax.lax.Precision.HIGHEST)
-        # first-order logits with the neuron zeroed: logits - J; the true class's
-        # value is read from the same array (a recomputed one may differ in the
-        # last bit under XLA's fusions), and never competes with itself
-        moved = logits.T[:, :, None] - j
-        own = jnp.take_along_axis(moved, labels[None, :, None], axis=0)
-        beaten = other & ((moved > own) | ((moved == own) & earlier))
-        right = ~jnp.any(beaten, axis=0)  # [batch, units]
+        j = grads[name]
+        if linearised == "margin":
+            gxa = j[0]
+            # first-order margin with the neuron zeroed (its gate from 1 to 0)
+            moved = margin - j[1]
+            right = (moved > 0) | ((moved == 0) & rival_later)
+        else:
+            gxa = jnp.einsum("cbu,bc->bu", j, residual, precision=jax.lax.Precision.HIGHEST)
+            # first-order logits with the neuron zeroed: logits - J; the true class's
+            # value is read from the same array (a recomputed one may differ in the
+            # last bit under XLA's fusions), and never competes with itself
+            moved = logits.T[:, :, None] - j
+            own = jnp.take_along_axis(moved, labels[None, :, None], axis=0)
+            beaten = other & ((moved > own) | ((moved == own) & earlier))
+            right = ~jnp.any(beaten, axis=0)  # [batch, units]
         fix = (right & ~correct[:, None]).astype(jnp.float32)
         brk = (~right & correct[:, None]).astype(jnp.float32)
         act = acts[name]
@@ -377,7 +432,7 @@ def _attribution_batch(probe: Probe, params: Any, x, labels, mask):
     cat = {f: jnp.concatenate(v, axis=-1) for f, v in sums.items()}
     for f in ("fixes", "breaks"):
         cat[f] = cat[f].astype(jnp.int32)
-    return logits, acts, Attribution(**cat)
+    return logits, acts, Attribution(**cat, linearised=linearised)
 
 
 def _predicts(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -445,11 +500,7 @@ def merge(a: Spectrum, b: Spectrum) -> Spectrum:
         classes or threshold.
     """
     _check_same_layout(a, b, "merge")
-    if (a.attribution is None) != (b.attribution is None):
-        raise ValueError(
-            "cannot merge a spectrum with attribution sums and one without: expected both "
-            f"{'with' if a.attribution is not None else 'without'}, got the other"
-        )
+    _check_same_attribution(a, b, "merge")
     return _add(a, (b.a_pass, b.a_fail, b.n_pass, b.n_fail), b.attribution)
 
 
@@ -467,6 +518,19 @@ def _check_same_layout(a: Spectrum, b: Spectrum, what: str) -> None:
     if a.threshold != b.threshold:
         raise ValueError(
             f"cannot {what} spectra: expected threshold {a.threshold}, got {b.threshold}"
+        )
+
+
+def _describe(s: Spectrum) -> str:
+    if s.attribution is None:
+        return "without attribution sums"
+    return f"with {s.attribution.linearised!r} attribution sums"
+
+
+def _check_same_attribution(a: Spectrum, b: Spectrum, what: str) -> None:
+    if _describe(a) != _describe(b):
+        raise ValueError(
+            f"cannot {what}: expected a spectrum {_describe(a)}, got one {_describe(b)}"
         )
 
 
@@ -504,7 +568,9 @@ def _count_step(spectrum: Spectrum, nonfinite: jax.Array, params: Any, x, y, mas
     if spectrum.attribution is None:
         logits, by_layer = probe(params, x)
     else:
-        logits, by_layer, attribution = _attribution_batch(probe, params, x, y, mask)
+        logits, by_layer, attribution = _attribution_batch(
+            probe, params, x, y, mask, spectrum.attribution.linearised
+        )
     acts = [by_layer[name] for name in probe.index.layer_names]
     counts, bad = _counts_and_nonfinite(logits, acts, y, mask, spectrum.threshold)
     if attribution is not None:
@@ -582,7 +648,7 @@ def accumulate(
     *,
     num_classes: int | None = None,
     threshold: float = 0.0,
-    attribution: bool = False,
+    attribution: bool | str = False,
     spectrum: Spectrum | None = None,
     mesh: Mesh | None = None,
     progress: bool = False,
@@ -608,8 +674,9 @@ def accumulate(
       num_classes: classes (default: the probe's number of logits).
       threshold: active means ``> threshold``; ignored when ``spectrum`` is given.
       attribution: also gather the :class:`Attribution` sums (needs a probe
-        with gates); ignored when ``spectrum`` is given (its own sums, or
-        none, decide).
+        with gates): True or ``"margin"`` (two cotangents per input), or
+        ``"all-classes"`` (one per class; see :class:`Attribution`); ignored
+        when ``spectrum`` is given (its own sums, or none, decide).
       spectrum: continue from this spectrum instead of zeros.
       mesh: a 1-D ``("data",)`` mesh (:func:`data_mesh`) to split each batch
         over its devices with ``shard_map`` and sum with ``psum``; None runs on
@@ -726,7 +793,7 @@ def compute_spectrum(
     *,
     batch_size: int = 512,
     threshold: float = 0.0,
-    attribution: bool = False,
+    attribution: bool | str = False,
     mesh: Mesh | None = None,
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
@@ -742,7 +809,7 @@ def compute_spectrum(
       y: ``int[n]`` true classes.
       batch_size: rows per step (per process); a multiple of the local device count.
       threshold: active means ``> threshold``.
-      attribution: also gather the :class:`Attribution` sums.
+      attribution: also gather the :class:`Attribution` sums (as in :func:`accumulate`).
       mesh: as in :func:`accumulate`.
       checkpoint_path: if given, the spectrum and position are saved there
         (atomically) every ``checkpoint_every`` batches; a run started again
@@ -782,11 +849,7 @@ def compute_spectrum(
         if checkpoint_path.exists():
             saved, meta = load_spectrum(checkpoint_path, with_metadata=True)
             _check_same_layout(spectrum, saved, "resume")
-            if (saved.attribution is None) != (spectrum.attribution is None):
-                raise ValueError(
-                    f"cannot resume from {checkpoint_path}: expected a spectrum "
-                    f"{'with' if attribution else 'without'} attribution sums, got the other"
-                )
+            _check_same_attribution(spectrum, saved, f"resume from {checkpoint_path}")
             if meta.get("data_fingerprint") != fingerprint:
                 raise ValueError(
                     f"cannot resume from {checkpoint_path}: it was computed on other data "
@@ -868,7 +931,7 @@ def save_spectrum(
     with attribution sums, ``attribution_act_pass``, ``attribution_act_fail``,
     ``attribution_gxa_pass``, ``attribution_gxa_fail`` (float32) and
     ``attribution_fixes``, ``attribution_breaks`` (int32), each ``[classes,
-    neurons]``; every array loads with ``np.load(path, allow_pickle=False)``.
+    neurons]``, and ``attribution_linearised`` (str); every array loads with ``np.load(path, allow_pickle=False)``.
 
     Returns:
       The path written.
@@ -887,6 +950,7 @@ def save_spectrum(
         "metadata": np.str_(json.dumps(metadata or {}, sort_keys=True)),
     }
     if spectrum.attribution is not None:
+        arrays["attribution_linearised"] = np.str_(spectrum.attribution.linearised)
         for field in _ATTRIBUTION_FIELDS:
             dtype = np.int32 if field in ("fixes", "breaks") else np.float32
             arrays[f"attribution_{field}"] = np.asarray(getattr(spectrum.attribution, field), dtype)
@@ -972,7 +1036,13 @@ def load_spectrum(path: str | os.PathLike, *, with_metadata: bool = False):
                     f"shape {(c, n)}; got {a.dtype} {a.shape}"
                 )
             parts[field] = jnp.asarray(a, jnp.int32 if integer else jnp.float32)
-        attribution = Attribution(**parts)
+        linearised = str(arrays.get("attribution_linearised", "margin"))
+        if linearised not in LINEARISED:
+            raise ValueError(
+                f"{path}: attribution_linearised must be one of {', '.join(LINEARISED)}; "
+                f"got {linearised!r}"
+            )
+        attribution = Attribution(**parts, linearised=linearised)
     spectrum = Spectrum(
         *(jnp.asarray(a, jnp.int32) for a in (a_pass, a_fail, n_pass, n_fail)),
         index,

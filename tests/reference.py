@@ -161,13 +161,16 @@ def mlp_logits(x, layers, gates, activation):
     return h @ np.asarray(kernel, np.float64) + np.asarray(bias, np.float64)
 
 
-def mlp_attribution_loops(x, y, layers, activation, *, num_classes, step=1e-4):
+def mlp_attribution_loops(x, y, layers, activation, *, num_classes, linearised, step=1e-4):
     """The attribution sums of DESIGN section 7 from their definitions, in float64.
 
     ``J[b, c, u] = d logit_c / d gate_u`` by central finite differences (one
     neuron at a time); ``gxa = sum_c J * (softmax - onehot)`` (``a * d loss / d a``
     of the cross-entropy); a fix / break is decided input by input from
-    ``argmax(logits - J[:, :, u])``. Returns a dict of ``[classes, neurons]``
+    ``argmax(logits - J[:, :, u])`` (``linearised="all-classes"``) or from the
+    margin to the strongest other class r (the first of equals), right when
+    ``(z_y - z_r) - (J_y - J_r) > 0`` or it is 0 and y < r (``"margin"``).
+    Returns a dict of ``[classes, neurons]``
     arrays: act_pass, act_fail, gxa_pass, gxa_fail, fixes, breaks.
     """
     sizes = [np.asarray(k).shape[1] for k, _ in layers[:-1]]
@@ -204,7 +207,13 @@ def mlp_attribution_loops(x, y, layers, activation, *, num_classes, step=1e-4):
                 residual[label] -= 1.0
                 out[f"act_{side}"][label, neuron] += values[b, neuron]
                 out[f"gxa_{side}"][label, neuron] += float(jac[b] @ residual)
-                right = int(np.argmax(logits[b] - jac[b])) == label
+                if linearised == "all-classes":
+                    right = int(np.argmax(logits[b] - jac[b])) == label
+                else:
+                    others = [c for c in range(num_classes) if c != label]
+                    rival = others[int(np.argmax(logits[b, others]))]
+                    moved = (logits[b, label] - logits[b, rival]) - (jac[b, label] - jac[b, rival])
+                    right = moved > 0 or (moved == 0 and label < rival)
                 if not correct and right:
                     out["fixes"][label, neuron] += 1
                 if correct and not right:

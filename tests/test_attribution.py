@@ -141,14 +141,17 @@ def test_function_probe_with_gated_fn_matches_linen(trained_mlp, digits):
 # --------------------------------------------------------------------------- the reference
 
 
-def test_attribution_sums_equal_the_finite_difference_reference(trained_mlp, digits):
+@pytest.mark.parametrize("linearised", spectrum.LINEARISED)
+def test_attribution_sums_equal_the_finite_difference_reference(trained_mlp, digits, linearised):
     model, params = trained_mlp
     x, y = digits.x_test[:160], digits.y_test[:160]
     prb = probe.model_probe(model, params)
-    s = spectrum.compute_spectrum(prb, params, x, y, batch_size=64, attribution=True)
+    s = spectrum.compute_spectrum(prb, params, x, y, batch_size=64, attribution=linearised)
+    assert s.attribution.linearised == linearised
     layers = [(params[f"dense_{i}"]["kernel"], params[f"dense_{i}"]["bias"]) for i in range(3)]
     layers.append((params["logits"]["kernel"], params["logits"]["bias"]))
-    ref = mlp_attribution_loops(x, y, layers, lambda z: np.maximum(z, 0.0), num_classes=10)
+    ref = mlp_attribution_loops(x, y, layers, lambda z: np.maximum(z, 0.0), num_classes=10,
+                                linearised=linearised)  # fmt: skip
     got = _attr(s)
     assert int(s.n_fail.sum()) > 5  # failing inputs exist, so every sum is exercised
     assert ref["fixes"].sum() > 0 and ref["breaks"].sum() > 0
@@ -201,23 +204,43 @@ def test_counts_of_an_attribution_pass_equal_the_count_only_pass(trained_mlp, di
     assert b.attribution is None
 
 
+@pytest.mark.parametrize("linearised", spectrum.LINEARISED)
 @pytest.mark.parametrize("model_fixture", ["trained_mlp", "trained_lenet"])
-def test_attribution_agrees_across_batch_sizes_and_devices(model_fixture, request, digits):
+def test_attribution_agrees_across_batch_sizes_and_devices(
+    model_fixture, linearised, request, digits
+):
     model, params = request.getfixturevalue(model_fixture)
     prb = probe.model_probe(model, params)
     x, y = digits.x_test, digits.y_test
-    base = spectrum.compute_spectrum(prb, params, x, y, batch_size=128, attribution=True)
-    assert int(base.n_fail.sum()) > 0
+    base = spectrum.compute_spectrum(prb, params, x, y, batch_size=128, attribution=linearised)
+    assert int(base.n_fail.sum()) > 0 and int(base.attribution.fixes.sum()) > 0
     for batch_size in (7, 449):
-        assert_close_sums(
-            base,
-            spectrum.compute_spectrum(prb, params, x, y, batch_size=batch_size, attribution=True),
-        )
+        again = spectrum.compute_spectrum(prb, params, x, y, batch_size=batch_size,
+                                          attribution=linearised)  # fmt: skip
+        assert_close_sums(base, again)
     mesh = spectrum.data_mesh(devices=4)
-    sharded = spectrum.compute_spectrum(
-        prb, params, x, y, batch_size=64, mesh=mesh, attribution=True
-    )
+    sharded = spectrum.compute_spectrum(prb, params, x, y, batch_size=64, mesh=mesh,
+                                        attribution=linearised)  # fmt: skip
     assert_close_sums(base, sharded)
+
+
+def test_margin_and_all_classes_agree_where_they_must(trained_mlp, digits):
+    model, params = trained_mlp
+    prb = probe.model_probe(model, params)
+    x, y = digits.x_test, digits.y_test
+    a = spectrum.compute_spectrum(prb, params, x, y, attribution="margin").attribution
+    b = spectrum.compute_spectrum(prb, params, x, y, attribution="all-classes").attribution
+    for f in ("act_pass", "act_fail", "gxa_pass", "gxa_fail"):
+        scale = float(np.abs(np.asarray(getattr(b, f))).max())
+        np.testing.assert_allclose(getattr(a, f), getattr(b, f), rtol=0, atol=SUM_RTOL * scale)
+    # the margin ignores a third class overtaking: a fix of all classes is a fix of the
+    # margin, a break of the margin is a break of all classes
+    fa, fb = np.asarray(a.fixes), np.asarray(b.fixes)
+    ba, bb = np.asarray(a.breaks), np.asarray(b.breaks)
+    assert (fa >= fb).all() and (ba <= bb).all()
+    assert fb.sum() > 0 and bb.sum() > 0
+    with pytest.raises(ValueError, match="attribution must be True, False or one of margin"):
+        spectrum.compute_spectrum(prb, params, x, y, attribution="exact")
 
 
 def test_resume_and_merge_keep_attribution(trained_mlp, digits, tmp_path):
@@ -241,14 +264,21 @@ def test_resume_and_merge_keep_attribution(trained_mlp, digits, tmp_path):
     resumed = spectrum.compute_spectrum(prb, params, x, y, batch_size=32, attribution=True,
                                         checkpoint_path=path)  # fmt: skip
     assert_close_sums(whole, resumed)
-    with pytest.raises(ValueError, match="expected a spectrum without attribution sums"):
+    with pytest.raises(
+        ValueError, match="expected a spectrum without attribution sums, got one with 'margin'"
+    ):
         spectrum.compute_spectrum(prb, params, x, y, checkpoint_path=path)
     first = spectrum.compute_spectrum(prb, params, x[:200], y[:200], attribution=True)
     second = spectrum.compute_spectrum(prb, params, x[200:], y[200:], attribution=True)
     assert_close_sums(whole, spectrum.merge(first, second))
     plain = spectrum.compute_spectrum(prb, params, x[200:], y[200:])
-    with pytest.raises(ValueError, match="cannot merge a spectrum with attribution sums"):
+    with pytest.raises(
+        ValueError, match="cannot merge: expected a spectrum with 'margin' attribution"
+    ):
         spectrum.merge(first, plain)
+    full = spectrum.compute_spectrum(prb, params, x[200:], y[200:], attribution="all-classes")
+    with pytest.raises(ValueError, match="got one with 'all-classes' attribution sums"):
+        spectrum.merge(first, full)
 
 
 def test_save_load_round_trip_and_damaged_files(trained_mlp, digits, tmp_path):
