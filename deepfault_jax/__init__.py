@@ -14,11 +14,15 @@ The public API, by stage of the pipeline (see each module for details):
 - spectra (:mod:`deepfault_jax.spectrum`): :class:`Spectrum`, :class:`Counts`,
   :func:`init_spectrum`, :func:`update_spectrum`, :func:`accumulate_spectrum`,
   :func:`compute_spectrum`, :func:`merge_spectra`, :func:`save_spectrum`,
-  :func:`load_spectrum`, :func:`data_mesh`, :class:`SpectrumMetric`.
+  :func:`load_spectrum`, :func:`data_mesh`, :class:`SpectrumMetric`,
+  :class:`Attribution`, :class:`AttributionSums`.
 - localization (:mod:`deepfault_jax.measures`, :mod:`deepfault_jax.localize`):
   :func:`get_measure`, :func:`measure_names`, :func:`suspiciousness`,
   :func:`top_k_neurons`, :func:`suspicious_neurons`, :func:`random_neurons`,
-  :func:`ranking_table`, :func:`measure_agreement`.
+  :func:`ranking_table`, :func:`measure_agreement`, :func:`measure_kind`,
+  :func:`exact_ablation`, :class:`Ablation`, :func:`ablation_scores`.
+- planted faults (:mod:`deepfault_jax.faults`): :func:`plant_faults`,
+  :class:`PlantedFault`, :data:`FAULT_KINDS`.
 """
 
 from deepfault_jax.data import (
@@ -31,11 +35,20 @@ from deepfault_jax.data import (
     read_idx,
     shuffled_batches,
 )
+from deepfault_jax.faults import FAULT_KINDS, PlantedFault, plant_faults
+from deepfault_jax.localize import (
+    Ablation,
+    ablation_scores,
+    exact_ablation,
+    random_neurons,
+    ranking_table,
+    suspicious_neurons,
+)
 from deepfault_jax.localize import agreement as measure_agreement
-from deepfault_jax.localize import random_neurons, ranking_table, suspicious_neurons
 from deepfault_jax.localize import scores as suspiciousness
 from deepfault_jax.localize import top_k as top_k_neurons
 from deepfault_jax.measures import get as get_measure
+from deepfault_jax.measures import kind as measure_kind
 from deepfault_jax.measures import names as measure_names
 from deepfault_jax.probe import (
     NeuronIndex,
@@ -46,6 +59,8 @@ from deepfault_jax.probe import (
     nnx_probe,
 )
 from deepfault_jax.spectrum import (
+    Attribution,
+    AttributionSums,
     Counts,
     Spectrum,
     SpectrumMetric,
@@ -76,6 +91,15 @@ from deepfault_jax.zoo import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "FAULT_KINDS",
+    "Ablation",
+    "Attribution",
+    "AttributionSums",
+    "PlantedFault",
+    "ablation_scores",
+    "exact_ablation",
+    "measure_kind",
+    "plant_faults",
     "accuracy",
     "Batch",
     "Counts",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -413,3 +415,58 @@ def test_exact_ablation_errors(trained_mlp, digits):
     with pytest.raises(ValueError, match="by must be one of"):
         localize.ablation_scores(localize.exact_ablation(prb, params, digits.x_test[:5],
                                                          digits.y_test[:5]), by="rank")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- command line and run
+
+
+def test_cli_spectrum_with_attribution_and_localize_by_attribution(capsys, tmp_path, monkeypatch):
+    from test_cli import assert_usage_error, run_cli
+
+    monkeypatch.setenv("DEEPFAULT_JAX_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "s.npz"
+    code, stdout, err = run_cli(capsys, "spectrum", "--out", str(out), "--attribution",
+                                "--no-progress", "--json")  # fmt: skip
+    assert code == 0, err
+    assert json.loads(stdout)["attribution"] == "margin"
+    s = spectrum.load_spectrum(out)
+    assert s.attribution is not None and s.attribution.linearised == "margin"
+    code, stdout, err = run_cli(capsys, "localize", "--spectrum", str(out), "--measure",
+                                "gradxact", "--k", "4", "--json")  # fmt: skip
+    assert code == 0, err
+    result = json.loads(stdout)
+    want = localize.top_k(localize.scores(s, "gradxact", pooled=True), 4)
+    assert [r["id"] for r in result["neurons"]] == want.tolist()
+    code, stdout, err = run_cli(capsys, "localize", "--spectrum", str(out), "--measure",
+                                "linear_ablation", "--class", "3", "--k", "2", "--json")  # fmt: skip
+    assert code == 0, err
+    row = json.loads(stdout)["neurons"][0]
+    a = s.attribution
+    assert row["score"] == float(a.fixes[3, row["id"]] - a.breaks[3, row["id"]])
+    plain = tmp_path / "plain.npz"
+    assert run_cli(capsys, "spectrum", "--out", str(plain), "--no-progress")[0] == 0
+    code, stdout, err = run_cli(
+        capsys, "localize", "--spectrum", str(plain), "--measure", "actdiff"
+    )
+    assert_usage_error(code, stdout, err, "compute the spectrum with attribution=True",
+                       "--attribution")  # fmt: skip
+    code, stdout, err = run_cli(capsys, "spectrum", "--out", str(tmp_path / "x.npz"),
+                                "--attribution", "exact")  # fmt: skip
+    assert_usage_error(code, stdout, err, "--attribution", "exact")
+
+
+def test_run_with_an_attribution_measure(tmp_path, monkeypatch):
+    from deepfault_jax import pipeline
+
+    monkeypatch.setenv("DEEPFAULT_JAX_CACHE", str(tmp_path / "cache"))
+    config = pipeline.RunConfig(measures=("ochiai", "gradxact"), k=(2,), inputs_per_class=3,
+                                random_repeats=1)  # fmt: skip
+    result = pipeline.run(config, tmp_path / "run")
+    rows = {r["measure"]: r for r in result["results"]}
+    assert set(rows) == {"ochiai", "gradxact"}
+    saved = spectrum.load_spectrum(tmp_path / "run" / "spectrum.npz")
+    table = localize.suspicious_neurons(saved, "gradxact", 2)
+    with np.load(tmp_path / "run" / "synthesized.npz") as f:
+        np.testing.assert_array_equal(f["gradxact_k2__table"], table)
+    assert 0.0 <= rows["gradxact"]["misclassification_rate"] <= 1.0
+    assert "| gradxact |" in (tmp_path / "run" / "report.md").read_text()
