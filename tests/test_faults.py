@@ -28,7 +28,7 @@ def model_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def models(digits):
     out = {}
-    for name, epochs in (("mlp-3x50", 10), ("lenet5", 3), ("nnx-mlp-3x50", 10)):
+    for name, epochs in (("mlp-3x50", 10), ("lenet5", 3), ("nnx-mlp-3x50", 10), ("lenet1", 5)):
         model = zoo.create_model(name, input_shape=digits.input_shape, num_classes=10)
         out[name] = (model, zoo.train(jax.random.key(0), model, digits, epochs=epochs).params)
     return out
@@ -45,7 +45,7 @@ def _flat(model, params) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("kind", faults.FAULT_KINDS)
-@pytest.mark.parametrize("name", ["mlp-3x50", "lenet5", "nnx-mlp-3x50"])
+@pytest.mark.parametrize("name", ["mlp-3x50", "lenet5", "nnx-mlp-3x50", "lenet1"])
 def test_each_fault_kind_changes_predictions_and_only_its_neurons_weights(
     models, digits, name, kind
 ):
