@@ -14,4 +14,6 @@ timeout 300 python3 benchmarks/spectrum.py --models mlp-3x50,mlp-8x20,lenet5,cif
   --json > "$out/spectrum.json"
 timeout 150 python3 benchmarks/synthesis.py --models mlp-3x50,lenet5 --inputs 8192 \
   --original-inputs 10 --repeats 3 --json > "$out/synthesis.json"
+timeout 90 python3 benchmarks/attribution.py --models mlp-3x50,lenet5 --inputs 60000 --repeats 3 \
+  --ablation-inputs 2000 --json > "$out/attribution.json"
 echo "results in $out"
