@@ -28,12 +28,15 @@ Localization methods, each giving one ranking of all probed neurons:
 count measures (``tarantula``, ``ochiai``, ``dstar``, ...) and attribution
 measures (``gradxact``, ``actdiff``, ``linear_ablation``), each pooled over
 classes or per class (a neuron's rank is its best rank in any class's
-ranking, ties to the lower id), exact ablation (``ablation``: fixes minus
+ranking; classes whose scores are all equal carry no evidence and are left
+out), exact ablation (``ablation``: fixes minus
 breaks; ``ablation_loss``: mean loss drop), and the random ranking (expected
 recall ``k / N``, expected mean rank ``(N + 1) / 2``; the empirical mean of
 random permutations is reported beside it). Scores: top-5 and top-10 recall
 (the share of planted neurons among the first 5 or 10) and the mean rank of
-the planted neurons (1 = first).
+the planted neurons (1 = first). A planted neuron tied with others counts as
+the expectation over random tie-breaking (the middle of the tie; the share of
+the tie within the first k), so neither its id nor its neighbours' decide.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import dataclasses
 import re
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +60,7 @@ from deepfault_jax.zoo import Model, predict
 __all__ = [
     "FAULT_KINDS",
     "PlantedFault",
+    "Ranks",
     "Trial",
     "default_methods",
     "method_ranks",
@@ -64,6 +68,7 @@ __all__ = [
     "recall_and_rank",
     "run_trial",
     "summarize",
+    "tie_ranks",
 ]
 
 FAULT_KINDS = ("push_last", "push_early", "always_on", "corrupt_in")
@@ -116,11 +121,17 @@ def _order(name: str):
 
 
 class _Params:
-    """A zoo model's parameters as a mutable dict of numpy arrays, and back."""
+    """A zoo model's parameters as a mutable dict of numpy arrays, and back.
+
+    Zoo models only: layers are ``conv_i``, ``dense_i`` and ``logits``, called
+    in that order, each reading the previous one's output (through pooling
+    and a flatten after the last conv).
+    """
 
     def __init__(self, model: Model, params: Any):
         self.model, self.original = model, params
         tree = nnx.to_pure_dict(params) if model.is_nnx else params
+        self.dtypes = jax.tree.map(lambda a: np.asarray(a).dtype, dict(tree))
         self.tree = jax.tree.map(lambda a: np.array(a, np.float32), dict(tree))
         self.layers = sorted(self.tree, key=_order)
 
@@ -146,19 +157,27 @@ class _Params:
             return nxt, (slice(unit, None, channels), slice(None))
         return nxt, (unit, slice(None))
 
-    def build(self) -> Any:
-        tree = jax.tree.map(jnp.asarray, self.tree)
+    def as_params(self, tree: dict) -> Any:
+        """``tree`` (this layout, any arrays) as the model's parameters, in their dtypes."""
+        tree = jax.tree.map(lambda a, d: jnp.asarray(a, d), tree, self.dtypes)
         if self.model.is_nnx:
-            state = jax.tree.map(lambda a: a, self.original)
+            state = jax.tree.map(lambda a: a, self.original)  # a copy to fill
             nnx.replace_by_pure_dict(state, tree)
             return state
         return tree
 
+    def build(self) -> Any:
+        return self.as_params(self.tree)
+
     def copy(self) -> _Params:
         other = object.__new__(_Params)
         other.model, other.original, other.layers = self.model, self.original, self.layers
+        other.dtypes = self.dtypes
         other.tree = jax.tree.map(np.copy, self.tree)
         return other
+
+
+_CHUNK = 512  # inputs per jitted step in the helpers below
 
 
 def _accuracy(model: Model, params: Any, x: np.ndarray, y: np.ndarray) -> float:
@@ -167,38 +186,53 @@ def _accuracy(model: Model, params: Any, x: np.ndarray, y: np.ndarray) -> float:
 
 def _raw_values(model: Model, params: Any, probe: Probe, x: np.ndarray) -> dict[str, dict]:
     """Each probed layer's output (pre-activation) per input and unit or channel: its
-    ``"max"`` and ``"min"`` over a channel's positions."""
+    ``"max"`` and ``"min"`` over a channel's positions (reduced on the device, in chunks)."""
     from deepfault_jax.probe import model_probe
 
     every = model_probe(model, params, layers=list(probe.index.layer_names), conv_reduce="none")
-    _, acts = jax.jit(every.fn)(params, jnp.asarray(x))
-    out: dict[str, dict] = {"max": {}, "min": {}}
-    for name, value in acts.items():
-        channels = int(probe.index.layer_sizes[probe.index.layer_names.index(name)])
-        per = np.asarray(value).reshape(len(x), -1, channels)
-        out["max"][name], out["min"][name] = per.max(axis=1), per.min(axis=1)
-    return out
+    sizes = dict(zip(probe.index.layer_names, probe.index.layer_sizes, strict=True))
+
+    @jax.jit
+    def extremes(params, x):
+        _, acts = every.fn(params, x)
+        out = {}
+        for name, value in acts.items():
+            per = value.reshape(x.shape[0], -1, sizes[name])
+            out[name] = (per.max(axis=1), per.min(axis=1))
+        return out
+
+    parts = [extremes(params, jnp.asarray(x[i : i + _CHUNK])) for i in range(0, len(x), _CHUNK)]
+    return {
+        side: {
+            name: np.concatenate([np.asarray(part[name][j]) for part in parts])
+            for name in probe.index.layer_names
+        }
+        for j, side in enumerate(("max", "min"))
+    }
 
 
 def _push_direction(model: Model, p: _Params, layer: str, unit: int, target: int, x) -> tuple:
-    """Gradient of the mean log p(target) with respect to the weights reading ``unit``."""
+    """Gradient of the mean log p(target) over ``x`` with respect to the weights reading
+    ``unit`` (summed over chunks of inputs)."""
     nxt, idx = p.outgoing(layer, unit)
-    params = p.build()
 
-    def objective(w):
-        tree = dict(p.tree)
-        kernel = jnp.asarray(tree[nxt]["kernel"]).at[idx].set(w)
-        tree = {**tree, nxt: {**tree[nxt], "kernel": kernel}}
-        full = jax.tree.map(jnp.asarray, tree)
-        if model.is_nnx:
-            state = jax.tree.map(lambda a: a, params)
-            nnx.replace_by_pure_dict(state, full)
-            full = state
-        logits = model.apply(full, x)
-        return jnp.mean(jax.nn.log_softmax(logits)[:, target])
+    @jax.jit
+    def chunk_grad(w, x):
+        def objective(w):
+            tree = {
+                **p.tree,
+                nxt: {**p.tree[nxt], "kernel": jnp.asarray(p.kernel(nxt)).at[idx].set(w)},
+            }
+            logits = model.apply(p.as_params(tree), x)
+            return jnp.sum(jax.nn.log_softmax(logits)[:, target])
+
+        return jax.grad(objective)(w)
 
     w0 = jnp.asarray(p.kernel(nxt)[idx])
-    return nxt, idx, np.asarray(jax.grad(objective)(w0))
+    total = sum(
+        np.asarray(chunk_grad(w0, jnp.asarray(x[i : i + _CHUNK]))) for i in range(0, len(x), _CHUNK)
+    )
+    return nxt, idx, total / len(x)
 
 
 def _apply(kind, p: _Params, layer, unit, strength, *, target, direction, key, lift):
@@ -266,6 +300,15 @@ def plant_faults(
         raise ValueError(f"count must be a positive integer; got {count!r}")
     if not 0 < min_drop < 1:
         raise ValueError(f"min_drop must lie in (0, 1); got {min_drop}")
+    if int(tries) != tries or tries < 1:
+        raise ValueError(f"tries must be a positive integer; got {tries!r}")
+    x = np.asarray(x, np.float32)
+    y = np.asarray(y)
+    if x.shape[1:] != probe.input_shape or y.shape != (len(x),) or not len(x):
+        raise ValueError(
+            f"x must be [n >= 1, {', '.join(map(str, probe.input_shape))}] with one label each; "
+            f"got x {list(x.shape)} and y {list(y.shape)}"
+        )
     p = _Params(model, params)
     names = list(probe.index.layer_names)
     for name in names:
@@ -284,8 +327,6 @@ def plant_faults(
     else:
         pool = names
     candidates = [(layer, u) for layer in pool for u in range(p.kernel(layer).shape[-1])]
-    x = np.asarray(x, np.float32)
-    y = np.asarray(y)
     values = _raw_values(model, params, probe, x)
     order = np.asarray(jax.random.permutation(jax.random.fold_in(key, 0), len(candidates)))
 
@@ -358,13 +399,40 @@ def plant_faults(
 # --------------------------------------------------------------------------- scoring
 
 
-def _best_rank(per_class: np.ndarray) -> np.ndarray:
-    """A neuron order from ``[classes, neurons]`` scores: by the best rank any class gives it."""
-    ranks = np.empty(per_class.shape, np.int64)
-    for c, row in enumerate(per_class):
-        ranks[c, np.argsort(-row, kind="stable")] = np.arange(row.size)
-    best = ranks.min(axis=0)
-    return np.argsort(best, kind="stable")
+class Ranks(NamedTuple):
+    """Tie-aware 1-based ranks of every neuron (``int64[neurons]`` each).
+
+    Neuron ``n`` and the neurons tied with it share the ranks ``first[n] ..
+    last[n]`` (``first == last`` without a tie).
+    """
+
+    first: np.ndarray
+    last: np.ndarray
+
+
+def tie_ranks(score: np.ndarray) -> Ranks:
+    """:class:`Ranks` of ``[neurons]`` scores, higher first (+inf above every finite score)."""
+    s = np.asarray(score, np.float64)
+    ascending = np.sort(s)
+    n = s.size
+    greater = n - np.searchsorted(ascending, s, side="right")
+    at_least = n - np.searchsorted(ascending, s, side="left")
+    return Ranks(greater.astype(np.int64) + 1, at_least.astype(np.int64))
+
+
+def _best_class_rank(per_class: np.ndarray) -> Ranks:
+    """:class:`Ranks` from ``[classes, neurons]`` scores: by the best (middle of tie) rank
+    any class gives a neuron; a class whose scores are all equal carries no evidence and
+    is left out (no such class left: every neuron is tied)."""
+    best = np.zeros(per_class.shape[-1])
+    informative = [row for row in np.asarray(per_class) if np.ptp(row) > 0]
+    if informative:
+        middles = []
+        for row in informative:
+            r = tie_ranks(row)
+            middles.append((r.first + r.last) / 2)
+        best = np.min(middles, axis=0)
+    return tie_ranks(-best)
 
 
 def default_methods(*, ablation: bool = True) -> tuple[str, ...]:
@@ -382,9 +450,9 @@ def method_ranks(
     methods: Sequence[str],
     *,
     ablation: localize.Ablation | None = None,
-) -> dict[str, np.ndarray]:
+) -> dict[str, Ranks]:
     """For each method (``"ochiai/pooled"``, ``"gradxact/per-class"``, ``"ablation/pooled"``),
-    the 1-based rank of every neuron (``int64[neurons]``)."""
+    the tie-aware :class:`Ranks` of every neuron."""
     out = {}
     for method in methods:
         name, _, scope = method.partition("/")
@@ -399,20 +467,28 @@ def method_ranks(
         else:
             measures.get(name)
             score = np.asarray(localize.scores(spectrum, name, pooled=pooled))
-        order = np.argsort(-score, kind="stable") if pooled else _best_rank(score)
-        ranks = np.empty(order.size, np.int64)
-        ranks[order] = np.arange(1, order.size + 1)
-        out[method] = ranks
+        out[method] = tie_ranks(score) if pooled else _best_class_rank(score)
     return out
 
 
-def recall_and_rank(ranks: np.ndarray, planted: Sequence[int]) -> dict[str, float]:
-    """Top-5 and top-10 recall and the mean rank of the ``planted`` neuron ids."""
-    r = np.asarray(ranks)[np.asarray(planted, np.int64)]
+def recall_and_rank(ranks: Ranks, planted: Sequence[int]) -> dict[str, float]:
+    """Top-5 and top-10 recall and the mean rank of the ``planted`` neuron ids.
+
+    A planted neuron tied with others counts as the expectation over random
+    tie-breaking: its rank is the middle of the tie, and its top-k recall the
+    share of the tie's ranks within the first k.
+    """
+    ids = np.asarray(planted, np.int64)
+    first = np.asarray(ranks.first, np.float64)[ids]
+    last = np.asarray(ranks.last, np.float64)[ids]
+
+    def recall(k):
+        return float(np.mean(np.clip((k - first + 1) / (last - first + 1), 0.0, 1.0)))
+
     return {
-        "top5_recall": float(np.mean(r <= 5)),
-        "top10_recall": float(np.mean(r <= 10)),
-        "mean_rank": float(np.mean(r)),
+        "top5_recall": recall(5),
+        "top10_recall": recall(10),
+        "mean_rank": float(np.mean((first + last) / 2)),
     }
 
 
@@ -451,6 +527,8 @@ def run_trial(
 ) -> Trial:
     """Plants faults, computes the spectrum with attribution sums (and the exact ablation if
     a method needs it) on the faulty model, and scores every method."""
+    if int(random_draws) != random_draws or random_draws < 1:
+        raise ValueError(f"random_draws must be a positive integer; got {random_draws!r}")
     start = time.perf_counter()
     clean_probe = probe_fn(model, params)
     before = _accuracy(model, params, x, y)
@@ -471,12 +549,10 @@ def run_trial(
     ids = [f.neuron for f in planted]
     scores = {m: recall_and_rank(r, ids) for m, r in ranks.items()}
     n = prb.index.num_neurons
-    draws = [
-        recall_and_rank(
-            np.asarray(jax.random.permutation(jax.random.fold_in(key, 10_000 + i), n)) + 1, ids
-        )
-        for i in range(random_draws)
-    ]
+    draws = []
+    for i in range(random_draws):
+        order = np.asarray(jax.random.permutation(jax.random.fold_in(key, 10_000 + i), n)) + 1
+        draws.append(recall_and_rank(Ranks(order, order), ids))
     scores["random"] = {k: float(np.mean([d[k] for d in draws])) for k in draws[0]}
     scores["random (expected)"] = {
         "top5_recall": min(5, n) / n,

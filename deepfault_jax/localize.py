@@ -351,6 +351,12 @@ def exact_ablation(
             f"x must be [n >= 1, {', '.join(map(str, probe.input_shape))}] with one label each; "
             f"got x {list(x.shape)} and y {list(y.shape)}"
         )
+    if not np.issubdtype(y.dtype, np.integer):
+        raise TypeError(f"labels must be integers; got dtype {y.dtype}")
+    if y.min() < 0 or y.max() >= probe.num_classes:
+        raise ValueError(
+            f"labels must lie in [0, {probe.num_classes}); got range [{y.min()}, {y.max()}]"
+        )
     n = probe.index.num_neurons
     ids = np.arange(n) if neurons is None else np.unique(np.asarray(neurons, np.int64))
     if ids.size == 0 or ids.min() < 0 or ids.max() >= n:

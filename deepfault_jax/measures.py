@@ -357,10 +357,12 @@ def linear_ablation(
 ) -> jax.Array:
     """Linearised ablation: predicted fixes of failing inputs minus predicted breaks of passing ones.
 
-    ``fixes - breaks``, where an input's logits with the neuron zeroed are
-    predicted to first order from the Jacobian of the logits (``z - J``). A
-    neuron whose removal would repair more inputs than it breaks scores above
-    zero.
+    ``fixes - breaks``, where whether an input is right with the neuron zeroed
+    is predicted to first order: by default from the margin between the true
+    class and its strongest rival, ``m - J_m``; with ``attribution="all-classes"``
+    from every class's logit, ``z - J`` (see
+    :class:`~deepfault_jax.spectrum.Attribution`). A neuron whose removal
+    would repair more inputs than it breaks scores above zero.
 
     Edge cases: none (a difference of counts); an integer-valued float32.
     """

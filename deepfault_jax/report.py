@@ -240,8 +240,10 @@ def faultbench_markdown(result: dict) -> str:
         f"inputs. Fault kinds {', '.join(cfg['kinds'])}; {', '.join(map(str, cfg['faults']))} "
         f"fault(s) per trial; seeds {', '.join(map(str, cfg['seeds']))}; each fault lowers the "
         f"accuracy by at least {cfg['min_drop']}. Probe: {cfg['values']}-activation values, "
-        f"conv_reduce {cfg['conv_reduce']}. Scores are means ± standard deviations over the "
-        "trials (all kinds and seeds); a method's rank of a neuron is 1 for its most suspicious.",
+        f"conv_reduce {cfg['conv_reduce']}. Scores are means ± (population) standard "
+        "deviations over the trials (all kinds and seeds); a method's rank of a neuron is 1 for "
+        "its most suspicious, and a planted neuron tied with others counts as the expectation "
+        "over random tie-breaking.",
         "",
     ]
     for model, info in result["models"].items():
@@ -298,10 +300,12 @@ def plot_faultbench(result: dict, path: str | os.PathLike) -> Path:
             for r in result["summary"]
             if r["model"] == model and r["faults"] == count
         }
-        values = [by[m]["top10_recall"] if m in by else 0.0 for m in methods]
+        # a method without results has no bar (NaN), not a bar of 0
+        values = [by[m]["top10_recall"] if m in by else np.nan for m in methods]
         errors = [by[m]["top10_recall_std"] if m in by else 0.0 for m in methods]
-        colors = ["0.6" if m == "random" else "C0" if "/" in m and m.split("/")[0] in
-                  ("tarantula", "ochiai", "dstar") else "C1" for m in methods]  # fmt: skip
+        colors = ["0.6" if m == "random" else "C2" if m.startswith("ablation") else "C0"
+                  if m.split("/")[0] in ("tarantula", "ochiai", "dstar") else "C1"
+                  for m in methods]  # fmt: skip
         ax.bar(np.arange(len(methods)), values, yerr=errors, color=colors)
         ax.set_xticks(np.arange(len(methods)), methods, rotation=60, ha="right", fontsize=7)
         ax.set_ylim(0, 1.05)

@@ -191,7 +191,8 @@ _ATTRIBUTION_FIELDS = ("act_pass", "act_fail", "gxa_pass", "gxa_fail", "fixes", 
 
 @struct.dataclass
 class Spectrum:
-    """The all-class hit spectrum of a set of neurons: a pytree of int32 counts.
+    """The all-class hit spectrum of a set of neurons: a pytree of int32 counts, and
+    optionally the :class:`Attribution` sums of the same inputs.
 
     Attributes:
       a_pass: ``int32[classes, neurons]``, active on correctly classified inputs of each class.
@@ -486,6 +487,12 @@ def update(
     Returns:
       The new spectrum.
     """
+    if spectrum.attribution is not None:
+        raise ValueError(
+            "update adds counts only, and this spectrum carries attribution sums that would no "
+            "longer cover its inputs; expected a count-only spectrum (use accumulate or "
+            "compute_spectrum with attribution=True to add inputs to one with sums)"
+        )
     acts = _layer_list(spectrum, activations)
     if mask is None:
         mask = jnp.ones(labels.shape, bool)
@@ -706,7 +713,7 @@ def accumulate(
             "continue",
         )
     if spectrum.attribution is not None:
-        probe.require_gates("attribution=True")
+        probe.require_gates(f"attribution={spectrum.attribution.linearised!r}")
     counted = spectrum.num_inputs
     processes = 1
     if mesh is not None:

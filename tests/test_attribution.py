@@ -283,6 +283,15 @@ def test_resume_and_merge_keep_attribution(trained_mlp, digits, tmp_path):
         spectrum.merge(first, full)
 
 
+def test_update_refuses_a_spectrum_with_attribution_sums(trained_mlp, digits):
+    model, params = trained_mlp
+    prb = probe.model_probe(model, params)
+    s = spectrum.init_spectrum(prb.index, num_classes=10, attribution=True)
+    logits, acts = prb(params, digits.x_test[:8])
+    with pytest.raises(ValueError, match="update adds counts only"):
+        spectrum.update(s, logits, acts, digits.y_test[:8])
+
+
 def test_save_load_round_trip_and_damaged_files(trained_mlp, digits, tmp_path):
     model, params = trained_mlp
     prb = probe.model_probe(model, params)
@@ -340,6 +349,8 @@ def test_attribution_measures_follow_their_formulas():
         measures.names()
     )
     assert measures.kind("Linear-Ablation") == "attribution" and measures.kind("ochiai") == "counts"
+    for name in measures.names(family="attribution"):
+        assert "Edge cases:" in measures.get(name).__doc__, name
     with pytest.raises(ValueError, match="family must be"):
         measures.names(family="floats")
 
@@ -412,6 +423,10 @@ def test_exact_ablation_errors(trained_mlp, digits):
         localize.exact_ablation(prb, params, digits.x_test[:5], digits.y_test[:5], chunk=0)
     with pytest.raises(ValueError, match=r"x must be \[n >= 1, 8, 8, 1\]"):
         localize.exact_ablation(prb, params, digits.x_test[:5, :4], digits.y_test[:5])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\); got range \[0, 10\]"):
+        localize.exact_ablation(prb, params, digits.x_test[:3], np.array([0, 10, 2]))
+    with pytest.raises(TypeError, match="labels must be integers; got dtype float64"):
+        localize.exact_ablation(prb, params, digits.x_test[:3], np.array([0.0, 1.0, 2.0]))
     with pytest.raises(ValueError, match="by must be one of"):
         localize.ablation_scores(localize.exact_ablation(prb, params, digits.x_test[:5],
                                                          digits.y_test[:5]), by="rank")  # fmt: skip

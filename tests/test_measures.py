@@ -14,7 +14,7 @@ from reference import measure_loops, original_scores
 
 from deepfault_jax import localize, measures
 
-NAMES = measures.names()
+NAMES = measures.names(family="counts")
 EXTREMES = [0, 1, 2, 3, 10, 11, 1000, 2**20, 2**31 - 1]
 
 
