@@ -182,8 +182,10 @@ def _attribution_mode(attribution: bool | str) -> str | None:
 
 
 def _zero_attribution(c: int, n: int, linearised: str) -> Attribution:
-    f, i = jnp.zeros((c, n), jnp.float32), jnp.zeros((c, n), jnp.int32)
-    return Attribution(f, f, f, f, i, i, linearised)
+    # distinct arrays: a step that donates them must not see one buffer twice
+    floats = [jnp.zeros((c, n), jnp.float32) for _ in range(4)]
+    ints = [jnp.zeros((c, n), jnp.int32) for _ in range(2)]
+    return Attribution(*floats, *ints, linearised)
 
 
 _ATTRIBUTION_FIELDS = ("act_pass", "act_fail", "gxa_pass", "gxa_fail", "fixes", "breaks")
@@ -388,51 +390,48 @@ def _attribution_batch(probe: Probe, params: Any, x, labels, mask, linearised: s
     onehot = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
     # d loss / d logits of the cross-entropy with the true label
     residual = jax.nn.softmax(logits, axis=-1) - onehot
+    names = probe.index.layer_names
     if linearised == "margin":
         # the strongest other class (the first of equals): the predicted class of a
         # failing input, the runner-up of a passing one
         rival = jnp.argmax(jnp.where(onehot > 0, -jnp.inf, logits), axis=-1)
         toward_rival = onehot - jax.nn.one_hot(rival, num_classes, dtype=logits.dtype)
         (grads,) = jax.vmap(jvp_back)(jnp.stack([residual, toward_rival]))  # layer -> [2, B, U]
-        margin = jnp.sum(logits * toward_rival, axis=-1, keepdims=True)  # z_y - z_rival
-        rival_later = (labels < rival)[:, None]
+        grad = jnp.concatenate([grads[name] for name in names], axis=-1)  # [2, B, N]
+        gxa = grad[0]
+        # first-order margin z_y - z_rival with each neuron zeroed (its gate from 1 to 0)
+        margin = jnp.sum(logits * toward_rival, axis=-1, keepdims=True)
+        moved = margin - grad[1]
+        right = (moved > 0) | ((moved == 0) & (labels < rival)[:, None])
     else:
         # one cotangent per class; built from the logits so that it carries their
         # type (under shard_map: varying over the data axis)
         cotangents = jnp.eye(num_classes, dtype=logits.dtype)[:, None, :] + jnp.zeros_like(logits)
-        (grads,) = jax.vmap(jvp_back)(cotangents)  # layer -> [classes, batch, units]
+        (grads,) = jax.vmap(jvp_back)(cotangents)  # layer -> [classes, B, U]
+        jac = jnp.concatenate([grads[name] for name in names], axis=-1)  # [C, B, N]
+        gxa = jnp.einsum("cbn,bc->bn", jac, residual, precision=jax.lax.Precision.HIGHEST)
+        # first-order logits with each neuron zeroed: logits - J; the true class's value
+        # is read from the same array (a recomputed one may differ in the last bit under
+        # XLA's fusions), and never competes with itself
         classes = jnp.arange(num_classes)[:, None, None]
         earlier = classes < labels[None, :, None]
         other = classes != labels[None, :, None]
-    sums = {f: [] for f in _ATTRIBUTION_FIELDS}
-    for name in probe.index.layer_names:
-        j = grads[name]
-        if linearised == "margin":
-            gxa = j[0]
-            # first-order margin with the neuron zeroed (its gate from 1 to 0)
-            moved = margin - j[1]
-            right = (moved > 0) | ((moved == 0) & rival_later)
-        else:
-            gxa = jnp.einsum("cbu,bc->bu", j, residual, precision=jax.lax.Precision.HIGHEST)
-            # first-order logits with the neuron zeroed: logits - J; the true class's
-            # value is read from the same array (a recomputed one may differ in the
-            # last bit under XLA's fusions), and never competes with itself
-            moved = logits.T[:, :, None] - j
-            own = jnp.take_along_axis(moved, labels[None, :, None], axis=0)
-            beaten = other & ((moved > own) | ((moved == own) & earlier))
-            right = ~jnp.any(beaten, axis=0)  # [batch, units]
-        fix = (right & ~correct[:, None]).astype(jnp.float32)
-        brk = (~right & correct[:, None]).astype(jnp.float32)
-        act = acts[name]
-        for field, value in (("act", act), ("gxa", gxa)):
-            both = _dot(weights.T, value)
-            sums[f"{field}_pass"].append(both[:num_classes])
-            sums[f"{field}_fail"].append(both[num_classes:])
-        sums["fixes"].append(_dot(weights.T[num_classes:], fix))
-        sums["breaks"].append(_dot(weights.T[:num_classes], brk))
-    cat = {f: jnp.concatenate(v, axis=-1) for f, v in sums.items()}
-    for f in ("fixes", "breaks"):
-        cat[f] = cat[f].astype(jnp.int32)
+        moved = logits.T[:, :, None] - jac
+        own = jnp.take_along_axis(moved, labels[None, :, None], axis=0)
+        beaten = other & ((moved > own) | ((moved == own) & earlier))
+        right = ~jnp.any(beaten, axis=0)  # [B, N]
+    act = jnp.concatenate([acts[name] for name in names], axis=-1)
+    fix = (right & ~correct[:, None]).astype(jnp.float32)
+    brk = (~right & correct[:, None]).astype(jnp.float32)
+    act_sums, gxa_sums = _dot(weights.T, act), _dot(weights.T, gxa)
+    cat = {
+        "act_pass": act_sums[:num_classes],
+        "act_fail": act_sums[num_classes:],
+        "gxa_pass": gxa_sums[:num_classes],
+        "gxa_fail": gxa_sums[num_classes:],
+        "fixes": _dot(weights.T[num_classes:], fix).astype(jnp.int32),
+        "breaks": _dot(weights.T[:num_classes], brk).astype(jnp.int32),
+    }
     return logits, acts, Attribution(**cat, linearised=linearised)
 
 

@@ -107,7 +107,7 @@ def test_gates_errors(trained_mlp):
     sown_params = module.init(jax.random.key(0), jnp.zeros((1, 2, 2, 1)))["params"]
     sown = probe.linen_probe(module, sown_params, input_shape=(2, 2, 1), sown=True)
     assert sown.gated is None
-    with pytest.raises(ValueError, match="attribution=True needs a probe that can gate"):
+    with pytest.raises(ValueError, match="attribution='margin' needs a probe that can gate"):
         spectrum.accumulate(sown, sown_params, [], attribution=True)
     with pytest.raises(ValueError, match="exact ablation needs a probe that can gate"):
         localize.exact_ablation(sown, sown_params, np.zeros((2, 2, 2, 1)), np.zeros(2, int))
