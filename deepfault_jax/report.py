@@ -12,7 +12,9 @@ import numpy as np
 from deepfault_jax.files import write_atomic
 
 __all__ = [
+    "faultbench_kinds_table",
     "faultbench_markdown",
+    "faultbench_overview",
     "faultbench_table",
     "markdown_report",
     "plot_faultbench",
@@ -230,6 +232,44 @@ def faultbench_table(result: dict, model: str, faults: int) -> list[str]:
     return lines
 
 
+def faultbench_overview(result: dict) -> list[str]:
+    """Markdown table rows: per method, top-10 recall and mean rank of every (model, number
+    of faults), methods in the order of the configuration, the random ranking last."""
+    cfg = result["config"]
+    panels = [(m, c) for m in result["models"] for c in cfg["faults"]]
+    by = {(r["model"], r["faults"], r["method"]): r for r in result["summary"]}
+    head = " | ".join(f"{m}, {c} fault{'s' if c > 1 else ''}" for m, c in panels)
+    lines = [f"| method | {head} |", "|---|" + "---:|" * len(panels)]
+    for method in [*cfg["methods"], "random (expected)"]:
+        cells = []
+        for m, c in panels:
+            r = by.get((m, c, method))
+            cells.append("-" if r is None else f"{r['top10_recall']:.2f} / {r['mean_rank']:.1f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def faultbench_kinds_table(result: dict, methods: list[str] | None = None) -> list[str]:
+    """Markdown table rows: top-10 recall per fault kind (all fault counts and seeds), per
+    model and method."""
+    cfg = result["config"]
+    methods = methods or [*cfg["methods"], "random"]
+    kinds = cfg["kinds"]
+    lines = ["| model | method | " + " | ".join(kinds) + " |", "|---|---|" + "---:|" * len(kinds)]
+    for model in result["models"]:
+        for method in methods:
+            cells = []
+            for kind in kinds:
+                trials = [t for t in result["trials"] if t["model"] == model
+                          and t["kind"] == kind and not t["skipped"]]  # fmt: skip
+                values = [
+                    t["scores"][method]["top10_recall"] for t in trials if method in t["scores"]
+                ]
+                cells.append(f"{np.mean(values):.2f}" if values else "-")
+            lines.append(f"| {model} | {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def faultbench_markdown(result: dict) -> str:
     """The planted-fault benchmark as a Markdown page: one table per model and fault count."""
     cfg = result["config"]
@@ -246,6 +286,8 @@ def faultbench_markdown(result: dict) -> str:
         "over random tie-breaking.",
         "",
     ]
+    lines += ["## Overview: top-10 recall / mean rank", "", *faultbench_overview(result), ""]
+    lines += ["## Top-10 recall by fault kind", "", *faultbench_kinds_table(result), ""]
     for model, info in result["models"].items():
         trials = [t for t in result["trials"] if t["model"] == model and not t["skipped"]]
         drops = [sum(f["accuracy_drop"] for f in t["faults"]) for t in trials]
