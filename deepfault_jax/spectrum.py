@@ -376,7 +376,8 @@ def _slot_weights(logits, labels, mask):
 
 
 def _attribution_batch(probe: Probe, params: Any, x, labels, mask, linearised: str):
-    """Logits, activations and the :class:`Attribution` sums of one batch: one forward
+    """Logits, activations (``[batch, neurons]``, every layer side by side) and the
+    :class:`Attribution` sums of one batch: one forward
     pass, then one vmapped backward pass through the gates with two cotangents per
     input (``"margin"``) or one per class (``"all-classes"``)."""
     # gates of 1, built from the labels so that they carry their type: under
@@ -432,7 +433,7 @@ def _attribution_batch(probe: Probe, params: Any, x, labels, mask, linearised: s
         "fixes": _dot(weights.T[num_classes:], fix).astype(jnp.int32),
         "breaks": _dot(weights.T[:num_classes], brk).astype(jnp.int32),
     }
-    return logits, acts, Attribution(**cat, linearised=linearised)
+    return logits, act, Attribution(**cat, linearised=linearised)
 
 
 def _predicts(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -573,11 +574,12 @@ def _count_step(spectrum: Spectrum, nonfinite: jax.Array, params: Any, x, y, mas
     attribution = None
     if spectrum.attribution is None:
         logits, by_layer = probe(params, x)
+        acts = [by_layer[name] for name in probe.index.layer_names]
     else:
-        logits, by_layer, attribution = _attribution_batch(
+        # all layers side by side ([batch, neurons]): one count matmul
+        logits, acts, attribution = _attribution_batch(
             probe, params, x, y, mask, spectrum.attribution.linearised
         )
-    acts = [by_layer[name] for name in probe.index.layer_names]
     counts, bad = _counts_and_nonfinite(logits, acts, y, mask, spectrum.threshold)
     if attribution is not None:
         bad = bad + jnp.sum(
