@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -34,7 +32,7 @@ import jax
 from deepfault_jax import data, localize, probe, spectrum, zoo
 
 sys.path.insert(0, str(Path(__file__).parent))
-from spectrum import inputs_for, timed, trained_params  # noqa: E402
+from spectrum import environment, inputs_for, timed, trained_params  # noqa: E402
 
 MODELS = ("mlp-3x50", "mlp-8x20", "lenet5", "cifar-convnet")
 
@@ -127,17 +125,7 @@ def main(argv=None) -> int:
             sps = " ".join(f"{k} {v['samples_per_second']:.0f}" for k, v in r["impls"].items())
             ratios = ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items())
             print(f"{name:<14} {args.batch_size:>5} samples/s: {sps}\n    {ratios}", flush=True)
-    report = {
-        "benchmark": "attribution",
-        "backend": jax.default_backend(),
-        "devices": [d.device_kind for d in jax.local_devices()],
-        "machine": platform.platform(),
-        "processor": platform.processor(),
-        "cpus": __import__("os").cpu_count(),
-        "jax": jax.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "results": results,
-    }
+    report = {**environment("attribution"), "results": results}
     if args.json:
         json.dump(report, sys.stdout)
         print()

@@ -65,6 +65,20 @@ def inputs_for(name: str, n: int) -> tuple[np.ndarray, np.ndarray, str]:
     return x, rng.integers(0, 10, n).astype(np.int32), "uniform noise 28x28x1"
 
 
+def environment(benchmark: str) -> dict:
+    """The benchmark's name, the machine, the JAX backend and devices, and the date."""
+    return {
+        "benchmark": benchmark,
+        "backend": jax.default_backend(),
+        "devices": [d.device_kind for d in jax.local_devices()],
+        "machine": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": __import__("os").cpu_count(),
+        "jax": jax.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
 def timed(run, repeats: int) -> dict:
     start = time.perf_counter()
     run()
@@ -293,17 +307,7 @@ def main(argv=None) -> int:
             results.append(result)
             if not args.json:
                 print_result(result, impls)
-    report = {
-        "benchmark": "spectrum",
-        "backend": jax.default_backend(),
-        "devices": [d.device_kind for d in jax.local_devices()],
-        "machine": platform.platform(),
-        "processor": platform.processor(),
-        "cpus": __import__("os").cpu_count(),
-        "jax": jax.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "results": results,
-    }
+    report = {**environment("spectrum"), "results": results}
     if args.json:
         json.dump(report, sys.stdout)
         print()

@@ -151,10 +151,7 @@ def plot_misclassification(report: dict, path: str | os.PathLike) -> Path:
                  f"d = {report['config']['d']}", fontsize=9)  # fmt: skip
     ax.legend(fontsize=8, ncols=2)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return write_bytes(path, buffer.getvalue())
+    return write_bytes(path, _figure_bytes(fig))
 
 
 def plot_examples(
@@ -197,10 +194,7 @@ def plot_examples(
             bound = max(float(np.abs(diff).max()), 1e-6)
             show(axes[i, 2 + 2 * j], diff, "difference", cmap="coolwarm", vmin=-bound, vmax=bound)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return write_bytes(path, buffer.getvalue())
+    return write_bytes(path, _figure_bytes(fig))
 
 
 def _figure_bytes(fig) -> bytes:

@@ -56,6 +56,18 @@ def write_mnist_dir(directory: Path, *, n_train=60, n_test=20, size=28, classes=
     return directory, arrays
 
 
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory):
+    """Trained zoo models cached in a private directory for the module that asks."""
+    old = os.environ.get("DEEPFAULT_JAX_CACHE")
+    os.environ["DEEPFAULT_JAX_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["DEEPFAULT_JAX_CACHE"]
+    else:
+        os.environ["DEEPFAULT_JAX_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def digits() -> data.Dataset:
     return data.load_dataset("digits")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
@@ -11,18 +10,6 @@ import pytest
 from test_cli import assert_usage_error, run_cli
 
 from deepfault_jax import faults, localize, pipeline, probe, spectrum, zoo
-
-
-@pytest.fixture(scope="module")
-def model_cache(tmp_path_factory):
-    """Trained models cached in a private directory for this module."""
-    old = os.environ.get("DEEPFAULT_JAX_CACHE")
-    os.environ["DEEPFAULT_JAX_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        del os.environ["DEEPFAULT_JAX_CACHE"]
-    else:
-        os.environ["DEEPFAULT_JAX_CACHE"] = old
 
 
 @pytest.fixture(scope="module")

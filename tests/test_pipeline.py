@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
@@ -15,16 +14,7 @@ from deepfault_jax import cli, data, pipeline, probe, zoo
 SMALL = {"inputs_per_class": 4, "k": (1, 3), "random_repeats": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def model_cache(tmp_path_factory):
-    """Trained models cached in a private directory for this module."""
-    old = os.environ.get("DEEPFAULT_JAX_CACHE")
-    os.environ["DEEPFAULT_JAX_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        del os.environ["DEEPFAULT_JAX_CACHE"]
-    else:
-        os.environ["DEEPFAULT_JAX_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("model_cache")
 
 
 @pytest.fixture(scope="module")
