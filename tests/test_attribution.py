@@ -226,6 +226,19 @@ def test_attribution_agrees_across_batch_sizes_and_devices(
     assert_close_sums(base, sharded)
 
 
+def test_two_processes_over_loopback_agree_with_one(tmp_path, digits):
+    from test_spectrum import run_two_processes
+
+    two = run_two_processes(tmp_path / "two.npz", "margin")
+    model = zoo.create_model("lenet1", input_shape=digits.input_shape, num_classes=10)
+    params = zoo.init_params(jax.random.key(7), model)  # as in multiprocess_worker.py
+    one = spectrum.compute_spectrum(probe.model_probe(model, params), params, digits.x_test,
+                                    digits.y_test, batch_size=32, attribution="margin")  # fmt: skip
+    assert two.attribution.linearised == "margin"
+    assert int(one.attribution.fixes.sum()) + int(one.attribution.breaks.sum()) > 0
+    assert_close_sums(one, two)
+
+
 def test_margin_and_all_classes_agree_where_they_must(trained_mlp, digits):
     model, params = trained_mlp
     prb = probe.model_probe(model, params)

@@ -170,15 +170,15 @@ def test_device_counts_give_identical_spectra(lenet, digits, devices):
     assert_identical(single, sharded)
 
 
-def test_two_processes_over_loopback_equal_one(tmp_path, digits):
+def run_two_processes(out: Path, *extra: str) -> Spectrum:
+    """The spectrum of ``multiprocess_worker.py`` run as 2 processes over 127.0.0.1."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    out = tmp_path / "two.npz"
     worker = Path(__file__).with_name("multiprocess_worker.py")
     procs = [
         subprocess.Popen(
-            [sys.executable, str(worker), str(pid), "2", str(port), str(out)],
+            [sys.executable, str(worker), str(pid), "2", str(port), str(out), *extra],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -187,7 +187,11 @@ def test_two_processes_over_loopback_equal_one(tmp_path, digits):
     ]
     logs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
-    two = spectrum.load_spectrum(out)
+    return spectrum.load_spectrum(out)
+
+
+def test_two_processes_over_loopback_equal_one(tmp_path, digits):
+    two = run_two_processes(tmp_path / "two.npz")
     model = zoo.create_model("lenet1", input_shape=digits.input_shape, num_classes=10)
     params = zoo.init_params(jax.random.key(7), model)
     one = spectrum.compute_spectrum(
