@@ -42,6 +42,7 @@ the tie within the first k), so neither its id nor its neighbours' decide.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -142,10 +143,6 @@ class _Params:
     def kernel(self, layer: str) -> np.ndarray:
         return self.tree[layer]["kernel"]
 
-    def incoming(self, layer: str, unit: int) -> tuple:
-        """Index of the unit's incoming weights in the layer's kernel."""
-        return (..., unit)
-
     def outgoing(self, layer: str, unit: int) -> tuple[str, tuple]:
         """The consumer layer and the index of the weights that read ``unit``."""
         nxt = self.consumer(layer)
@@ -159,12 +156,9 @@ class _Params:
 
     def as_params(self, tree: dict) -> Any:
         """``tree`` (this layout, any arrays) as the model's parameters, in their dtypes."""
-        tree = jax.tree.map(lambda a, d: jnp.asarray(a, d), tree, self.dtypes)
-        if self.model.is_nnx:
-            state = jax.tree.map(lambda a: a, self.original)  # a copy to fill
-            nnx.replace_by_pure_dict(state, tree)
-            return state
-        return tree
+        return _as_model_params(
+            self.model, jax.tree.map(lambda a, d: jnp.asarray(a, d), tree, self.dtypes)
+        )
 
     def build(self) -> Any:
         return self.as_params(self.tree)
@@ -184,23 +178,48 @@ def _accuracy(model: Model, params: Any, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(predict(model, params, x) == y))
 
 
-def _raw_values(model: Model, params: Any, probe: Probe, x: np.ndarray) -> dict[str, dict]:
-    """Each probed layer's output (pre-activation) per input and unit or channel: its
-    ``"max"`` and ``"min"`` over a channel's positions (reduced on the device, in chunks)."""
+@functools.lru_cache(maxsize=16)
+def _extremes_fn(model: Model, layers: tuple[str, ...], channels: tuple[int, ...]) -> Callable:
+    """``jit((params, x) -> {layer: (max, min)})``: each layer's output (pre-activation) per
+    input and unit or channel, its max and min over a channel's positions; built once per
+    (model, layers); ``channels`` are the layers' units or channels."""
     from deepfault_jax.probe import model_probe
 
-    every = model_probe(model, params, layers=list(probe.index.layer_names), conv_reduce="none")
-    sizes = dict(zip(probe.index.layer_names, probe.index.layer_sizes, strict=True))
+    every = model_probe(model, _init_like(model), layers=list(layers), conv_reduce="none")
 
     @jax.jit
     def extremes(params, x):
         _, acts = every.fn(params, x)
         out = {}
-        for name, value in acts.items():
-            per = value.reshape(x.shape[0], -1, sizes[name])
+        for name, c in zip(layers, channels, strict=True):
+            per = acts[name].reshape(x.shape[0], -1, c)  # [batch, positions, channels]
             out[name] = (per.max(axis=1), per.min(axis=1))
         return out
 
+    return extremes
+
+
+@functools.lru_cache(maxsize=16)
+def _init_like(model: Model) -> Any:
+    """Parameters of the model's shapes (a template: probes and NNX states need one)."""
+    from deepfault_jax.zoo import init_params
+
+    return init_params(jax.random.key(0), model)
+
+
+def _as_model_params(model: Model, tree: dict) -> Any:
+    """A plain dict of layers -> arrays as the model's parameters (an NNX state for NNX)."""
+    if not model.is_nnx:
+        return tree
+    state = jax.tree.map(lambda a: a, _init_like(model))  # a copy to fill
+    nnx.replace_by_pure_dict(state, tree)
+    return state
+
+
+def _raw_values(model: Model, params: Any, probe: Probe, x: np.ndarray) -> dict[str, dict]:
+    """Each probed layer's output (pre-activation) per input and unit or channel: its
+    ``"max"`` and ``"min"`` over a channel's positions (reduced on the device, in chunks)."""
+    extremes = _extremes_fn(model, probe.index.layer_names, probe.index.layer_sizes)
     parts = [extremes(params, jnp.asarray(x[i : i + _CHUNK])) for i in range(0, len(x), _CHUNK)]
     return {
         side: {
@@ -211,31 +230,40 @@ def _raw_values(model: Model, params: Any, probe: Probe, x: np.ndarray) -> dict[
     }
 
 
-def _push_direction(model: Model, p: _Params, layer: str, unit: int, target: int, x) -> tuple:
+@functools.lru_cache(maxsize=16)
+def _log_prob_kernel_grad(model: Model) -> Callable:
+    """``jit((params, x, target, consumer) -> d sum log p(target) / d kernel of consumer)``,
+    built once per model (``consumer`` static)."""
+
+    def objective(kernel, params, x, target, consumer):
+        params = {**params, consumer: {**params[consumer], "kernel": kernel}}
+        return jnp.sum(
+            jax.nn.log_softmax(model.apply(_as_model_params(model, params), x))[:, target]
+        )
+
+    grad = jax.grad(objective)
+    return jax.jit(
+        lambda params, x, target, consumer: grad(
+            params[consumer]["kernel"], params, x, target, consumer
+        ),
+        static_argnames=("consumer",),
+    )
+
+
+def _push_direction(p: _Params, layer: str, unit: int, target: int, x) -> tuple:
     """Gradient of the mean log p(target) over ``x`` with respect to the weights reading
     ``unit`` (summed over chunks of inputs)."""
     nxt, idx = p.outgoing(layer, unit)
-
-    @jax.jit
-    def chunk_grad(w, x):
-        def objective(w):
-            tree = {
-                **p.tree,
-                nxt: {**p.tree[nxt], "kernel": jnp.asarray(p.kernel(nxt)).at[idx].set(w)},
-            }
-            logits = model.apply(p.as_params(tree), x)
-            return jnp.sum(jax.nn.log_softmax(logits)[:, target])
-
-        return jax.grad(objective)(w)
-
-    w0 = jnp.asarray(p.kernel(nxt)[idx])
+    grad = _log_prob_kernel_grad(p.model)
+    tree = jax.tree.map(jnp.asarray, p.tree)
     total = sum(
-        np.asarray(chunk_grad(w0, jnp.asarray(x[i : i + _CHUNK]))) for i in range(0, len(x), _CHUNK)
+        np.asarray(grad(tree, jnp.asarray(x[i : i + _CHUNK]), target, consumer=nxt))
+        for i in range(0, len(x), _CHUNK)
     )
-    return nxt, idx, total / len(x)
+    return nxt, idx, total[idx] / len(x)
 
 
-def _apply(kind, p: _Params, layer, unit, strength, *, target, direction, key, lift):
+def _apply(kind, p: _Params, layer, unit, strength, *, direction, key, lift):
     q = p.copy()
     if kind in ("push_last", "push_early"):
         nxt, idx, grad = direction
@@ -247,11 +275,10 @@ def _apply(kind, p: _Params, layer, unit, strength, *, target, direction, key, l
         nxt, idx = q.outgoing(layer, unit)
         q.tree[nxt]["kernel"][idx] = q.kernel(nxt)[idx] * strength
     else:  # corrupt_in
-        w = q.kernel(layer)[q.incoming(layer, unit)]
+        w = q.kernel(layer)[..., unit]  # the unit's incoming weights
         noise = np.asarray(jax.random.normal(key, w.shape), np.float32)
-        q.tree[layer]["kernel"][q.incoming(layer, unit)] = w + strength * np.linalg.norm(
-            w
-        ) * noise / np.linalg.norm(noise)
+        scale = strength * np.linalg.norm(w) / np.linalg.norm(noise)
+        q.tree[layer]["kernel"][..., unit] = w + scale * noise
     return q
 
 
@@ -359,11 +386,11 @@ def plant_faults(
                 share = np.bincount(y[active], minlength=probe.num_classes) / max(active.sum(), 1)
                 options = np.flatnonzero(share < np.median(share) + 1e-12)
                 target = int(options[int(jax.random.randint(fkey, (), 0, options.size))])
-                direction = _push_direction(model, p, layer, unit, target, jnp.asarray(x))
+                direction = _push_direction(p, layer, unit, target, x)
             lift = max(0.0, -float(values["min"][layer][:, unit].min())) * 1.05 + 1e-3
             for strength in _LADDERS[kind]:
-                q = _apply(kind, p, layer, unit, strength, target=target, direction=direction,
-                           key=fkey, lift=lift)  # fmt: skip
+                q = _apply(kind, p, layer, unit, strength, direction=direction, key=fkey,
+                           lift=lift)  # fmt: skip
                 acc = _accuracy(model, q.build(), x, y)
                 if accuracy - acc >= min_drop:
                     planted.append(
