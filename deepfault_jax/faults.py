@@ -540,7 +540,7 @@ def run_trial(
     key: jax.Array,
     model: Model,
     params: Any,
-    probe_fn: Callable[[Model, Any], Probe],
+    probe: Probe,
     x: np.ndarray,
     y: np.ndarray,
     *,
@@ -553,29 +553,33 @@ def run_trial(
     random_draws: int = 100,
 ) -> Trial:
     """Plants faults, computes the spectrum with attribution sums (and the exact ablation if
-    a method needs it) on the faulty model, and scores every method."""
+    a method needs it) on the faulty model, and scores every method.
+
+    ``probe`` is the model's probe; it serves the faulty parameters too (the same
+    structure), so its compiled steps are reused from trial to trial.
+    """
     if int(random_draws) != random_draws or random_draws < 1:
         raise ValueError(f"random_draws must be a positive integer; got {random_draws!r}")
     start = time.perf_counter()
-    clean_probe = probe_fn(model, params)
     before = _accuracy(model, params, x, y)
     faulty, planted, notes = plant_faults(
-        key, model, params, clean_probe, x, y, kind=kind, count=count, min_drop=min_drop
+        key, model, params, probe, x, y, kind=kind, count=count, min_drop=min_drop
     )
     if not planted:
         return Trial(
             model.name, kind, count, seed, (), before, before, {}, tuple(notes),
             time.perf_counter() - start, skipped="no fault reached the accuracy drop",
         )  # fmt: skip
-    prb = probe_fn(model, faulty)
-    spec = spectrum_lib.compute_spectrum(prb, faulty, x, y, batch_size=batch_size, attribution=True)
+    spec = spectrum_lib.compute_spectrum(
+        probe, faulty, x, y, batch_size=batch_size, attribution=True
+    )
     ablation = None
     if any(m.split("/")[0] in ("ablation", "ablation_loss") for m in methods):
-        ablation = localize.exact_ablation(prb, faulty, x, y, batch_size=batch_size)
+        ablation = localize.exact_ablation(probe, faulty, x, y, batch_size=batch_size)
     ranks = method_ranks(spec, methods, ablation=ablation)
     ids = [f.neuron for f in planted]
     scores = {m: recall_and_rank(r, ids) for m, r in ranks.items()}
-    n = prb.index.num_neurons
+    n = probe.index.num_neurons
     draws = []
     for i in range(random_draws):
         order = np.asarray(jax.random.permutation(jax.random.fold_in(key, 10_000 + i), n)) + 1

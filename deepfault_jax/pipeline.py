@@ -506,13 +506,11 @@ def faultbench(config: FaultbenchConfig, out_dir: str | Path, *, progress: bool 
             name, dataset, seed=config.model_seed, progress=progress
         )
 
-        def probe_fn(model, params):
-            return probe.model_probe(
-                model, params, layers=list(config.layers) if config.layers else None,
-                conv_reduce=config.conv_reduce, activation=config.values,
-            )  # fmt: skip
-
-        index = probe_fn(model, params).index
+        prb = probe.model_probe(
+            model, params, layers=list(config.layers) if config.layers else None,
+            conv_reduce=config.conv_reduce, activation=config.values,
+        )  # fmt: skip
+        index = prb.index
         models[name] = {
             "checkpoint": meta.get("checkpoint"),
             "layers": list(index.layer_names),
@@ -527,7 +525,7 @@ def faultbench(config: FaultbenchConfig, out_dir: str | Path, *, progress: bool 
                         jax.random.key(seed), faults_lib.FAULT_KINDS.index(kind) * 100 + count
                     )
                     trial = faults_lib.run_trial(
-                        key, model, params, probe_fn, x, y, kind=kind, count=count, seed=seed,
+                        key, model, params, prb, x, y, kind=kind, count=count, seed=seed,
                         methods=methods, min_drop=config.min_drop, batch_size=config.batch_size,
                     )  # fmt: skip
                     trials.append(trial)
