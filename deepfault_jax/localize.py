@@ -284,10 +284,15 @@ def _cross_entropy(logits, labels):
 
 
 @functools.partial(jax.jit, static_argnames=("probe",))
-def _ablate_chunk(params, x, y, mask, ids, *, probe: Probe):
-    """For neuron ``ids[j]`` (-1: none), per class: fixes, breaks and loss drop ``[chunk, classes]``."""
+def _logits(params, x, *, probe: Probe):
+    return probe(params, x)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("probe",))
+def _ablate_chunk(params, x, y, mask, base, ids, *, probe: Probe):
+    """For neuron ``ids[j]`` (-1: none), per class: fixes, breaks and loss drop
+    ``[chunk, classes]``; ``base`` holds the batch's logits of the model as it is."""
     num_classes = probe.num_classes
-    base, _ = probe(params, x)
     base_right = jnp.argmax(base, axis=-1) == y
     base_loss = _cross_entropy(base, y)
     member = (jax.nn.one_hot(y, num_classes) * mask[:, None]).astype(jnp.float32)  # [B, C]
@@ -372,10 +377,10 @@ def exact_ablation(
     bar = tqdm(total=len(batches) * len(padded), desc="ablation", unit="step",
                disable=None if progress else True, leave=False)  # fmt: skip
     for batch in batches:
+        base = _logits(params, batch.x, probe=probe)  # once per batch, for every chunk
         for group in padded:
-            f, b, d = _ablate_chunk(
-                params, batch.x, batch.y, batch.mask, jnp.asarray(group, jnp.int32), probe=probe
-            )
+            f, b, d = _ablate_chunk(params, batch.x, batch.y, batch.mask, base,
+                                    jnp.asarray(group, jnp.int32), probe=probe)  # fmt: skip
             real = group >= 0
             fixes[:, group[real]] += np.asarray(f, np.int64)[real].T
             breaks[:, group[real]] += np.asarray(b, np.int64)[real].T
