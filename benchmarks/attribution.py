@@ -6,11 +6,11 @@ stream in fixed-shape batches through:
 
 * ``forward``:     a jitted forward pass returning the logits only (forward-only);
 * ``limit``:       a jitted forward pass returning the logits and the probed values;
-* ``counts``:      ``spectrum.accumulate`` (hit counts only);
-* ``attribution``: ``spectrum.accumulate(..., attribution=True)`` (counts, activation
+* ``counts``:      ``streaming.accumulate_spectrum`` (hit counts only);
+* ``attribution``: ``streaming.accumulate_spectrum(..., attribution=True)`` (counts, activation
                    sums, gradient x activation and linearised ablation: one forward
                    and one backward pass per class);
-* ``ablation``:    exact single-neuron ablation (``localize.exact_ablation``) on
+* ``ablation``:    exact single-neuron ablation (``ablation.exact_ablation``) on
                    ``--ablation-inputs`` inputs, reported per input, for scale.
 
 Each is warmed up (compilation excluded) and timed ``--repeats`` times; the
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import jax
 
-from deepfault_jax import data, localize, probe, spectrum, zoo
+from deepfault_jax import ablation, data, probe, streaming, zoo
 
 sys.path.insert(0, str(Path(__file__).parent))
 from spectrum import environment, inputs_for, timed, trained_params  # noqa: E402
@@ -55,10 +55,10 @@ def bench_model(name: str, *, n: int, batch_size: int, repeats: int, ablation_in
         return run
 
     def run_counts():
-        jax.block_until_ready(spectrum.accumulate(prb, params, batches))
+        jax.block_until_ready(streaming.accumulate_spectrum(prb, params, batches))
 
     def run_attribution():
-        jax.block_until_ready(spectrum.accumulate(prb, params, batches, attribution=True))
+        jax.block_until_ready(streaming.accumulate_spectrum(prb, params, batches, attribution=True))
 
     runners = {
         "forward": stream(forward_fn),
@@ -76,7 +76,7 @@ def bench_model(name: str, *, n: int, batch_size: int, repeats: int, ablation_in
         xa, ya = x[:ablation_inputs], y[:ablation_inputs]
 
         def run_ablation():
-            localize.exact_ablation(prb, params, xa, ya, batch_size=min(batch_size, 512))
+            ablation.exact_ablation(prb, params, xa, ya, batch_size=min(batch_size, 512))
 
         t = timed(run_ablation, 1)
         t["samples_per_second"] = ablation_inputs / t["median_seconds"]

@@ -47,19 +47,19 @@ def worker(args) -> dict:
     """One measurement in this process (a fresh one per size or device count)."""
     import jax
 
-    from deepfault_jax import probe, spectrum, zoo
+    from deepfault_jax import probe, streaming, zoo
 
     model = zoo.create_model(args.model, input_shape=(28, 28, 1), num_classes=10)
     params = zoo.init_params(jax.random.key(0), model)
     prb = probe.model_probe(model, params)
-    mesh = spectrum.data_mesh(devices=args.devices) if args.devices > 1 else None
-    warm = spectrum.accumulate(
+    mesh = streaming.data_mesh(devices=args.devices) if args.devices > 1 else None
+    warm = streaming.accumulate_spectrum(
         prb, params, _stream(args.batch_size, args.batch_size, (28, 28, 1)), mesh=mesh
     )
     jax.block_until_ready(warm)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    s = spectrum.accumulate(
+    s = streaming.accumulate_spectrum(
         prb, params, _stream(args.inputs, args.batch_size, (28, 28, 1)), mesh=mesh
     )
     jax.block_until_ready(s)

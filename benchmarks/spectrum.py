@@ -40,7 +40,7 @@ import time
 import jax
 import numpy as np
 
-from deepfault_jax import data, probe, spectrum, zoo
+from deepfault_jax import data, probe, streaming, zoo
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 import peers  # noqa: E402
@@ -125,7 +125,9 @@ def bench_model(
     ours_spectrum = {}
 
     def run_ours():
-        ours_spectrum["s"] = jax.block_until_ready(spectrum.accumulate(prb, params, batches))
+        ours_spectrum["s"] = jax.block_until_ready(
+            streaming.accumulate_spectrum(prb, params, batches)
+        )
 
     runners = {"limit": run_limit, "forward": run_forward, "ours": run_ours}
     torch_counts = {}
@@ -182,7 +184,7 @@ def bench_model(
 def agreement(prb, params, x, y, ours_spectrum, torch_counts, result, batch_size) -> dict:
     """Cells where PyTorch's spectrum differs from ours, and why (values at the threshold)."""
     rows = result["torch_inputs"]
-    s = spectrum.compute_spectrum(prb, params, x[:rows], y[:rows], batch_size=batch_size)
+    s = streaming.compute_spectrum(prb, params, x[:rows], y[:rows], batch_size=batch_size)
     ours = np.concatenate([np.asarray(s.a_pass), np.asarray(s.a_fail)]).astype(np.int64)
     out = {}
     for impl, counts in torch_counts.items():
@@ -227,9 +229,10 @@ def bench_original(prb, params, name, sizes, batch_size) -> list[dict]:
         original_seconds = time.perf_counter() - start
         batches = list(data.iterate_batches(x, y, batch_size=min(batch_size, size)))
         ours = timed(
-            lambda b=batches: jax.block_until_ready(spectrum.accumulate(prb, params, b)), 3
+            lambda b=batches: jax.block_until_ready(streaming.accumulate_spectrum(prb, params, b)),
+            3,
         )
-        s = spectrum.accumulate(prb, params, batches).pooled()
+        s = streaming.accumulate_spectrum(prb, params, batches).pooled()
         same = np.array_equal(np.concatenate(counts[0]), np.asarray(s.a_s)) and np.array_equal(
             np.concatenate(counts[2]), np.asarray(s.a_f)
         )

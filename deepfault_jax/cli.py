@@ -17,10 +17,12 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from deepfault_jax.errors import InputError, parse_int_list, parse_names
+
 __all__ = ["main"]
 
 
-class UsageError(ValueError):
+class UsageError(InputError):
     """Bad command-line usage (exit code 2); ``prog`` names the (sub)command."""
 
     def __init__(self, message: str, prog: str = "deepfault-jax"):
@@ -68,6 +70,32 @@ def _check_writable(out: Path, directory: Path) -> None:
         raise UsageError(
             f"--out must be a writable location; got {str(out)!r} ({e.strerror or e})"
         ) from None
+
+
+class _Bars:
+    """A progress callback (``progress(stage, done, total)``) drawing one tqdm bar per stage
+    on stderr; off when stderr is not a terminal."""
+
+    def __init__(self) -> None:
+        self._bars: dict = {}
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        from tqdm.auto import tqdm
+
+        bar = self._bars.get(stage)
+        if bar is None or done < bar.n:  # a new round of this stage
+            if bar is not None:
+                bar.close()
+            bar = self._bars[stage] = tqdm(total=total, desc=stage, leave=False, disable=None)
+        bar.update(done - bar.n)
+        if total is not None and done >= total:
+            bar.close()
+            del self._bars[stage]
+
+
+def _progress(args: argparse.Namespace) -> _Bars | None:
+    """The progress callback of a command: bars unless ``--no-progress``."""
+    return None if args.no_progress else _Bars()
 
 
 def _slug(spec: str) -> str:
@@ -186,14 +214,14 @@ def _check_out_file(path: str, suffix: str) -> Path:
 def _cmd_spectrum(args: argparse.Namespace) -> int:
     import time
 
-    from deepfault_jax import data, probe, zoo
+    from deepfault_jax import data, probe, spectrum_io, streaming, zoo
     from deepfault_jax import spectrum as spectrum_lib
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1; got {args.batch_size}")
     if args.devices < 1:
         raise UsageError(f"--devices must be >= 1; got {args.devices}")
-    mesh = spectrum_lib.data_mesh(devices=args.devices) if args.devices > 1 else None
+    mesh = streaming.data_mesh(devices=args.devices) if args.devices > 1 else None
     if args.batch_size % args.devices:
         raise UsageError(
             f"--batch-size must be a multiple of --devices ({args.devices}); got {args.batch_size}"
@@ -205,7 +233,7 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
     if args.checkpoint:
         model, params, meta = zoo.load_checkpoint(args.checkpoint, input_shape=dataset.input_shape)
         if model.num_classes != dataset.num_classes:
-            raise ValueError(
+            raise InputError(
                 f"checkpoint {args.checkpoint} has {model.num_classes} classes; "
                 f"data set {dataset.name!r} has {dataset.num_classes}"
             )
@@ -220,12 +248,12 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
         params,
         layers=_split_list(args.layers),
         conv_reduce=args.conv_reduce,
-        activation=args.activation,
+        values=args.activation,
     )
     x, y = dataset.split(args.split)
     partial = out.with_name(out.stem + ".partial.npz") if args.save_every else None
     start = time.perf_counter()
-    spec = spectrum_lib.compute_spectrum(
+    spec = streaming.compute_spectrum(
         prb,
         params,
         x,
@@ -236,7 +264,7 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
         mesh=mesh,
         checkpoint_path=partial,
         checkpoint_every=args.save_every or 1,
-        progress=not args.no_progress,
+        progress=_progress(args),
     )
     seconds = time.perf_counter() - start
     layers = spectrum_lib.layer_summary(spec)
@@ -255,7 +283,7 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
         "num_fail": n_fail,
         "versions": zoo.package_versions(),
     }
-    spectrum_lib.save_spectrum(out, spec, metadata=metadata)
+    spectrum_io.save_spectrum(out, spec, metadata=metadata)
     if partial is not None:
         partial.unlink(missing_ok=True)
     report = {
@@ -295,23 +323,22 @@ def _json_score(value: float):
 
 
 def _cmd_localize(args: argparse.Namespace) -> int:
-    from deepfault_jax import localize, measures
-    from deepfault_jax import spectrum as spectrum_lib
+    from deepfault_jax import localize, measures, spectrum_io
 
     params = {}
     if args.star is not None:
         if args.measure.lower() != "dstar":
             raise UsageError(f"--star is a parameter of dstar; got --measure {args.measure}")
         params["star"] = args.star
-    measures.get(args.measure, **params)  # unknown names fail before the file is read
-    spec = spectrum_lib.load_spectrum(args.spectrum)
+    measures.get_measure(args.measure, **params)  # unknown names fail before the file is read
+    spec = spectrum_io.load_spectrum(args.spectrum)
     layers = _split_list(args.layers)
     pooled = args.class_index is None
     if not pooled and not 0 <= args.class_index < spec.num_classes:
         raise UsageError(f"--class must lie in [0, {spec.num_classes}); got {args.class_index}")
-    score_all = localize.scores(spec, args.measure, pooled=pooled, **params)
+    score_all = localize.suspiciousness(spec, args.measure, pooled=pooled, **params)
     score = score_all if pooled else score_all[args.class_index]
-    ids = localize.top_k(score, args.k, allowed=localize.allowed_neurons(spec.index, layers))
+    ids = localize.top_k_neurons(score, args.k, allowed=localize.allowed_neurons(spec.index, layers))
     rows = localize.ranking_table(
         spec, score, ids, class_index=None if pooled else args.class_index
     )
@@ -345,14 +372,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     classes = None
     if args.classes != "all":
-        classes = pipeline.parse_int_list(args.classes, "--classes")
+        classes = parse_int_list(args.classes, "--classes")
     config = pipeline.RunConfig(
         model=args.model,
         activation=args.activation,
         dataset=args.dataset,
         checkpoint=args.checkpoint,
-        measures=pipeline.parse_names(args.measures, "--measures"),
-        k=pipeline.parse_int_list(args.k, "--k"),
+        measures=parse_names(args.measures, "--measures"),
+        k=parse_int_list(args.k, "--k"),
         classes=classes,
         mode=args.mode,
         d=args.d,
@@ -370,7 +397,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     config.validate()
     out = _check_out_dir(args.out)
-    result = pipeline.run(config, out, progress=not args.no_progress)
+    result = pipeline.run(config, out, progress=_progress(args))
 
     def pct(v):
         return f"{100 * v:5.1f}%"
@@ -398,22 +425,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_faultbench(args: argparse.Namespace) -> int:
+    from deepfault_jax import faultbench as faultbench_lib
     from deepfault_jax import faults, pipeline
     from deepfault_jax import report as report_lib
 
     kinds = (
-        faults.FAULT_KINDS if args.kinds == "all" else pipeline.parse_names(args.kinds, "--kinds")
+        faults.FAULT_KINDS if args.kinds == "all" else parse_names(args.kinds, "--kinds")
     )
-    seeds = pipeline.parse_int_list(args.seeds, "--seeds")
-    config = pipeline.FaultbenchConfig(
-        models=pipeline.parse_names(args.models, "--models"),
+    seeds = parse_int_list(args.seeds, "--seeds")
+    config = faultbench_lib.FaultbenchConfig(
+        models=parse_names(args.models, "--models"),
         dataset=args.dataset,
         kinds=tuple(kinds),
-        faults=pipeline.parse_int_list(args.faults, "--faults"),
+        faults=parse_int_list(args.faults, "--faults"),
         seeds=seeds,
         inputs=args.inputs,
         min_drop=args.min_drop,
-        methods=pipeline.parse_names(args.methods, "--methods") if args.methods else None,
+        methods=parse_names(args.methods, "--methods") if args.methods else None,
         layers=tuple(_split_list(args.layers)) if args.layers else None,
         conv_reduce=args.conv_reduce,
         values=args.values,
@@ -421,7 +449,7 @@ def _cmd_faultbench(args: argparse.Namespace) -> int:
     )
     config.validate()
     out = _check_out_dir(args.out)
-    result = pipeline.faultbench(config, out, progress=not args.no_progress)
+    result = pipeline.faultbench(config, out, progress=_progress(args))
     human = [
         f"planted-fault benchmark on {result['dataset']['name']} "
         f"({result['dataset']['inputs']} test inputs), {len(result['trials'])} trials"
@@ -480,10 +508,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     from deepfault_jax import __version__
-    from deepfault_jax.measures import names as measure_names_fn
+    from deepfault_jax.measures import measure_names as _measure_names
     from deepfault_jax.zoo import MODEL_NAMES as model_names
 
-    measure_names = measure_names_fn()
+    measure_names = _measure_names()
 
     dataset_help = (
         "data set: digits, fashion-mnist, idx:DIR, tfds:NAME[:SPLIT] or npz:PATH (default: digits)"
@@ -687,7 +715,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except SystemExit as e:  # --help and --version
         return int(e.code or 0) if not isinstance(e.code, str) else 2
-    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except InputError as e:
         prog = getattr(e, "prog", "deepfault-jax")
         sys.stderr.write(f"{prog}: error: {_one_line(e)}\n")
         return 2

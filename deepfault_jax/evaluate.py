@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from deepfault_jax.errors import InputError
 from deepfault_jax.probe import Probe
 
 __all__ = ["evaluate_synthesis", "summarize_repeats"]
@@ -82,11 +83,11 @@ def evaluate_synthesis(
     """
     x0, x, y = np.asarray(x0, np.float32), np.asarray(x, np.float32), np.asarray(y)
     if x0.shape != x.shape or len(y) != len(x):
-        raise ValueError(
+        raise InputError(
             f"x0, x and y must describe the same inputs; got shapes {x0.shape}, {x.shape}, {y.shape}"
         )
     if len(y) == 0:
-        raise ValueError("there is nothing to evaluate: got 0 inputs")
+        raise InputError("there is nothing to evaluate: got 0 inputs")
     sets = np.asarray(table)[y]
     m = jax.device_get(_metrics_jit(probe, params, x0, x, y, sets, threshold))
     inactive = int(m["inactive_before"].sum())

@@ -1,4 +1,4 @@
-"""Planted faults: known faulty neurons in a trained model, and how well each localizer finds them.
+"""Planted faults: known faulty neurons in a trained model (fault kinds and planting).
 
 DeepFault's measures were designed without faults whose location is known.
 This module plants them (DESIGN section 7) and scores every localization
@@ -24,19 +24,7 @@ A fault that reaches no measurable drop at the largest strength is not
 planted: another neuron is tried, and a trial without any is reported as
 skipped, with the reason.
 
-Localization methods, each giving one ranking of all probed neurons:
-count measures (``tarantula``, ``ochiai``, ``dstar``, ...) and attribution
-measures (``gradxact``, ``actdiff``, ``linear_ablation``), each pooled over
-classes or per class (a neuron's rank is its best rank in any class's
-ranking; classes whose scores are all equal carry no evidence and are left
-out), exact ablation (``ablation``: fixes minus
-breaks; ``ablation_loss``: mean loss drop), and the random ranking (expected
-recall ``k / N``, expected mean rank ``(N + 1) / 2``; the empirical mean of
-random permutations is reported beside it). Scores: top-5 and top-10 recall
-(the share of planted neurons among the first 5 or 10) and the mean rank of
-the planted neurons (1 = first). A planted neuron tied with others counts as
-the expectation over random tie-breaking (the middle of the tie; the share of
-the tie within the first k), so neither its id nor its neighbours' decide.
+The trials that score localizers on planted faults are in :mod:`deepfault_jax.faultbench`.
 """
 
 from __future__ import annotations
@@ -44,32 +32,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-import time
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepfault_jax import localize, measures
-from deepfault_jax import spectrum as spectrum_lib
+from deepfault_jax import zoo
+from deepfault_jax.errors import InputError
 from deepfault_jax.probe import Probe
-from deepfault_jax.zoo import Model, predict
+from deepfault_jax.zoo import Model
 
 __all__ = [
     "FAULT_KINDS",
     "PlantedFault",
-    "Ranks",
-    "Trial",
-    "default_methods",
-    "method_ranks",
     "plant_faults",
-    "recall_and_rank",
-    "run_trial",
-    "summarize",
-    "tie_ranks",
 ]
 
 FAULT_KINDS = ("push_last", "push_early", "always_on", "corrupt_in")
@@ -172,10 +151,6 @@ class _Params:
 
 
 _CHUNK = 512  # inputs per jitted step in the helpers below
-
-
-def _accuracy(model: Model, params: Any, x: np.ndarray, y: np.ndarray) -> float:
-    return float(np.mean(predict(model, params, x) == y))
 
 
 @functools.lru_cache(maxsize=16)
@@ -317,22 +292,22 @@ def plant_faults(
       when some could not reach ``min_drop`` (the notes say why).
     """
     if kind not in FAULT_KINDS:
-        raise ValueError(f"kind must be one of {', '.join(FAULT_KINDS)}; got {kind!r}")
+        raise InputError(f"kind must be one of {', '.join(FAULT_KINDS)}; got {kind!r}")
     if probe.conv_reduce == "none":
-        raise ValueError(
+        raise InputError(
             "faults are planted in units and channels: conv_reduce must be 'mean' or 'max'; "
             "got 'none'"
         )
     if int(count) != count or count < 1:
-        raise ValueError(f"count must be a positive integer; got {count!r}")
+        raise InputError(f"count must be a positive integer; got {count!r}")
     if not 0 < min_drop < 1:
-        raise ValueError(f"min_drop must lie in (0, 1); got {min_drop}")
+        raise InputError(f"min_drop must lie in (0, 1); got {min_drop}")
     if int(tries) != tries or tries < 1:
-        raise ValueError(f"tries must be a positive integer; got {tries!r}")
+        raise InputError(f"tries must be a positive integer; got {tries!r}")
     x = np.asarray(x, np.float32)
     y = np.asarray(y)
     if x.shape[1:] != probe.input_shape or y.shape != (len(x),) or not len(x):
-        raise ValueError(
+        raise InputError(
             f"x must be [n >= 1, {', '.join(map(str, probe.input_shape))}] with one label each; "
             f"got x {list(x.shape)} and y {list(y.shape)}"
         )
@@ -340,7 +315,7 @@ def plant_faults(
     names = list(probe.index.layer_names)
     for name in names:
         if name not in p.tree or name == p.layers[-1]:
-            raise ValueError(
+            raise InputError(
                 f"faults need probed zoo layers (one of {', '.join(p.layers[:-1])}); got {name!r}"
             )
     if kind == "push_last":
@@ -348,7 +323,7 @@ def plant_faults(
     elif kind == "push_early":
         pool = names[:-1]
         if not pool:
-            raise ValueError(
+            raise InputError(
                 f"push_early needs two or more probed layers; got {names} (use push_last)"
             )
     else:
@@ -360,7 +335,7 @@ def plant_faults(
     def active_enough(layer: str, unit: int) -> bool:
         return float(np.mean(values["max"][layer][:, unit] > 0)) >= _MIN_ACTIVE
 
-    accuracy = _accuracy(model, p.build(), x, y)
+    accuracy = zoo.accuracy(model, p.build(), x, y)
     planted: list[PlantedFault] = []
     notes: list[str] = []
     used: set[tuple[str, int]] = set()
@@ -391,7 +366,7 @@ def plant_faults(
             for strength in _LADDERS[kind]:
                 q = _apply(kind, p, layer, unit, strength, direction=direction, key=fkey,
                            lift=lift)  # fmt: skip
-                acc = _accuracy(model, q.build(), x, y)
+                acc = zoo.accuracy(model, q.build(), x, y)
                 if accuracy - acc >= min_drop:
                     planted.append(
                         PlantedFault(
@@ -421,199 +396,3 @@ def plant_faults(
             )
             break
     return p.build(), planted, notes
-
-
-# --------------------------------------------------------------------------- scoring
-
-
-class Ranks(NamedTuple):
-    """Tie-aware 1-based ranks of every neuron (``int64[neurons]`` each).
-
-    Neuron ``n`` and the neurons tied with it share the ranks ``first[n] ..
-    last[n]`` (``first == last`` without a tie).
-    """
-
-    first: np.ndarray
-    last: np.ndarray
-
-
-def tie_ranks(score: np.ndarray) -> Ranks:
-    """:class:`Ranks` of ``[neurons]`` scores, higher first (+inf above every finite score)."""
-    s = np.asarray(score, np.float64)
-    ascending = np.sort(s)
-    n = s.size
-    greater = n - np.searchsorted(ascending, s, side="right")
-    at_least = n - np.searchsorted(ascending, s, side="left")
-    return Ranks(greater.astype(np.int64) + 1, at_least.astype(np.int64))
-
-
-def _best_class_rank(per_class: np.ndarray) -> Ranks:
-    """:class:`Ranks` from ``[classes, neurons]`` scores: by the best (middle of tie) rank
-    any class gives a neuron; a class whose scores are all equal carries no evidence and
-    is left out (no such class left: every neuron is tied)."""
-    best = np.zeros(per_class.shape[-1])
-    informative = [row for row in np.asarray(per_class) if np.ptp(row) > 0]
-    if informative:
-        middles = []
-        for row in informative:
-            r = tie_ranks(row)
-            middles.append((r.first + r.last) / 2)
-        best = np.min(middles, axis=0)
-    return tie_ranks(-best)
-
-
-def default_methods(*, ablation: bool = True) -> tuple[str, ...]:
-    """Every method :func:`method_ranks` knows, as ``name/scope``."""
-    names = []
-    for m in ("tarantula", "ochiai", "dstar", "gradxact", "actdiff", "linear_ablation"):
-        names += [f"{m}/pooled", f"{m}/per-class"]
-    if ablation:
-        names += ["ablation/pooled", "ablation_loss/pooled"]
-    return tuple(names)
-
-
-def method_ranks(
-    spectrum: spectrum_lib.Spectrum,
-    methods: Sequence[str],
-    *,
-    ablation: localize.Ablation | None = None,
-) -> dict[str, Ranks]:
-    """For each method (``"ochiai/pooled"``, ``"gradxact/per-class"``, ``"ablation/pooled"``),
-    the tie-aware :class:`Ranks` of every neuron."""
-    out = {}
-    for method in methods:
-        name, _, scope = method.partition("/")
-        if scope not in ("pooled", "per-class"):
-            raise ValueError(f"method must be NAME/pooled or NAME/per-class; got {method!r}")
-        pooled = scope == "pooled"
-        if name in ("ablation", "ablation_loss"):
-            if ablation is None:
-                raise ValueError(f"{method} needs an exact ablation; got none")
-            by = "fixes-breaks" if name == "ablation" else "loss"
-            score = localize.ablation_scores(ablation, by=by, pooled=pooled)
-        else:
-            measures.get(name)
-            score = np.asarray(localize.scores(spectrum, name, pooled=pooled))
-        out[method] = tie_ranks(score) if pooled else _best_class_rank(score)
-    return out
-
-
-def recall_and_rank(ranks: Ranks, planted: Sequence[int]) -> dict[str, float]:
-    """Top-5 and top-10 recall and the mean rank of the ``planted`` neuron ids.
-
-    A planted neuron tied with others counts as the expectation over random
-    tie-breaking: its rank is the middle of the tie, and its top-k recall the
-    share of the tie's ranks within the first k.
-    """
-    ids = np.asarray(planted, np.int64)
-    first = np.asarray(ranks.first, np.float64)[ids]
-    last = np.asarray(ranks.last, np.float64)[ids]
-
-    def recall(k):
-        return float(np.mean(np.clip((k - first + 1) / (last - first + 1), 0.0, 1.0)))
-
-    return {
-        "top5_recall": recall(5),
-        "top10_recall": recall(10),
-        "mean_rank": float(np.mean((first + last) / 2)),
-    }
-
-
-@dataclasses.dataclass(frozen=True)
-class Trial:
-    """One planted-fault trial: what was planted and how each method ranked it."""
-
-    model: str
-    kind: str
-    count: int
-    seed: int
-    faults: tuple[PlantedFault, ...]
-    accuracy_before: float
-    accuracy_after: float
-    scores: dict[str, dict[str, float]]
-    notes: tuple[str, ...]
-    seconds: float
-    skipped: str | None = None
-
-
-def run_trial(
-    key: jax.Array,
-    model: Model,
-    params: Any,
-    probe: Probe,
-    x: np.ndarray,
-    y: np.ndarray,
-    *,
-    kind: str,
-    count: int,
-    seed: int,
-    methods: Sequence[str],
-    min_drop: float = 0.02,
-    batch_size: int = 512,
-    random_draws: int = 100,
-) -> Trial:
-    """Plants faults, computes the spectrum with attribution sums (and the exact ablation if
-    a method needs it) on the faulty model, and scores every method.
-
-    ``probe`` is the model's probe; it serves the faulty parameters too (the same
-    structure), so its compiled steps are reused from trial to trial.
-    """
-    if int(random_draws) != random_draws or random_draws < 1:
-        raise ValueError(f"random_draws must be a positive integer; got {random_draws!r}")
-    start = time.perf_counter()
-    before = _accuracy(model, params, x, y)
-    faulty, planted, notes = plant_faults(
-        key, model, params, probe, x, y, kind=kind, count=count, min_drop=min_drop
-    )
-    if not planted:
-        return Trial(
-            model.name, kind, count, seed, (), before, before, {}, tuple(notes),
-            time.perf_counter() - start, skipped="no fault reached the accuracy drop",
-        )  # fmt: skip
-    spec = spectrum_lib.compute_spectrum(
-        probe, faulty, x, y, batch_size=batch_size, attribution=True
-    )
-    ablation = None
-    if any(m.split("/")[0] in ("ablation", "ablation_loss") for m in methods):
-        ablation = localize.exact_ablation(probe, faulty, x, y, batch_size=batch_size)
-    ranks = method_ranks(spec, methods, ablation=ablation)
-    ids = [f.neuron for f in planted]
-    scores = {m: recall_and_rank(r, ids) for m, r in ranks.items()}
-    n = probe.index.num_neurons
-    draws = []
-    for i in range(random_draws):
-        order = np.asarray(jax.random.permutation(jax.random.fold_in(key, 10_000 + i), n)) + 1
-        draws.append(recall_and_rank(Ranks(order, order), ids))
-    scores["random"] = {k: float(np.mean([d[k] for d in draws])) for k in draws[0]}
-    scores["random (expected)"] = {
-        "top5_recall": min(5, n) / n,
-        "top10_recall": min(10, n) / n,
-        "mean_rank": (n + 1) / 2,
-    }
-    after = _accuracy(model, faulty, x, y)
-    if len(planted) < count:
-        notes.append(f"planted {len(planted)} of {count} faults")
-    return Trial(
-        model.name, kind, count, seed, tuple(planted), before, after, scores, tuple(notes),
-        time.perf_counter() - start,
-    )  # fmt: skip
-
-
-def summarize(trials: Sequence[Trial]) -> list[dict]:
-    """Per (model, number of faults, method): mean and standard deviation over the trials
-    that planted every fault (all kinds and seeds together) of each score."""
-    groups: dict[tuple, list[dict]] = {}
-    for t in trials:
-        if t.skipped or len(t.faults) < t.count:
-            continue
-        for method, s in t.scores.items():
-            groups.setdefault((t.model, t.count, method), []).append(s)
-    rows = []
-    for (model, count, method), items in groups.items():
-        row = {"model": model, "faults": count, "method": method, "trials": len(items)}
-        for k in ("top5_recall", "top10_recall", "mean_rank"):
-            v = np.asarray([s[k] for s in items])
-            row[k] = float(v.mean())
-            row[f"{k}_std"] = float(v.std())
-        rows.append(row)
-    return rows

@@ -1,52 +1,43 @@
 """Localization: suspicious neurons from a spectrum, the random baseline, rankings.
 
-* :func:`scores` applies a measure to a spectrum, per class (``[classes,
+* :func:`suspiciousness` applies a measure to a spectrum, per class (``[classes,
   neurons]``) or pooled over classes (``[neurons]``).
-* :func:`top_k` ranks deterministically: higher score first, ties broken by the
+* :func:`top_k_neurons` ranks deterministically: higher score first, ties broken by the
   lower neuron id; optionally only among allowed neurons (some layers).
 * :func:`suspicious_neurons` combines the two: the paper's suspicious set.
 * :func:`random_neurons` is the paper's baseline: k neurons drawn uniformly with
   a ``key`` from the same layers, excluding the neurons chosen by the measures
   it is compared with.
-* :func:`ranking_table` and :func:`agreement` report and compare rankings.
-* :func:`exact_ablation` is the reference localizer for small models: every
-  neuron zeroed in turn (through the probe's gates, vmapped over chunks of
-  neurons under jit), counting the failing inputs it fixes, the passing inputs
-  it breaks and the change of the loss; :func:`ablation_scores` ranks by it.
+* :func:`ranking_table` and :func:`measure_agreement` report and compare rankings.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from deepfault_jax import measures
-from deepfault_jax.data import iterate_batches
-from deepfault_jax.probe import NeuronIndex, Probe
+from deepfault_jax.errors import InputError, InputTypeError
+from deepfault_jax.probe import NeuronIndex
 from deepfault_jax.spectrum import Counts, Spectrum
 
 ArrayLikeScores = jax.Array | np.ndarray
 
 __all__ = [
-    "Ablation",
-    "ablation_scores",
-    "agreement",
-    "exact_ablation",
+    "measure_agreement",
     "allowed_neurons",
     "random_neurons",
     "ranking_table",
-    "scores",
+    "suspiciousness",
     "suspicious_neurons",
-    "top_k",
+    "top_k_neurons",
 ]
 
 
-def scores(
+def suspiciousness(
     spectrum: Spectrum,
     measure: str | measures.Measure,
     *,
@@ -57,7 +48,7 @@ def scores(
 
     Args:
       spectrum: the hit spectrum.
-      measure: a name from :func:`deepfault_jax.measures.names` or a function
+      measure: a name from :func:`deepfault_jax.measures.measure_names` or a function
         ``(a_s, a_f, n_s, n_f) -> score``. Attribution measures
         (``gradxact``, ``actdiff``, ``linear_ablation``) need a spectrum
         computed with ``attribution=True``.
@@ -73,8 +64,8 @@ def scores(
         without attribution sums.
     """
     if isinstance(measure, str):
-        fn = measures.get(measure, **params)
-        if measures.kind(measure) == "attribution":
+        fn = measures.get_measure(measure, **params)
+        if measures.measure_kind(measure) == "attribution":
             return fn(*spectrum.attribution_sums(pooled=pooled))
     else:
         fn = measure
@@ -89,7 +80,7 @@ def allowed_neurons(index: NeuronIndex, layers: Sequence[str] | None = None) -> 
     if isinstance(layers, str):
         layers = [layers]
     if not layers:
-        raise ValueError(
+        raise InputError(
             f"layers must name at least one layer of {', '.join(index.layer_names)}; got none"
         )
     for name in layers:
@@ -99,14 +90,14 @@ def allowed_neurons(index: NeuronIndex, layers: Sequence[str] | None = None) -> 
 
 def _check_k(k: int, available: int) -> int:
     if isinstance(k, bool) or int(k) != k:
-        raise TypeError(f"k must be an integer; got {k!r}")
+        raise InputTypeError(f"k must be an integer; got {k!r}")
     k = int(k)
     if not 1 <= k <= available:
-        raise ValueError(f"k must lie in [1, {available}] (the neurons to choose from); got {k}")
+        raise InputError(f"k must lie in [1, {available}] (the neurons to choose from); got {k}")
     return k
 
 
-def top_k(
+def top_k_neurons(
     score: jax.Array | np.ndarray, k: int, *, allowed: np.ndarray | None = None
 ) -> np.ndarray:
     """The ids of the ``k`` highest scores along the last axis, deterministically.
@@ -123,10 +114,10 @@ def top_k(
     """
     score = np.asarray(score)
     if np.isnan(score).any():
-        raise ValueError("scores must not be NaN; got NaN values")
+        raise InputError("scores must not be NaN; got NaN values")
     ids = np.arange(score.shape[-1]) if allowed is None else np.asarray(allowed, np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= score.shape[-1]):
-        raise ValueError(
+        raise InputError(
             f"allowed ids must lie in [0, {score.shape[-1]}); got range [{ids.min()}, {ids.max()}]"
         )
     k = _check_k(k, ids.size)
@@ -156,7 +147,7 @@ def suspicious_neurons(
       **params: the measure's parameters.
     """
     allowed = allowed_neurons(spectrum.index, layers)
-    return top_k(scores(spectrum, measure, pooled=pooled, **params), k, allowed=allowed)
+    return top_k_neurons(suspiciousness(spectrum, measure, pooled=pooled, **params), k, allowed=allowed)
 
 
 def random_neurons(
@@ -204,7 +195,7 @@ def ranking_table(
     Args:
       spectrum: the spectrum the scores came from.
       score: ``[neurons]`` scores (pooled, or of one class).
-      ids: neuron ids in rank order (from :func:`top_k`).
+      ids: neuron ids in rank order (from :func:`top_k_neurons`).
       class_index: the class whose counts to show; None for pooled counts.
 
     Returns:
@@ -232,7 +223,7 @@ def ranking_table(
     return rows
 
 
-def agreement(score_a: ArrayLikeScores, score_b: ArrayLikeScores, k: int) -> dict:
+def measure_agreement(score_a: ArrayLikeScores, score_b: ArrayLikeScores, k: int) -> dict:
     """How much two measures agree on the same neurons (``[neurons]`` scores).
 
     Returns:
@@ -243,10 +234,10 @@ def agreement(score_a: ArrayLikeScores, score_b: ArrayLikeScores, k: int) -> dic
 
     a, b = np.asarray(score_a, np.float64), np.asarray(score_b, np.float64)
     if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(
+        raise InputError(
             f"scores must be two [neurons] arrays of one shape; got {a.shape} and {b.shape}"
         )
-    overlap = np.intersect1d(top_k(a, k), top_k(b, k)).size / int(k)
+    overlap = np.intersect1d(top_k_neurons(a, k), top_k_neurons(b, k)).size / int(k)
 
     # +inf is the top rank: map it above every finite score, keeping order
     def finite(x):
@@ -255,166 +246,3 @@ def agreement(score_a: ArrayLikeScores, score_b: ArrayLikeScores, k: int) -> dic
 
     tau = kendalltau(finite(a), finite(b)).statistic
     return {"top_k_overlap": float(overlap), "kendall_tau": None if np.isnan(tau) else float(tau)}
-
-
-# --------------------------------------------------------------------------- exact ablation
-
-
-class Ablation(NamedTuple):
-    """What zeroing each neuron does, per true class (``[classes, neurons]``).
-
-    Attributes:
-      fixes: int32, failing inputs of the class that become correct.
-      breaks: int32, passing inputs of the class that become wrong.
-      loss_drop: float32, sum over the class's inputs of the cross-entropy
-        loss before minus after (positive: the model is better without the neuron).
-      n_inputs: int32 ``[classes]``, inputs of each class.
-      index: the neuron layout.
-    """
-
-    fixes: np.ndarray
-    breaks: np.ndarray
-    loss_drop: np.ndarray
-    n_inputs: np.ndarray
-    index: NeuronIndex
-
-
-def _cross_entropy(logits, labels):
-    return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], axis=-1)[:, 0]
-
-
-@functools.partial(jax.jit, static_argnames=("probe",))
-def _logits(params, x, *, probe: Probe):
-    return probe(params, x)[0]
-
-
-@functools.partial(jax.jit, static_argnames=("probe",))
-def _ablate_chunk(params, x, y, mask, base, ids, *, probe: Probe):
-    """For neuron ``ids[j]`` (-1: none), per class: fixes, breaks and loss drop
-    ``[chunk, classes]``; ``base`` holds the batch's logits of the model as it is."""
-    num_classes = probe.num_classes
-    base_right = jnp.argmax(base, axis=-1) == y
-    base_loss = _cross_entropy(base, y)
-    member = (jax.nn.one_hot(y, num_classes) * mask[:, None]).astype(jnp.float32)  # [B, C]
-    offsets = probe.index.offsets
-
-    def one(neuron):
-        gates = {
-            name: (1.0 - (jnp.arange(size) + offset == neuron).astype(jnp.float32))[None, :]
-            for name, size, offset in zip(
-                probe.index.layer_names, probe.index.layer_sizes, offsets, strict=True
-            )
-        }
-        logits, _ = probe.gated(params, x, gates)
-        right = jnp.argmax(logits, axis=-1) == y
-        fixes = (right & ~base_right).astype(jnp.float32) @ member
-        breaks = (~right & base_right).astype(jnp.float32) @ member
-        drop = (base_loss - _cross_entropy(logits, y)) @ member
-        return fixes, breaks, drop
-
-    return jax.vmap(one)(ids)
-
-
-def exact_ablation(
-    probe: Probe,
-    params: Any,
-    x: np.ndarray,
-    y: np.ndarray,
-    *,
-    neurons: Sequence[int] | None = None,
-    batch_size: int = 512,
-    chunk: int = 16,
-    progress: bool = False,
-) -> Ablation:
-    """Zeroes each neuron in turn and measures the effect on every input: the reference localizer.
-
-    A neuron is zeroed through the probe's gates: its layer's output is set to
-    0 for that unit (a conv channel at every position, unless
-    ``conv_reduce="none"``), the rest of the model unchanged. Costs one forward
-    pass of the data per neuron; ``chunk`` neurons run together under
-    ``vmap`` (memory grows with ``chunk * batch_size``).
-
-    Args:
-      probe: a probe with gates.
-      params: the model's parameters.
-      x: ``float32[n, *input_shape]`` inputs.
-      y: ``int[n]`` true classes.
-      neurons: ids to ablate (default: all); the others are left 0.
-      batch_size: inputs per step.
-      chunk: neurons per step.
-      progress: show a progress bar.
-
-    Returns:
-      An :class:`Ablation`.
-    """
-    from tqdm.auto import tqdm
-
-    probe.require_gates("exact ablation")
-    x, y = np.asarray(x, np.float32), np.asarray(y)
-    if x.shape[1:] != probe.input_shape or len(x) != len(y) or not len(x):
-        raise ValueError(
-            f"x must be [n >= 1, {', '.join(map(str, probe.input_shape))}] with one label each; "
-            f"got x {list(x.shape)} and y {list(y.shape)}"
-        )
-    if not np.issubdtype(y.dtype, np.integer):
-        raise TypeError(f"labels must be integers; got dtype {y.dtype}")
-    if y.min() < 0 or y.max() >= probe.num_classes:
-        raise ValueError(
-            f"labels must lie in [0, {probe.num_classes}); got range [{y.min()}, {y.max()}]"
-        )
-    n = probe.index.num_neurons
-    ids = np.arange(n) if neurons is None else np.unique(np.asarray(neurons, np.int64))
-    if ids.size == 0 or ids.min() < 0 or ids.max() >= n:
-        raise ValueError(f"neurons must be ids in [0, {n}); got {list(np.asarray(neurons))[:8]}")
-    for name, bad in (("batch_size", batch_size), ("chunk", chunk)):
-        if int(bad) != bad or bad < 1:
-            raise ValueError(f"{name} must be a positive integer; got {bad!r}")
-    c = probe.num_classes
-    fixes, breaks = np.zeros((c, n), np.int64), np.zeros((c, n), np.int64)
-    drop = np.zeros((c, n), np.float64)
-    padded = np.concatenate([ids, -np.ones((-ids.size) % chunk, np.int64)]).reshape(-1, chunk)
-    batches = list(iterate_batches(x, y, batch_size=batch_size))
-    bar = tqdm(total=len(batches) * len(padded), desc="ablation", unit="step",
-               disable=None if progress else True, leave=False)  # fmt: skip
-    for batch in batches:
-        base = _logits(params, batch.x, probe=probe)  # once per batch, for every chunk
-        for group in padded:
-            f, b, d = _ablate_chunk(params, batch.x, batch.y, batch.mask, base,
-                                    jnp.asarray(group, jnp.int32), probe=probe)  # fmt: skip
-            real = group >= 0
-            fixes[:, group[real]] += np.asarray(f, np.int64)[real].T
-            breaks[:, group[real]] += np.asarray(b, np.int64)[real].T
-            drop[:, group[real]] += np.asarray(d, np.float64)[real].T
-            bar.update()
-    bar.close()
-    counts = np.bincount(y, minlength=c).astype(np.int32)
-    return Ablation(
-        fixes.astype(np.int32), breaks.astype(np.int32), drop.astype(np.float32), counts,
-        probe.index,
-    )  # fmt: skip
-
-
-ABLATION_SCORES = ("fixes-breaks", "loss")
-
-
-def ablation_scores(
-    ablation: Ablation, *, by: str = "fixes-breaks", pooled: bool = True
-) -> np.ndarray:
-    """Scores from an exact ablation: ``fixes - breaks`` or the mean loss drop.
-
-    Args:
-      ablation: from :func:`exact_ablation`.
-      by: ``"fixes-breaks"`` (inputs repaired minus inputs broken) or
-        ``"loss"`` (mean cross-entropy drop per input).
-      pooled: over all classes (``[neurons]``) or per class (``[classes, neurons]``).
-    """
-    if by not in ABLATION_SCORES:
-        raise ValueError(f"by must be one of {', '.join(ABLATION_SCORES)}; got {by!r}")
-    if by == "fixes-breaks":
-        score = ablation.fixes.astype(np.float32) - ablation.breaks
-        return score.sum(axis=0) if pooled else score
-    if pooled:
-        return (ablation.loss_drop.sum(axis=0) / max(int(ablation.n_inputs.sum()), 1)).astype(
-            np.float32
-        )
-    return (ablation.loss_drop / np.maximum(ablation.n_inputs, 1)[:, None]).astype(np.float32)

@@ -14,14 +14,14 @@ that ranks the neuron as the original DeepFault does where it is defined: a
 0/0 term is 0 (the original turns NaN into 0), and DStar's x/0 with x > 0 is
 +inf, ranked first. Each docstring states its own rule.
 
-Use :func:`get` to look a measure up by name (with parameters) and
-:func:`names` for the list.
+Use :func:`get_measure` to look a measure up by name (with parameters) and
+:func:`measure_names` for the list.
 
 **Attribution measures** (DESIGN section 7) read the float sums gathered with
 ``attribution=True`` instead of the counts: ``gradxact``, ``actdiff`` and
 ``linear_ablation``. Each takes the eight arrays of
-:class:`~deepfault_jax.spectrum.AttributionSums` (``act_pass, act_fail,
-gxa_pass, gxa_fail, fixes, breaks, n_pass, n_fail``); :func:`kind` tells the
+:class:`~deepfault_jax.attribution.AttributionSums` (``act_pass, act_fail,
+gxa_pass, gxa_fail, fixes, breaks, n_pass, n_fail``); :func:`measure_kind` tells the
 two families apart. They too never return NaN, and higher is more suspicious.
 """
 
@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from deepfault_jax.errors import InputError
+
 __all__ = [
     "Measure",
     "ample",
@@ -42,15 +44,15 @@ __all__ = [
     "barinel",
     "dstar",
     "actdiff",
-    "get",
+    "get_measure",
     "gp13",
     "gradxact",
-    "kind",
+    "measure_kind",
     "linear_ablation",
     "jaccard",
     "kulczynski1",
     "kulczynski2",
-    "names",
+    "measure_names",
     "ochiai",
     "ochiai2",
     "op2",
@@ -361,7 +363,7 @@ def linear_ablation(
     is predicted to first order: by default from the margin between the true
     class and its strongest rival, ``m - J_m``; with ``attribution="all-classes"``
     from every class's logit, ``z - J`` (see
-    :class:`~deepfault_jax.spectrum.Attribution`). A neuron whose removal
+    :class:`~deepfault_jax.attribution.Attribution`). A neuron whose removal
     would repair more inputs than it breaks scores above zero.
 
     Edge cases: none (a difference of counts); an integer-valued float32.
@@ -396,47 +398,47 @@ _REGISTRY: dict[str, Callable[..., jax.Array]] = {
 }
 
 
-def names(*, family: str | None = None) -> tuple[str, ...]:
-    """The names :func:`get` accepts, in a fixed order (the paper's three first).
+def measure_names(*, family: str | None = None) -> tuple[str, ...]:
+    """The names :func:`get_measure` accepts, in a fixed order (the paper's three first).
 
     Args:
       family: ``"counts"`` or ``"attribution"`` for one family; None for both.
     """
     if family not in (None, "counts", "attribution"):
-        raise ValueError(f"family must be 'counts', 'attribution' or None; got {family!r}")
-    return tuple(n for n in _REGISTRY if family is None or kind(n) == family)
+        raise InputError(f"family must be 'counts', 'attribution' or None; got {family!r}")
+    return tuple(n for n in _REGISTRY if family is None or measure_kind(n) == family)
 
 
 def _key(name: str) -> str:
     key = str(name).lower().replace("-", "_")
     if key not in _REGISTRY:
-        raise ValueError(f"unknown measure {name!r}; expected one of {', '.join(names())}")
+        raise InputError(f"unknown measure {name!r}; expected one of {', '.join(measure_names())}")
     return key
 
 
-def kind(name: str) -> str:
+def measure_kind(name: str) -> str:
     """``"counts"`` for a function of the four counts, ``"attribution"`` for one of the
-    attribution sums (:class:`~deepfault_jax.spectrum.AttributionSums`)."""
+    attribution sums (:class:`~deepfault_jax.attribution.AttributionSums`)."""
     return "attribution" if _key(name) in _ATTRIBUTION else "counts"
 
 
-def get(name: str, **params: float) -> Measure:
+def get_measure(name: str, **params: float) -> Measure:
     """The measure called ``name``, with its parameters bound.
 
     Args:
-      name: one of :func:`names` (case-insensitive; ``-`` and ``_`` are the same).
+      name: one of :func:`measure_names` (case-insensitive; ``-`` and ``_`` are the same).
       **params: the measure's parameters (``star`` for ``dstar``).
 
     Returns:
       A function ``(a_s, a_f, n_s, n_f) -> score`` (count measures) or of the
-      eight attribution sums (attribution measures, see :func:`kind`), pure
+      eight attribution sums (attribution measures, see :func:`measure_kind`), pure
       and jit-able.
 
     Raises:
       ValueError: an unknown name (the message lists the names) or parameter.
 
     Example:
-      >>> score = get("dstar", star=2)(a_s, a_f, n_s, n_f)  # doctest: +SKIP
+      >>> score = get_measure("dstar", star=2)(a_s, a_f, n_s, n_f)  # doctest: +SKIP
     """
     key = _key(name)
     fn = _REGISTRY[key]
@@ -444,7 +446,7 @@ def get(name: str, **params: float) -> Measure:
     unknown = sorted(set(params) - {p.name for p in accepted})
     if unknown:
         expected = ", ".join(p.name for p in accepted) or "none"
-        raise ValueError(f"measure {key!r} takes parameters [{expected}]; got {unknown}")
+        raise InputError(f"measure {key!r} takes parameters [{expected}]; got {unknown}")
     if key == "dstar" and "star" in params and not params["star"] > 0:
-        raise ValueError(f"dstar's star must be > 0; got {params['star']}")
+        raise InputError(f"dstar's star must be > 0; got {params['star']}")
     return functools.partial(fn, **params) if params else fn

@@ -36,11 +36,16 @@ from deepfault_jax import (
     probe,
     report,
     spectrum,
+    spectrum_io,
+    streaming,
     synthesis,
     zoo,
 )
+from deepfault_jax import faultbench as faultbench_lib
+from deepfault_jax.errors import InputError
+from deepfault_jax.progress import Progress, notify
 
-__all__ = ["RunConfig", "run"]
+__all__ = ["RunConfig", "faultbench", "run"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,31 +103,31 @@ class RunConfig:
     def validate(self) -> None:
         """Raises ValueError for a configuration that cannot run (before any work)."""
         if not self.measures:
-            raise ValueError("measures must name at least one measure; got none")
+            raise InputError("measures must name at least one measure; got none")
         for name in self.measures:
-            measures.get(name)
+            measures.get_measure(name)
         if not self.k or any(int(k) != k or k < 1 for k in self.k):
-            raise ValueError(f"k must be positive integers; got {list(self.k)}")
+            raise InputError(f"k must be positive integers; got {list(self.k)}")
         if self.mode not in synthesis.MODES:
-            raise ValueError(f"mode must be one of {', '.join(synthesis.MODES)}; got {self.mode!r}")
+            raise InputError(f"mode must be one of {', '.join(synthesis.MODES)}; got {self.mode!r}")
         if not self.d > 0:
-            raise ValueError(f"d (the maximum L-inf distance) must be > 0; got {self.d}")
+            raise InputError(f"d (the maximum L-inf distance) must be > 0; got {self.d}")
         if self.step_size is not None and not self.step_size > 0:
-            raise ValueError(f"step_size must be > 0; got {self.step_size}")
+            raise InputError(f"step_size must be > 0; got {self.step_size}")
         if self.direction not in (*synthesis.DIRECTIONS, "adam"):
-            raise ValueError(
+            raise InputError(
                 f"direction must be one of {', '.join((*synthesis.DIRECTIONS, 'adam'))}; got {self.direction!r}"
             )
         if self.inputs_per_class < 1:
-            raise ValueError(f"inputs_per_class must be >= 1; got {self.inputs_per_class}")
+            raise InputError(f"inputs_per_class must be >= 1; got {self.inputs_per_class}")
         if self.random_repeats < 1:
-            raise ValueError(f"random_repeats must be >= 1; got {self.random_repeats}")
+            raise InputError(f"random_repeats must be >= 1; got {self.random_repeats}")
         if self.steps < 1:
-            raise ValueError(f"steps must be >= 1; got {self.steps}")
+            raise InputError(f"steps must be >= 1; got {self.steps}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
+            raise InputError(f"batch_size must be >= 1; got {self.batch_size}")
         if not self.star > 0:
-            raise ValueError(f"star must be > 0; got {self.star}")
+            raise InputError(f"star must be > 0; got {self.star}")
 
     def resolved_step_size(self) -> float:
         """The step size in use."""
@@ -132,16 +137,16 @@ class RunConfig:
 
 
 def _measure_params(name: str, config: RunConfig) -> dict:
-    return {"star": config.star} if measures.get(name) is measures.dstar else {}
+    return {"star": config.star} if measures.get_measure(name) is measures.dstar else {}
 
 
-def _load_model(config: RunConfig, dataset: data.Dataset, progress: bool):
+def _load_model(config: RunConfig, dataset: data.Dataset, progress: Progress | None):
     if config.checkpoint is not None:
         model, params, meta = zoo.load_checkpoint(
             config.checkpoint, input_shape=dataset.input_shape
         )
         if model.num_classes != dataset.num_classes:
-            raise ValueError(
+            raise InputError(
                 f"checkpoint {config.checkpoint} has {model.num_classes} classes; "
                 f"data set {dataset.name!r} has {dataset.num_classes}"
             )
@@ -192,7 +197,7 @@ def run(
     config: RunConfig,
     out_dir: str | Path,
     *,
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> dict:
     """Runs DeepFault end to end and writes the outputs into ``out_dir``.
 
@@ -200,13 +205,11 @@ def run(
       config: the run's configuration (validated first).
       out_dir: directory for ``report.json``, ``report.md``, ``synthesized.npz``,
         ``spectrum.npz``, ``misclassification.png`` and ``examples.png``.
-      progress: show progress on stderr.
+      progress: a progress callback (:mod:`deepfault_jax.progress`).
 
     Returns:
       The report (the content of ``report.json``).
     """
-    from tqdm.auto import tqdm
-
     config.validate()
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -214,21 +217,21 @@ def run(
     classes = tuple(range(dataset.num_classes)) if config.classes is None else tuple(config.classes)
     bad = [c for c in classes if not 0 <= c < dataset.num_classes]
     if bad:
-        raise ValueError(f"classes must lie in [0, {dataset.num_classes}); got {bad}")
+        raise InputError(f"classes must lie in [0, {dataset.num_classes}); got {bad}")
     model, params, model_meta = _load_model(config, dataset, progress)
     prb = probe.model_probe(
         model, params, layers=list(config.layers) if config.layers else None,
-        conv_reduce=config.conv_reduce, activation=config.values,
+        conv_reduce=config.conv_reduce, values=config.values,
     )  # fmt: skip
     for k in config.k:
         if k > prb.index.num_neurons:
-            raise ValueError(
+            raise InputError(
                 f"k must be <= {prb.index.num_neurons}, the neurons of the probed layers "
                 f"{', '.join(prb.index.layer_names)}; got {k}"
             )
     x_test, y_test = dataset.x_test, dataset.y_test
-    attribution = any(measures.kind(name) == "attribution" for name in config.measures)
-    spec = spectrum.compute_spectrum(
+    attribution = any(measures.measure_kind(name) == "attribution" for name in config.measures)
+    spec = streaming.compute_spectrum(
         prb, params, x_test, y_test, batch_size=config.batch_size, threshold=config.threshold,
         attribution=attribution,
     )  # fmt: skip
@@ -239,7 +242,7 @@ def run(
         select_key, y_test, pred, classes, config.inputs_per_class
     )
     if rows.size == 0:
-        raise ValueError(
+        raise InputError(
             f"no class has a correctly classified test input to synthesize from; skipped {skipped}"
         )
     x0, y0 = x_test[rows], y_test[rows]
@@ -261,8 +264,8 @@ def run(
     }
     results, random_runs = [], []
     jobs = [(m, k) for k in config.k for m in config.measures]
-    bar = tqdm(total=len(jobs) + len(config.k) * config.random_repeats, desc="synthesis",
-               unit="set", disable=None if progress else True, leave=False)  # fmt: skip
+    total = len(jobs) + len(config.k) * config.random_repeats
+    done = [0]
 
     def synthesize_and_measure(tag: str, table: np.ndarray) -> dict:
         """Synthesizes toward ``table``, stores the arrays under ``tag``, returns the metrics."""
@@ -273,7 +276,8 @@ def run(
         arrays[f"{tag}__x"] = xs
         arrays[f"{tag}__pred"] = np.asarray(metrics.pop("predictions"), np.int32)
         arrays[f"{tag}__table"] = table
-        bar.update()
+        done[0] += 1
+        notify(progress, "synthesis", done[0], total)
         return metrics
 
     for k in config.k:
@@ -302,10 +306,9 @@ def run(
                 row["random"] = {
                     m: {"mean": s["mean"], "std": s["std"]} for m, s in summary.items()
                 }
-    bar.close()
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    spectrum.save_spectrum(
+    spectrum_io.save_spectrum(
         out_dir / "spectrum.npz", spec, metadata={"model": model.name, "dataset": dataset.name}
     )
     probe_config = {
@@ -376,108 +379,14 @@ def run(
     return out
 
 
-def parse_int_list(text: str, what: str) -> tuple[int, ...]:
-    """``"1,5,10"`` -> ``(1, 5, 10)``, with a clear error."""
-    try:
-        values = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated integers; got {text!r}") from None
-    if not values:
-        raise ValueError(f"{what} must list at least one integer; got {text!r}")
-    return values
 
-
-def parse_names(text: str, what: str) -> tuple[str, ...]:
-    """``"a,b"`` -> ``("a", "b")``."""
-    values = tuple(t.strip() for t in text.split(",") if t.strip())
-    if not values:
-        raise ValueError(f"{what} must list at least one name; got {text!r}")
-    return values
-
-
-# --------------------------------------------------------------------------- faultbench
-
-
-@dataclasses.dataclass(frozen=True)
-class FaultbenchConfig:
-    """What ``deepfault-jax faultbench`` runs.
-
-    Attributes:
-      models: zoo models (each trained once with ``model_seed``, cached).
-      dataset: data set spec; faults are planted and localized on its test split.
-      kinds: fault kinds (:data:`deepfault_jax.faults.FAULT_KINDS`).
-      faults: numbers of faults planted together per trial.
-      seeds: trial seeds (neurons, target classes, noise).
-      inputs: test inputs used (the first ones of the split).
-      min_drop: accuracy drop each planted fault must cause.
-      methods: localization methods (``NAME/pooled`` or ``NAME/per-class``;
-        ``ablation/pooled`` and ``ablation_loss/pooled`` for exact ablation).
-      layers: probed layers (None: every hidden Dense/Conv).
-      conv_reduce: ``"mean"`` or ``"max"``.
-      values: ``"pre"`` or ``"post"`` activation values.
-      model_seed: training seed of the models.
-      batch_size: inputs per compiled step.
-    """
-
-    models: tuple[str, ...] = ("mlp-3x50",)
-    dataset: str = "digits"
-    kinds: tuple[str, ...] = ("push_last", "push_early", "always_on", "corrupt_in")
-    faults: tuple[int, ...] = (1, 3)
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    inputs: int = 2000
-    min_drop: float = 0.02
-    methods: tuple[str, ...] | None = None
-    layers: tuple[str, ...] | None = None
-    conv_reduce: str = "mean"
-    values: str = "pre"
-    model_seed: int = 0
-    batch_size: int = 500
-
-    def validate(self) -> None:
-        """Raises ValueError for a configuration that cannot run (before any work)."""
-        from deepfault_jax import faults as faults_lib
-
-        for name in self.models:
-            if name not in zoo.MODEL_NAMES:
-                raise ValueError(
-                    f"unknown model {name!r}; expected one of {', '.join(zoo.MODEL_NAMES)}"
-                )
-        for kind in self.kinds:
-            if kind not in faults_lib.FAULT_KINDS:
-                raise ValueError(
-                    f"unknown fault kind {kind!r}; expected one of {', '.join(faults_lib.FAULT_KINDS)}"
-                )
-        if not self.models or not self.kinds or not self.faults or not self.seeds:
-            raise ValueError("models, kinds, faults and seeds must each list at least one value")
-        if any(int(f) != f or f < 1 for f in self.faults):
-            raise ValueError(f"faults must be positive integers; got {list(self.faults)}")
-        if self.inputs < 10:
-            raise ValueError(f"inputs must be >= 10; got {self.inputs}")
-        if not 0 < self.min_drop < 1:
-            raise ValueError(f"min_drop must lie in (0, 1); got {self.min_drop}")
-        if self.conv_reduce not in ("mean", "max"):
-            raise ValueError(
-                f"conv_reduce must be 'mean' or 'max' (faults are planted in whole channels); "
-                f"got {self.conv_reduce!r}"
-            )
-        for method in self.resolved_methods():
-            name, _, scope = method.partition("/")
-            if scope not in ("pooled", "per-class"):
-                raise ValueError(f"a method must be NAME/pooled or NAME/per-class; got {method!r}")
-            if name not in ("ablation", "ablation_loss"):
-                measures.get(name)
-            elif scope != "pooled":
-                raise ValueError(f"exact ablation is ranked pooled only; got {method!r}")
-
-    def resolved_methods(self) -> tuple[str, ...]:
-        """The methods in use (default: every method of :func:`faults.default_methods`)."""
-        from deepfault_jax import faults as faults_lib
-
-        return self.methods if self.methods is not None else faults_lib.default_methods()
-
-
-def faultbench(config: FaultbenchConfig, out_dir: str | Path, *, progress: bool = False) -> dict:
-    """Plants faults in trained models and scores every localizer on them.
+def faultbench(
+    config: faultbench_lib.FaultbenchConfig,
+    out_dir: str | Path,
+    *,
+    progress: Progress | None = None,
+) -> dict:
+    """Runs :func:`~deepfault_jax.faultbench.run_faultbench` and writes its outputs.
 
     Writes ``faultbench.json`` (configuration, every trial, the summary),
     ``faultbench.md`` (tables) and ``faultbench.png`` (top-10 recall per
@@ -486,77 +395,12 @@ def faultbench(config: FaultbenchConfig, out_dir: str | Path, *, progress: bool 
     Returns:
       The content of ``faultbench.json``.
     """
-    from tqdm.auto import tqdm
-
-    from deepfault_jax import faults as faults_lib
-
-    config.validate()
-    start = time.perf_counter()
     out_dir = Path(out_dir)
-    dataset = data.load_dataset(config.dataset)
-    x, y = dataset.x_test[: config.inputs], dataset.y_test[: config.inputs]
-    methods = config.resolved_methods()
-    trials, models = [], {}
-    jobs = [(m, k, c, s) for m in config.models for k in config.kinds for c in config.faults
-            for s in config.seeds]  # fmt: skip
-    bar = tqdm(total=len(jobs), desc="faultbench", unit="trial",
-               disable=None if progress else True, leave=False)  # fmt: skip
-    for name in config.models:
-        model, params, meta = zoo.load_or_train(
-            name, dataset, seed=config.model_seed, progress=progress
-        )
-
-        prb = probe.model_probe(
-            model, params, layers=list(config.layers) if config.layers else None,
-            conv_reduce=config.conv_reduce, activation=config.values,
-        )  # fmt: skip
-        index = prb.index
-        models[name] = {
-            "checkpoint": meta.get("checkpoint"),
-            "layers": list(index.layer_names),
-            "layer_sizes": list(index.layer_sizes),
-            "neurons": index.num_neurons,
-            "accuracy": float(np.mean(zoo.predict(model, params, x) == y)),
-        }
-        for kind in config.kinds:
-            for count in config.faults:
-                for seed in config.seeds:
-                    key = jax.random.fold_in(
-                        jax.random.key(seed), faults_lib.FAULT_KINDS.index(kind) * 100 + count
-                    )
-                    trial = faults_lib.run_trial(
-                        key, model, params, prb, x, y, kind=kind, count=count, seed=seed,
-                        methods=methods, min_drop=config.min_drop, batch_size=config.batch_size,
-                    )  # fmt: skip
-                    trials.append(trial)
-                    bar.update()
-    bar.close()
-    out = {
-        "config": dataclasses.asdict(config) | {"methods": list(methods)},
-        "versions": zoo.package_versions(),
-        "dataset": {"name": dataset.name, "inputs": int(len(x))},
-        "models": models,
-        "trials": [dataclasses.asdict(t) for t in trials],
-        "summary": faults_lib.summarize(trials),
-        "skipped": [
-            {
-                "model": t.model,
-                "kind": t.kind,
-                "faults": t.count,
-                "seed": t.seed,
-                "reason": t.skipped or f"planted {len(t.faults)} of {t.count}",
-                "notes": list(t.notes),
-            }
-            for t in trials
-            if t.skipped or len(t.faults) < t.count
-        ],  # fmt: skip
-        "files": {
-            n: str(out_dir / n) for n in ("faultbench.json", "faultbench.md", "faultbench.png")
-        },
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+    result = faultbench_lib.run_faultbench(config, progress=progress)
+    names = ("faultbench.json", "faultbench.md", "faultbench.png")
+    result["files"] = {n: str(out_dir / n) for n in names}
     out_dir.mkdir(parents=True, exist_ok=True)
-    report.write_json(out_dir / "faultbench.json", out)
-    report.write_bytes(out_dir / "faultbench.md", report.faultbench_markdown(out).encode())
-    report.plot_faultbench(out, out_dir / "faultbench.png")
-    return out
+    report.write_json(out_dir / "faultbench.json", result)
+    report.write_bytes(out_dir / "faultbench.md", report.faultbench_markdown(result).encode())
+    report.plot_faultbench(result, out_dir / "faultbench.png")
+    return result

@@ -11,7 +11,7 @@ layer name -> ``float32[batch, units]`` of neuron values.
   the name. Linen modules may instead expose values they ``sow`` into the
   ``intermediates`` collection (``sown=True``).
 * **Pre- or post-activation.** Captured Dense/Conv outputs are
-  pre-activation values. ``activation="post"`` applies the model's elementwise
+  pre-activation values. ``values="post"`` applies the model's elementwise
   activation (``activation_fn``; zoo models supply their own) before any
   reduction.
 * **Conv channels.** An activation of shape ``[batch, ..., channels]`` is
@@ -35,7 +35,6 @@ order) to ``(layer, unit)`` and back.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import re
@@ -48,8 +47,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepfault_jax.cpu_layers import fast_layers
+from deepfault_jax.errors import InputError
+
 __all__ = [
     "CONV_REDUCTIONS",
+    "VALUES",
     "NeuronIndex",
     "Probe",
     "function_probe",
@@ -59,7 +62,8 @@ __all__ = [
 ]
 
 CONV_REDUCTIONS = ("mean", "max", "none")
-_ACTIVATION_SIDES = ("pre", "post")
+#: Which neuron values are counted: the layer's output, or after the activation.
+VALUES = ("pre", "post")
 _LINEN_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv)
 _NNX_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv)
 
@@ -92,15 +96,15 @@ class NeuronIndex:
         names = tuple(str(n) for n in self.layer_names)
         sizes = tuple(int(s) for s in self.layer_sizes)
         if len(names) != len(sizes):
-            raise ValueError(
+            raise InputError(
                 f"layer_names and layer_sizes must have the same length; got {len(names)} and {len(sizes)}"
             )
         if not names:
-            raise ValueError("a neuron index needs at least one layer; got none")
+            raise InputError("a neuron index needs at least one layer; got none")
         if len(set(names)) != len(names):
-            raise ValueError(f"layer names must be unique; got {list(names)}")
+            raise InputError(f"layer names must be unique; got {list(names)}")
         if min(sizes) < 1:
-            raise ValueError(f"layer sizes must be >= 1; got {list(sizes)}")
+            raise InputError(f"layer sizes must be >= 1; got {list(sizes)}")
         object.__setattr__(self, "layer_names", names)
         object.__setattr__(self, "layer_sizes", sizes)
 
@@ -118,7 +122,7 @@ class NeuronIndex:
         try:
             return self.layer_names.index(layer)
         except ValueError:
-            raise ValueError(
+            raise InputError(
                 f"unknown layer {layer!r}; expected one of {', '.join(self.layer_names)}"
             ) from None
 
@@ -131,7 +135,7 @@ class NeuronIndex:
         """``(layer, unit)`` of a flat neuron id."""
         neuron_id = int(neuron_id)
         if not 0 <= neuron_id < self.num_neurons:
-            raise ValueError(f"neuron id must lie in [0, {self.num_neurons}); got {neuron_id}")
+            raise InputError(f"neuron id must lie in [0, {self.num_neurons}); got {neuron_id}")
         i = int(np.searchsorted(np.asarray(self.offsets), neuron_id, side="right")) - 1
         return self.layer_names[i], neuron_id - self.offsets[i]
 
@@ -139,7 +143,7 @@ class NeuronIndex:
         """Flat id of ``unit`` in ``layer``."""
         i = self._layer_position(layer)
         if not 0 <= int(unit) < self.layer_sizes[i]:
-            raise ValueError(
+            raise InputError(
                 f"unit of {layer!r} must lie in [0, {self.layer_sizes[i]}); got {unit}"
             )
         return self.offsets[i] + int(unit)
@@ -170,7 +174,7 @@ class Probe:
       input_shape: the shape of one input.
       num_classes: the number of logits.
       conv_reduce: how conv activations were reduced.
-      activation: ``"pre"`` or ``"post"``.
+      values: which neuron values: ``"pre"`` or ``"post"`` (activation).
       gated: ``(params, x, gates) -> (logits, activations)`` with each probed
         layer's output multiplied by ``gates[layer]`` (``float32[batch or 1,
         units]``); the activations are the values before the gate. None when
@@ -182,13 +186,13 @@ class Probe:
     input_shape: tuple[int, ...]
     num_classes: int
     conv_reduce: str = "mean"
-    activation: str = "pre"
+    values: str = "pre"
     gated: Callable[..., tuple[jax.Array, dict[str, jax.Array]]] | None = None
 
     def require_gates(self, what: str) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
         """``gated``, or a ValueError saying that ``what`` needs a gateable probe."""
         if self.gated is None:
-            raise ValueError(
+            raise InputError(
                 f"{what} needs a probe that can gate its layers (linen Dense/Conv captures, NNX "
                 "layers, or function_probe(..., gated_fn=...)); got one without gates "
                 "(sown values)"
@@ -215,16 +219,16 @@ class Probe:
 # --------------------------------------------------------------------------- shared pieces
 
 
-def _check_options(conv_reduce: str, activation: str, activation_fn) -> None:
+def _check_options(conv_reduce: str, values: str, activation_fn) -> None:
     if conv_reduce not in CONV_REDUCTIONS:
-        raise ValueError(
+        raise InputError(
             f"conv_reduce must be one of {', '.join(CONV_REDUCTIONS)}; got {conv_reduce!r}"
         )
-    if activation not in _ACTIVATION_SIDES:
-        raise ValueError(f"activation must be 'pre' or 'post'; got {activation!r}")
-    if activation == "post" and activation_fn is None:
-        raise ValueError(
-            "activation='post' needs activation_fn, the model's elementwise activation "
+    if values not in VALUES:
+        raise InputError(f"values must be 'pre' or 'post'; got {values!r}")
+    if values == "post" and activation_fn is None:
+        raise InputError(
+            "values='post' needs activation_fn, the model's elementwise activation "
             "(zoo models supply it; or sow post-activation values and use sown=True)"
         )
 
@@ -233,7 +237,7 @@ def _reduce(value: jax.Array, conv_reduce: str) -> jax.Array:
     """``[batch, ..., channels]`` -> ``[batch, units]``."""
     value = jnp.asarray(value)
     if value.ndim < 2:
-        raise ValueError(f"an activation must have a batch axis and units; got shape {value.shape}")
+        raise InputError(f"an activation must have a batch axis and units; got shape {value.shape}")
     if value.ndim == 2:
         return value
     if conv_reduce == "none":
@@ -256,12 +260,12 @@ def _select(available: Sequence[str], layers: LayerSelection, default: Sequence[
             layers = [layers]
         unknown = [name for name in layers if name not in available]
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"unknown layer {unknown[0]!r}; expected one of {', '.join(available)}"
             )
         chosen = [name for name in available if name in set(layers)]
     if not chosen:
-        raise ValueError(f"no layer selected; expected at least one of {', '.join(available)}")
+        raise InputError(f"no layer selected; expected at least one of {', '.join(available)}")
     return chosen
 
 
@@ -282,7 +286,7 @@ def _finish(
     layers: LayerSelection,
     default_exclude: Callable[[list[str]], list[str]],
     conv_reduce: str,
-    activation: str,
+    values: str,
     activation_fn: Callable[[jax.Array], jax.Array] | None,
     raw_gated: Callable[..., jax.Array] | None = None,
 ) -> Probe:
@@ -297,9 +301,9 @@ def _finish(
     logits_shape, raw_shapes = jax.eval_shape(raw_fn, params, x)
     available = list(raw_shapes)
     if not available:
-        raise ValueError("the model exposes no layer to probe; got none")
+        raise InputError("the model exposes no layer to probe; got none")
     chosen = _select(available, layers, default_exclude(available))
-    post = activation == "post"
+    post = values == "post"
 
     def neurons(raw):
         acts = {}
@@ -317,7 +321,7 @@ def _finish(
     _, shapes = jax.eval_shape(fn, params, x)
     index = NeuronIndex(tuple(chosen), tuple(int(shapes[n].shape[-1]) for n in chosen))
     if len(logits_shape.shape) != 2:
-        raise ValueError(f"logits must have shape [batch, classes]; got {logits_shape.shape}")
+        raise InputError(f"logits must have shape [batch, classes]; got {logits_shape.shape}")
     gated = None
     if raw_gated is not None:
         sizes = dict(zip(index.layer_names, index.layer_sizes, strict=True))
@@ -325,12 +329,12 @@ def _finish(
         def gated(params, x, gates):
             unknown = sorted(set(gates) - set(chosen))
             if unknown:
-                raise ValueError(
+                raise InputError(
                     f"gates must name probed layers ({', '.join(chosen)}); got {unknown}"
                 )
             for name, gate in gates.items():
                 if jnp.ndim(gate) != 2 or jnp.shape(gate)[-1] != sizes[name]:
-                    raise ValueError(
+                    raise InputError(
                         f"gate of {name!r} must have shape [batch or 1, {sizes[name]}]; "
                         f"got {list(jnp.shape(gate))}"
                     )
@@ -340,7 +344,7 @@ def _finish(
                 if name not in sizes:
                     return value
                 if name in seen:
-                    raise ValueError(f"cannot gate layer {name!r}: the model calls it twice")
+                    raise InputError(f"cannot gate layer {name!r}: the model calls it twice")
                 seen[name] = value
                 if name not in gates:
                     return value
@@ -349,129 +353,13 @@ def _finish(
             logits = raw_gated(params, x, edit)
             missing = [name for name in chosen if name not in seen]
             if missing:
-                raise ValueError(f"cannot gate layers {missing}: the model did not call them")
+                raise InputError(f"cannot gate layers {missing}: the model did not call them")
             return logits, neurons(seen)
 
     return Probe(
-        fn, index, input_shape, int(logits_shape.shape[-1]), conv_reduce, activation, gated
+        fn, index, input_shape, int(logits_shape.shape[-1]), conv_reduce, values, gated
     )
 
-
-@contextlib.contextmanager
-def _fast_layers(conv: bool, dense: bool):
-    """The probe's rewrites of Flax layers, as linen interceptors (none when both are off)."""
-    chosen = [f for f, on in ((_single_channel_conv, conv), (_padded_dense, dense)) if on]
-    with contextlib.ExitStack() as stack:
-        for interceptor in chosen:
-            stack.enter_context(nn.intercept_methods(interceptor))
-        yield
-
-
-_DENSE_MULTIPLE = 32
-
-
-def _padded_dense(next_fun, args, kwargs, context):
-    """A linen interceptor: ``nn.Dense`` of a width that is not a multiple of 32, computed
-    with the kernel zero-padded to the next multiple and the output sliced back."""
-    mod = context.module
-    if context.method_name != "__call__" or type(mod) is not nn.Dense or kwargs or len(args) != 1:
-        return next_fun(*args, **kwargs)
-    x = args[0]
-    plain = (
-        mod.use_bias
-        and mod.precision is None
-        and mod.dot_general is None
-        and mod.dot_general_cls is None
-        and mod.dtype in (None, jnp.float32)
-        and not mod.is_initializing()
-        and mod.features > 24  # narrower layers gained ~2% and were not bit-identical
-        and mod.features % _DENSE_MULTIPLE
-    )
-    if not plain or getattr(x, "ndim", 0) != 2 or x.dtype != jnp.float32:
-        return next_fun(*args, **kwargs)
-    kernel = mod.get_variable("params", "kernel")
-    bias = mod.get_variable("params", "bias")
-    if kernel is None or bias is None or kernel.dtype != jnp.float32:
-        return next_fun(*args, **kwargs)
-    width = -(-mod.features // _DENSE_MULTIPLE) * _DENSE_MULTIPLE
-    padded = jnp.pad(kernel, ((0, 0), (0, width - mod.features)))
-    return (x @ padded)[:, : mod.features] + bias
-
-
-def _single_channel_conv(next_fun, args, kwargs, context):
-    """A linen interceptor: a stride-1 SAME ``nn.Conv`` of one input channel as shifted
-    multiply-adds (the same sum, in another order); any other call passes through."""
-    mod = context.module
-    if context.method_name != "__call__" or type(mod) is not nn.Conv or kwargs or len(args) != 1:
-        return next_fun(*args, **kwargs)
-    x = args[0]
-    plain = (
-        mod.padding == "SAME"
-        and mod.strides in (None, 1, (1, 1))
-        and mod.input_dilation in (None, 1, (1, 1))
-        and mod.kernel_dilation in (None, 1, (1, 1))
-        and mod.feature_group_count == 1
-        and mod.use_bias
-        and mod.mask is None
-        and not mod.is_initializing()
-    )
-    if not plain or getattr(x, "ndim", 0) != 4 or x.shape[-1] != 1 or len(mod.kernel_size) != 2:
-        return next_fun(*args, **kwargs)
-    kernel = mod.get_variable("params", "kernel")
-    bias = mod.get_variable("params", "bias")
-    if kernel is None or bias is None:
-        return next_fun(*args, **kwargs)
-    return _single_channel_conv_same(x[..., 0], kernel[:, :, 0, :], bias)
-
-
-@jax.custom_vjp
-def _single_channel_conv_same(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """``SAME`` stride-1 convolution of ``x[b, h, w]`` with ``kernel[kh, kw, c]``, plus ``bias[c]``."""
-    kh, kw, _ = kernel.shape
-    h, w = x.shape[1], x.shape[2]
-    top, left = (kh - 1) // 2, (kw - 1) // 2
-    xp = jnp.pad(x, ((0, 0), (top, kh - 1 - top), (left, kw - 1 - left)))
-    # accumulated channel-major, then moved to NHWC: summed the same way as the
-    # NHWC form (bit-identical), but XLA's CPU layouts then keep the pooling
-    # that follows fast (the NHWC form made a following 2x2 max pool ~15x slower
-    # whenever the conv output had no other consumer)
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            term = xp[:, None, i : i + h, j : j + w] * kernel[i, j, :, None, None]
-            out = term if out is None else out + term
-    return jnp.transpose(out, (0, 2, 3, 1)) + bias
-
-
-def _single_channel_conv_fwd(x, kernel, bias):
-    return _single_channel_conv_same(x, kernel, bias), (x, kernel)
-
-
-def _single_channel_conv_bwd(residuals, dy):
-    """Gradients by one matmul per operand and slices (no per-tap pads of the output)."""
-    x, kernel = residuals
-    kh, kw, c = kernel.shape
-    h, w = x.shape[1], x.shape[2]
-    top, left = (kh - 1) // 2, (kw - 1) // 2
-    taps = kernel.reshape(kh * kw, c)
-    # d out / d x: each tap's share of dy, shifted back by the tap's offset
-    per_tap = jnp.einsum("bhwc,tc->bhwt", dy, taps)
-    padded = jnp.pad(per_tap, ((0, 0), (kh - 1 - top, top), (kw - 1 - left, left), (0, 0)))
-    dx = None
-    for i in range(kh):
-        for j in range(kw):
-            part = padded[:, kh - 1 - i : kh - 1 - i + h, kw - 1 - j : kw - 1 - j + w, i * kw + j]
-            dx = part if dx is None else dx + part
-    # d out / d kernel: the input patches against dy
-    xp = jnp.pad(x, ((0, 0), (top, kh - 1 - top), (left, kw - 1 - left)))
-    patches = jnp.stack(
-        [xp[:, i : i + h, j : j + w] for i in range(kh) for j in range(kw)], axis=-1
-    )
-    dkernel = jnp.einsum("bhwt,bhwc->tc", patches, dy).reshape(kh, kw, c)
-    return dx, dkernel, jnp.sum(dy, axis=(0, 1, 2))
-
-
-_single_channel_conv_same.defvjp(_single_channel_conv_fwd, _single_channel_conv_bwd)
 
 # --------------------------------------------------------------------------- constructors
 
@@ -484,7 +372,7 @@ def linen_probe(
     layers: LayerSelection = None,
     sown: bool = False,
     conv_reduce: str = "mean",
-    activation: str = "pre",
+    values: str = "pre",
     activation_fn: Callable[[jax.Array], jax.Array] | None = None,
     fast_conv: bool = True,
     fast_dense: bool = True,
@@ -501,7 +389,7 @@ def linen_probe(
       sown: probe the values the module ``sow``s into ``intermediates``
         instead of Dense/Conv outputs (then the default is every sown value).
       conv_reduce: ``"mean"``, ``"max"`` or ``"none"``.
-      activation: ``"pre"`` (the layer's output) or ``"post"``.
+      values: ``"pre"`` (the layer's output) or ``"post"`` (after ``activation_fn``).
       activation_fn: elementwise activation applied for ``"post"``.
       fast_conv: compute stride-1 ``SAME`` convolutions of a single input
         channel (a grey image's first layer) as k*k shifted multiply-adds, which
@@ -515,13 +403,13 @@ def linen_probe(
     Returns:
       A :class:`Probe`. ``fn`` takes the same ``params``.
     """
-    _check_options(conv_reduce, activation, activation_fn)
+    _check_options(conv_reduce, values, activation_fn)
 
     def capture_filter(mdl: nn.Module, method_name: str) -> bool:
         return method_name == "__call__" and isinstance(mdl, _LINEN_LAYERS)
 
     def raw_fn(params, x):
-        with _fast_layers(fast_conv, fast_dense):
+        with fast_layers(fast_conv, fast_dense):
             logits, state = module.apply(
                 {"params": params},
                 x,
@@ -554,7 +442,7 @@ def linen_probe(
             return out
 
         # the gate runs outermost, so it sees what the fast rewrites return
-        with nn.intercept_methods(gate), _fast_layers(fast_conv, fast_dense):
+        with nn.intercept_methods(gate), fast_layers(fast_conv, fast_dense):
             return module.apply({"params": params}, x)
 
     return _finish(
@@ -564,7 +452,7 @@ def linen_probe(
         layers,
         default,
         conv_reduce,
-        activation,
+        values,
         activation_fn,
         None if sown else raw_gated,
     )
@@ -577,7 +465,7 @@ def nnx_probe(
     input_shape: Sequence[int],
     layers: LayerSelection = None,
     conv_reduce: str = "mean",
-    activation: str = "pre",
+    values: str = "pre",
     activation_fn: Callable[[jax.Array], jax.Array] | None = None,
 ) -> Probe:
     """Probes a Flax NNX module through ``nnx.capture`` of its layers' outputs.
@@ -590,12 +478,12 @@ def nnx_probe(
         ``nnx.LinearGeneral`` / ``nnx.Conv`` but the output layer (the one whose
         output is the model's output). Names are attribute paths joined with
         ``/``; layers are ordered by name, numbers compared as numbers.
-      conv_reduce, activation, activation_fn: as in :func:`linen_probe`.
+      conv_reduce, values, activation_fn: as in :func:`linen_probe`.
 
     Returns:
       A :class:`Probe` whose ``fn`` takes the NNX state as ``params``.
     """
-    _check_options(conv_reduce, activation, activation_fn)
+    _check_options(conv_reduce, values, activation_fn)
     template = nnx.merge(graphdef, state)
     layer_paths = {
         "/".join(map(str, path))
@@ -653,7 +541,7 @@ def nnx_probe(
         layers,
         default,
         conv_reduce,
-        activation,
+        values,
         activation_fn,
         raw_gated,
     )
@@ -676,7 +564,7 @@ def function_probe(
     input_shape: Sequence[int],
     layers: LayerSelection = None,
     conv_reduce: str = "mean",
-    activation: str = "pre",
+    values: str = "pre",
     activation_fn: Callable[[jax.Array], jax.Array] | None = None,
     gated_fn: Callable[..., jax.Array] | None = None,
 ) -> Probe:
@@ -689,14 +577,14 @@ def function_probe(
       fn: pure and jit-able; activations are ``[batch, units]`` or
         ``[batch, ..., channels]``.
       params: its parameters (concrete or abstract; used for shapes).
-      input_shape, layers, conv_reduce, activation, activation_fn: as in
+      input_shape, layers, conv_reduce, values, activation_fn: as in
         :func:`linen_probe` (the default selects every named activation).
       gated_fn: optional ``(params, x, edit) -> logits``: the same model, with
         each named activation ``value`` replaced by ``edit(name, value)``
         before later layers use it. It gives the probe gates (attribution
         statistics, exact ablation).
     """
-    _check_options(conv_reduce, activation, activation_fn)
+    _check_options(conv_reduce, values, activation_fn)
 
     def raw_fn(params, x):
         logits, acts = fn(params, x)
@@ -709,7 +597,7 @@ def function_probe(
         layers,
         lambda a: a,
         conv_reduce,
-        activation,
+        values,
         activation_fn,
         gated_fn,
     )
@@ -721,13 +609,13 @@ def model_probe(
     *,
     layers: LayerSelection = None,
     conv_reduce: str = "mean",
-    activation: str = "pre",
+    values: str = "pre",
     fast_conv: bool = True,
     fast_dense: bool = True,
 ) -> Probe:
     """Probes a zoo :class:`~deepfault_jax.zoo.Model` (linen or NNX).
 
-    The model's own activation function serves ``activation="post"``; the
+    The model's own activation function serves ``values="post"``; the
     default layers are every hidden Dense/Conv (``conv_i``, ``dense_i``);
     ``fast_conv`` and ``fast_dense`` are :func:`linen_probe`'s (linen models only).
     """
@@ -741,7 +629,7 @@ def model_probe(
             input_shape=model.input_shape,
             layers=layers,
             conv_reduce=conv_reduce,
-            activation=activation,
+            values=values,
             activation_fn=act,
         )
     return linen_probe(
@@ -750,7 +638,7 @@ def model_probe(
         input_shape=model.input_shape,
         layers=layers,
         conv_reduce=conv_reduce,
-        activation=activation,
+        values=values,
         activation_fn=act,
         fast_conv=fast_conv,
         fast_dense=fast_dense,

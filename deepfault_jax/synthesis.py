@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from deepfault_jax.errors import InputError
 from deepfault_jax.probe import Probe
 
 __all__ = [
@@ -102,18 +103,18 @@ def objective(probe: Probe, params: Any, x: jax.Array, sets: jax.Array) -> jax.A
 
 def _check_config(mode, d, step_size, steps, direction, lo, hi):
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        raise InputError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     if not d > 0:
-        raise ValueError(f"d (the maximum L-inf distance) must be > 0; got {d}")
+        raise InputError(f"d (the maximum L-inf distance) must be > 0; got {d}")
     if not step_size > 0:
-        raise ValueError(f"step_size must be > 0; got {step_size}")
+        raise InputError(f"step_size must be > 0; got {step_size}")
     if not lo < hi:
-        raise ValueError(f"the input range must have lo < hi; got [{lo}, {hi}]")
+        raise InputError(f"the input range must have lo < hi; got [{lo}, {hi}]")
     if mode == "pgd":
         if int(steps) != steps or steps < 1:
-            raise ValueError(f"steps must be a positive integer; got {steps!r}")
+            raise InputError(f"steps must be a positive integer; got {steps!r}")
         if not (callable(getattr(direction, "update", None)) or direction in DIRECTIONS):
-            raise ValueError(
+            raise InputError(
                 f"direction must be one of {', '.join(DIRECTIONS)} or an optax optimiser; got {direction!r}"
             )
 

@@ -22,20 +22,20 @@ def main() -> None:
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid
     )
-    from deepfault_jax import data, probe, spectrum, zoo
+    from deepfault_jax import data, probe, spectrum_io, streaming, zoo
 
     ds = data.load_dataset("digits")
     model = zoo.create_model("lenet1", input_shape=ds.input_shape, num_classes=10)
     params = zoo.init_params(jax.random.key(7), model)  # the same on every process
     prb = probe.model_probe(model, params)
-    mesh = spectrum.data_mesh()
+    mesh = streaming.data_mesh()
     assert mesh.devices.size == 2 * nproc, mesh
-    result = spectrum.compute_spectrum(
+    result = streaming.compute_spectrum(
         prb, params, ds.x_test[pid::nproc], ds.y_test[pid::nproc], batch_size=32, mesh=mesh,
         attribution=attribution,
     )  # fmt: skip
     if pid == 0:
-        spectrum.save_spectrum(out, result)
+        spectrum_io.save_spectrum(out, result)
     jax.distributed.shutdown()
 
 

@@ -11,7 +11,17 @@ import numpy as np
 import pytest
 from reference import mlp_attribution_loops
 
-from deepfault_jax import localize, measures, probe, spectrum, zoo
+from deepfault_jax import (
+    ablation,
+    attribution,
+    localize,
+    measures,
+    probe,
+    spectrum,
+    spectrum_io,
+    streaming,
+    zoo,
+)
 
 FIELDS = ("act_pass", "act_fail", "gxa_pass", "gxa_fail", "fixes", "breaks")
 # float sums over different batch sizes or devices: equal to this share of the
@@ -108,9 +118,9 @@ def test_gates_errors(trained_mlp):
     sown = probe.linen_probe(module, sown_params, input_shape=(2, 2, 1), sown=True)
     assert sown.gated is None
     with pytest.raises(ValueError, match="attribution='margin' needs a probe that can gate"):
-        spectrum.accumulate(sown, sown_params, [], attribution=True)
+        streaming.accumulate_spectrum(sown, sown_params, [], attribution=True)
     with pytest.raises(ValueError, match="exact ablation needs a probe that can gate"):
-        localize.exact_ablation(sown, sown_params, np.zeros((2, 2, 2, 1)), np.zeros(2, int))
+        ablation.exact_ablation(sown, sown_params, np.zeros((2, 2, 2, 1)), np.zeros(2, int))
     plain_fn = probe.function_probe(
         lambda p, x: (x.reshape(len(x), -1)[:, :3], {"h": x.reshape(len(x), -1)}),
         None,
@@ -135,20 +145,20 @@ def test_function_probe_with_gated_fn_matches_linen(trained_mlp, digits):
     fn = probe.function_probe(
         forward, params, input_shape=(8, 8, 1), gated_fn=lambda p, x, edit: forward(p, x, edit)[0]
     )
-    a = spectrum.compute_spectrum(fn, params, digits.x_test, digits.y_test, attribution=True)
-    b = spectrum.compute_spectrum(linen, params, digits.x_test, digits.y_test, attribution=True)
+    a = streaming.compute_spectrum(fn, params, digits.x_test, digits.y_test, attribution=True)
+    b = streaming.compute_spectrum(linen, params, digits.x_test, digits.y_test, attribution=True)
     assert_close_sums(a, b)
 
 
 # --------------------------------------------------------------------------- the reference
 
 
-@pytest.mark.parametrize("linearised", spectrum.LINEARISED)
+@pytest.mark.parametrize("linearised", attribution.LINEARISED)
 def test_attribution_sums_equal_the_finite_difference_reference(trained_mlp, digits, linearised):
     model, params = trained_mlp
     x, y = digits.x_test[:160], digits.y_test[:160]
     prb = probe.model_probe(model, params)
-    s = spectrum.compute_spectrum(prb, params, x, y, batch_size=64, attribution=linearised)
+    s = streaming.compute_spectrum(prb, params, x, y, batch_size=64, attribution=linearised)
     assert s.attribution.linearised == linearised
     layers = [(params[f"dense_{i}"]["kernel"], params[f"dense_{i}"]["bias"]) for i in range(3)]
     layers.append((params["logits"]["kernel"], params["logits"]["bias"]))
@@ -168,7 +178,7 @@ def test_conv_channel_attribution_equals_finite_differences_of_its_gate(trained_
     model, params = trained_lenet
     x, y = digits.x_test[:40], digits.y_test[:40]
     prb = probe.model_probe(model, params)
-    s = spectrum.compute_spectrum(prb, params, x, y, batch_size=40, attribution=True)
+    s = streaming.compute_spectrum(prb, params, x, y, batch_size=40, attribution=True)
     logits, _ = prb(params, x)
     residual = np.asarray(jax.nn.softmax(logits)) - np.eye(10)[y]
     # central differences of the gate in float64: the logits are piecewise linear in
@@ -199,14 +209,14 @@ def test_conv_channel_attribution_equals_finite_differences_of_its_gate(trained_
 def test_counts_of_an_attribution_pass_equal_the_count_only_pass(trained_mlp, digits):
     model, params = trained_mlp
     prb = probe.model_probe(model, params)
-    a = spectrum.compute_spectrum(prb, params, digits.x_test, digits.y_test, attribution=True)
-    b = spectrum.compute_spectrum(prb, params, digits.x_test, digits.y_test)
+    a = streaming.compute_spectrum(prb, params, digits.x_test, digits.y_test, attribution=True)
+    b = streaming.compute_spectrum(prb, params, digits.x_test, digits.y_test)
     for name in ("a_pass", "a_fail", "n_pass", "n_fail"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     assert b.attribution is None
 
 
-@pytest.mark.parametrize("linearised", spectrum.LINEARISED)
+@pytest.mark.parametrize("linearised", attribution.LINEARISED)
 @pytest.mark.parametrize("model_fixture", ["trained_mlp", "trained_lenet"])
 def test_attribution_agrees_across_batch_sizes_and_devices(
     model_fixture, linearised, request, digits
@@ -214,14 +224,14 @@ def test_attribution_agrees_across_batch_sizes_and_devices(
     model, params = request.getfixturevalue(model_fixture)
     prb = probe.model_probe(model, params)
     x, y = digits.x_test, digits.y_test
-    base = spectrum.compute_spectrum(prb, params, x, y, batch_size=128, attribution=linearised)
+    base = streaming.compute_spectrum(prb, params, x, y, batch_size=128, attribution=linearised)
     assert int(base.n_fail.sum()) > 0 and int(base.attribution.fixes.sum()) > 0
     for batch_size in (7, 449):
-        again = spectrum.compute_spectrum(prb, params, x, y, batch_size=batch_size,
+        again = streaming.compute_spectrum(prb, params, x, y, batch_size=batch_size,
                                           attribution=linearised)  # fmt: skip
         assert_close_sums(base, again)
-    mesh = spectrum.data_mesh(devices=4)
-    sharded = spectrum.compute_spectrum(prb, params, x, y, batch_size=64, mesh=mesh,
+    mesh = streaming.data_mesh(devices=4)
+    sharded = streaming.compute_spectrum(prb, params, x, y, batch_size=64, mesh=mesh,
                                         attribution=linearised)  # fmt: skip
     assert_close_sums(base, sharded)
 
@@ -232,7 +242,7 @@ def test_two_processes_over_loopback_agree_with_one(tmp_path, digits):
     two = run_two_processes(tmp_path / "two.npz", "margin")
     model = zoo.create_model("lenet1", input_shape=digits.input_shape, num_classes=10)
     params = zoo.init_params(jax.random.key(7), model)  # as in multiprocess_worker.py
-    one = spectrum.compute_spectrum(probe.model_probe(model, params), params, digits.x_test,
+    one = streaming.compute_spectrum(probe.model_probe(model, params), params, digits.x_test,
                                     digits.y_test, batch_size=32, attribution="margin")  # fmt: skip
     assert two.attribution.linearised == "margin"
     assert int(one.attribution.fixes.sum()) + int(one.attribution.breaks.sum()) > 0
@@ -243,8 +253,8 @@ def test_margin_and_all_classes_agree_where_they_must(trained_mlp, digits):
     model, params = trained_mlp
     prb = probe.model_probe(model, params)
     x, y = digits.x_test, digits.y_test
-    a = spectrum.compute_spectrum(prb, params, x, y, attribution="margin").attribution
-    b = spectrum.compute_spectrum(prb, params, x, y, attribution="all-classes").attribution
+    a = streaming.compute_spectrum(prb, params, x, y, attribution="margin").attribution
+    b = streaming.compute_spectrum(prb, params, x, y, attribution="all-classes").attribution
     for f in ("act_pass", "act_fail", "gxa_pass", "gxa_fail"):
         scale = float(np.abs(np.asarray(getattr(b, f))).max())
         np.testing.assert_allclose(getattr(a, f), getattr(b, f), rtol=0, atol=SUM_RTOL * scale)
@@ -255,14 +265,14 @@ def test_margin_and_all_classes_agree_where_they_must(trained_mlp, digits):
     assert (fa >= fb).all() and (ba <= bb).all()
     assert fb.sum() > 0 and bb.sum() > 0
     with pytest.raises(ValueError, match="attribution must be True, False or one of margin"):
-        spectrum.compute_spectrum(prb, params, x, y, attribution="exact")
+        streaming.compute_spectrum(prb, params, x, y, attribution="exact")
 
 
 def test_resume_and_merge_keep_attribution(trained_mlp, digits, tmp_path):
     model, params = trained_mlp
     prb = probe.model_probe(model, params)
     x, y = digits.x_test, digits.y_test
-    whole = spectrum.compute_spectrum(prb, params, x, y, batch_size=64, attribution=True)
+    whole = streaming.compute_spectrum(prb, params, x, y, batch_size=64, attribution=True)
     path = tmp_path / "partial.npz"
 
     class Stop(Exception):
@@ -273,27 +283,27 @@ def test_resume_and_merge_keep_attribution(trained_mlp, digits, tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        spectrum.compute_spectrum(prb, params, x, y, batch_size=64, attribution=True,
+        streaming.compute_spectrum(prb, params, x, y, batch_size=64, attribution=True,
                                   checkpoint_path=path, checkpoint_every=1,
                                   callback=stop_after_three)  # fmt: skip
-    resumed = spectrum.compute_spectrum(prb, params, x, y, batch_size=32, attribution=True,
+    resumed = streaming.compute_spectrum(prb, params, x, y, batch_size=32, attribution=True,
                                         checkpoint_path=path)  # fmt: skip
     assert_close_sums(whole, resumed)
     with pytest.raises(
         ValueError, match="expected a spectrum without attribution sums, got one with 'margin'"
     ):
-        spectrum.compute_spectrum(prb, params, x, y, checkpoint_path=path)
-    first = spectrum.compute_spectrum(prb, params, x[:200], y[:200], attribution=True)
-    second = spectrum.compute_spectrum(prb, params, x[200:], y[200:], attribution=True)
-    assert_close_sums(whole, spectrum.merge(first, second))
-    plain = spectrum.compute_spectrum(prb, params, x[200:], y[200:])
+        streaming.compute_spectrum(prb, params, x, y, checkpoint_path=path)
+    first = streaming.compute_spectrum(prb, params, x[:200], y[:200], attribution=True)
+    second = streaming.compute_spectrum(prb, params, x[200:], y[200:], attribution=True)
+    assert_close_sums(whole, spectrum.merge_spectra(first, second))
+    plain = streaming.compute_spectrum(prb, params, x[200:], y[200:])
     with pytest.raises(
         ValueError, match="cannot merge: expected a spectrum with 'margin' attribution"
     ):
-        spectrum.merge(first, plain)
-    full = spectrum.compute_spectrum(prb, params, x[200:], y[200:], attribution="all-classes")
+        spectrum.merge_spectra(first, plain)
+    full = streaming.compute_spectrum(prb, params, x[200:], y[200:], attribution="all-classes")
     with pytest.raises(ValueError, match="got one with 'all-classes' attribution sums"):
-        spectrum.merge(first, full)
+        spectrum.merge_spectra(first, full)
 
 
 def test_update_refuses_a_spectrum_with_attribution_sums(trained_mlp, digits):
@@ -302,15 +312,15 @@ def test_update_refuses_a_spectrum_with_attribution_sums(trained_mlp, digits):
     s = spectrum.init_spectrum(prb.index, num_classes=10, attribution=True)
     logits, acts = prb(params, digits.x_test[:8])
     with pytest.raises(ValueError, match="update adds counts only"):
-        spectrum.update(s, logits, acts, digits.y_test[:8])
+        spectrum.update_spectrum(s, logits, acts, digits.y_test[:8])
 
 
 def test_save_load_round_trip_and_damaged_files(trained_mlp, digits, tmp_path):
     model, params = trained_mlp
     prb = probe.model_probe(model, params)
-    s = spectrum.compute_spectrum(prb, params, digits.x_test, digits.y_test, attribution=True)
-    path = spectrum.save_spectrum(tmp_path / "s.npz", s)
-    back = spectrum.load_spectrum(path)
+    s = streaming.compute_spectrum(prb, params, digits.x_test, digits.y_test, attribution=True)
+    path = spectrum_io.save_spectrum(tmp_path / "s.npz", s)
+    back = spectrum_io.load_spectrum(path)
     for f in FIELDS:
         got, want = np.asarray(getattr(back.attribution, f)), np.asarray(getattr(s.attribution, f))
         assert got.dtype == want.dtype
@@ -324,13 +334,13 @@ def test_save_load_round_trip_and_damaged_files(trained_mlp, digits, tmp_path):
     del arrays["attribution_breaks"]
     np.savez(tmp_path / "partial.npz", **arrays)
     with pytest.raises(ValueError, match="attribution sums must be whole"):
-        spectrum.load_spectrum(tmp_path / "partial.npz")
+        spectrum_io.load_spectrum(tmp_path / "partial.npz")
     arrays["attribution_breaks"] = np.zeros((10, 3), np.int32)
     np.savez(tmp_path / "shape.npz", **arrays)
     with pytest.raises(
         ValueError, match=r"attribution_breaks must be integer of shape \(10, 150\)"
     ):
-        spectrum.load_spectrum(tmp_path / "shape.npz")
+        spectrum_io.load_spectrum(tmp_path / "shape.npz")
 
 
 # --------------------------------------------------------------------------- measures
@@ -352,41 +362,50 @@ def test_attribution_measures_follow_their_formulas():
             mean_f = act_fail[i, j] / n_fail[i, 0] if n_fail[i, 0] else 0.0
             mean_p = act_pass[i, j] / n_pass[i, 0] if n_pass[i, 0] else 0.0
             got = [
-                float(measures.get(m)(*args)[i, j])
+                float(measures.get_measure(m)(*args)[i, j])
                 for m in ("gradxact", "actdiff", "linear_ablation")
             ]
             np.testing.assert_allclose(got, [want_g, mean_f - mean_p, fixes[i, j] - breaks[i, j]],
                                        rtol=1e-5, atol=1e-6)  # fmt: skip
-    assert measures.names(family="attribution") == ("gradxact", "actdiff", "linear_ablation")
-    assert set(measures.names(family="counts")) | {"gradxact", "actdiff", "linear_ablation"} == set(
-        measures.names()
+    assert measures.measure_names(family="attribution") == (
+        "gradxact",
+        "actdiff",
+        "linear_ablation",
     )
-    assert measures.kind("Linear-Ablation") == "attribution" and measures.kind("ochiai") == "counts"
-    for name in measures.names(family="attribution"):
-        assert "Edge cases:" in measures.get(name).__doc__, name
+    assert set(measures.measure_names(family="counts")) | {
+        "gradxact",
+        "actdiff",
+        "linear_ablation",
+    } == set(measures.measure_names())
+    assert (
+        measures.measure_kind("Linear-Ablation") == "attribution"
+        and measures.measure_kind("ochiai") == "counts"
+    )
+    for name in measures.measure_names(family="attribution"):
+        assert "Edge cases:" in measures.get_measure(name).__doc__, name
     with pytest.raises(ValueError, match="family must be"):
-        measures.names(family="floats")
+        measures.measure_names(family="floats")
 
 
 def test_scores_dispatch_and_refuse_a_count_only_spectrum(trained_mlp, digits):
     model, params = trained_mlp
     prb = probe.model_probe(model, params)
-    s = spectrum.compute_spectrum(prb, params, digits.x_test, digits.y_test, attribution=True)
-    pooled = np.asarray(localize.scores(s, "gradxact", pooled=True))
-    per_class = np.asarray(localize.scores(s, "gradxact"))
+    s = streaming.compute_spectrum(prb, params, digits.x_test, digits.y_test, attribution=True)
+    pooled = np.asarray(localize.suspiciousness(s, "gradxact", pooled=True))
+    per_class = np.asarray(localize.suspiciousness(s, "gradxact"))
     assert pooled.shape == (150,) and per_class.shape == (10, 150)
     a = s.attribution
     total = float(s.n_pass.sum() + s.n_fail.sum())
     np.testing.assert_allclose(
         pooled, (np.asarray(a.gxa_pass + a.gxa_fail).sum(0)) / total, rtol=1e-5
     )
-    lin = np.asarray(localize.scores(s, "linear_ablation", pooled=True))
+    lin = np.asarray(localize.suspiciousness(s, "linear_ablation", pooled=True))
     np.testing.assert_array_equal(lin, np.asarray(a.fixes).sum(0) - np.asarray(a.breaks).sum(0))
     top = localize.suspicious_neurons(s, "gradxact", 5, pooled=True, layers=["dense_2"])
     assert all(100 <= i < 150 for i in top)
-    plain = spectrum.compute_spectrum(prb, params, digits.x_test, digits.y_test)
+    plain = streaming.compute_spectrum(prb, params, digits.x_test, digits.y_test)
     with pytest.raises(ValueError, match="compute the spectrum with attribution=True"):
-        localize.scores(plain, "actdiff")
+        localize.suspiciousness(plain, "actdiff")
 
 
 # --------------------------------------------------------------------------- exact ablation
@@ -396,8 +415,8 @@ def test_exact_ablation_equals_rerunning_with_the_neuron_zeroed(trained_lenet, d
     model, params = trained_lenet
     prb = probe.model_probe(model, params)
     x, y = digits.x_test[:120], digits.y_test[:120]
-    ablation = localize.exact_ablation(prb, params, x, y, batch_size=50, chunk=3)
-    assert ablation.fixes.shape == (10, 16) and ablation.n_inputs.sum() == 120
+    ab = ablation.exact_ablation(prb, params, x, y, batch_size=50, chunk=3)
+    assert ab.fixes.shape == (10, 16) and ab.n_inputs.sum() == 120
     base = zoo.predict(model, params, x)
     base_loss = _loss(model, params, x, y)
     for layer, size in zip(prb.index.layer_names, prb.index.layer_sizes, strict=True):
@@ -409,16 +428,16 @@ def test_exact_ablation_equals_rerunning_with_the_neuron_zeroed(trained_lenet, d
             nid = prb.index.neuron_id(layer, unit)
             fixes = np.bincount(y[(pred == y) & (base != y)], minlength=10)
             breaks = np.bincount(y[(pred != y) & (base == y)], minlength=10)
-            np.testing.assert_array_equal(ablation.fixes[:, nid], fixes)
-            np.testing.assert_array_equal(ablation.breaks[:, nid], breaks)
+            np.testing.assert_array_equal(ab.fixes[:, nid], fixes)
+            np.testing.assert_array_equal(ab.breaks[:, nid], breaks)
             drop = np.zeros(10)
             np.add.at(drop, y, base_loss - _loss(model, zeroed, x, y))
-            np.testing.assert_allclose(ablation.loss_drop[:, nid], drop, rtol=1e-4, atol=1e-4)
-    assert (ablation.fixes + ablation.breaks).sum() > 0
-    score = localize.ablation_scores(ablation)
-    np.testing.assert_array_equal(score, (ablation.fixes - ablation.breaks).sum(0))
-    some = localize.exact_ablation(prb, params, x, y, neurons=[3, 12])
-    np.testing.assert_array_equal(some.fixes[:, [3, 12]], ablation.fixes[:, [3, 12]])
+            np.testing.assert_allclose(ab.loss_drop[:, nid], drop, rtol=1e-4, atol=1e-4)
+    assert (ab.fixes + ab.breaks).sum() > 0
+    score = ablation.ablation_scores(ab)
+    np.testing.assert_array_equal(score, (ab.fixes - ab.breaks).sum(0))
+    some = ablation.exact_ablation(prb, params, x, y, neurons=[3, 12])
+    np.testing.assert_array_equal(some.fixes[:, [3, 12]], ab.fixes[:, [3, 12]])
     assert some.fixes[:, [0, 1, 2]].sum() == 0 and some.breaks[:, [0, 1, 2]].sum() == 0
 
 
@@ -431,17 +450,17 @@ def test_exact_ablation_errors(trained_mlp, digits):
     model, params = trained_mlp
     prb = probe.model_probe(model, params)
     with pytest.raises(ValueError, match=r"neurons must be ids in \[0, 150\)"):
-        localize.exact_ablation(prb, params, digits.x_test[:5], digits.y_test[:5], neurons=[150])
+        ablation.exact_ablation(prb, params, digits.x_test[:5], digits.y_test[:5], neurons=[150])
     with pytest.raises(ValueError, match="chunk must be a positive integer"):
-        localize.exact_ablation(prb, params, digits.x_test[:5], digits.y_test[:5], chunk=0)
+        ablation.exact_ablation(prb, params, digits.x_test[:5], digits.y_test[:5], chunk=0)
     with pytest.raises(ValueError, match=r"x must be \[n >= 1, 8, 8, 1\]"):
-        localize.exact_ablation(prb, params, digits.x_test[:5, :4], digits.y_test[:5])
+        ablation.exact_ablation(prb, params, digits.x_test[:5, :4], digits.y_test[:5])
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\); got range \[0, 10\]"):
-        localize.exact_ablation(prb, params, digits.x_test[:3], np.array([0, 10, 2]))
+        ablation.exact_ablation(prb, params, digits.x_test[:3], np.array([0, 10, 2]))
     with pytest.raises(TypeError, match="labels must be integers; got dtype float64"):
-        localize.exact_ablation(prb, params, digits.x_test[:3], np.array([0.0, 1.0, 2.0]))
+        ablation.exact_ablation(prb, params, digits.x_test[:3], np.array([0.0, 1.0, 2.0]))
     with pytest.raises(ValueError, match="by must be one of"):
-        localize.ablation_scores(localize.exact_ablation(prb, params, digits.x_test[:5],
+        ablation.ablation_scores(ablation.exact_ablation(prb, params, digits.x_test[:5],
                                                          digits.y_test[:5]), by="rank")  # fmt: skip
 
 
@@ -457,13 +476,13 @@ def test_cli_spectrum_with_attribution_and_localize_by_attribution(capsys, tmp_p
                                 "--no-progress", "--json")  # fmt: skip
     assert code == 0, err
     assert json.loads(stdout)["attribution"] == "margin"
-    s = spectrum.load_spectrum(out)
+    s = spectrum_io.load_spectrum(out)
     assert s.attribution is not None and s.attribution.linearised == "margin"
     code, stdout, err = run_cli(capsys, "localize", "--spectrum", str(out), "--measure",
                                 "gradxact", "--k", "4", "--json")  # fmt: skip
     assert code == 0, err
     result = json.loads(stdout)
-    want = localize.top_k(localize.scores(s, "gradxact", pooled=True), 4)
+    want = localize.top_k_neurons(localize.suspiciousness(s, "gradxact", pooled=True), 4)
     assert [r["id"] for r in result["neurons"]] == want.tolist()
     code, stdout, err = run_cli(capsys, "localize", "--spectrum", str(out), "--measure",
                                 "linear_ablation", "--class", "3", "--k", "2", "--json")  # fmt: skip
@@ -492,7 +511,7 @@ def test_run_with_an_attribution_measure(tmp_path, monkeypatch):
     result = pipeline.run(config, tmp_path / "run")
     rows = {r["measure"]: r for r in result["results"]}
     assert set(rows) == {"ochiai", "gradxact"}
-    saved = spectrum.load_spectrum(tmp_path / "run" / "spectrum.npz")
+    saved = spectrum_io.load_spectrum(tmp_path / "run" / "spectrum.npz")
     table = localize.suspicious_neurons(saved, "gradxact", 2)
     with np.load(tmp_path / "run" / "synthesized.npz") as f:
         np.testing.assert_array_equal(f["gradxact_k2__table"], table)

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from deepfault_jax import cli, zoo
+from deepfault_jax import cli, spectrum_io, zoo
 
 
 def run_cli(capsys, *argv):
@@ -239,9 +239,8 @@ def test_spectrum_human_summary_and_options(capsys, tmp_path, digits_checkpoint)
     assert "spectrum of lenet1 on digits (train): 1348 inputs" in stdout
     assert "threshold 0.25, post-activation, conv_reduce max" in stdout
     assert "conv_1" in stdout and "conv_0" not in stdout
-    from deepfault_jax import spectrum
 
-    s, meta = spectrum.load_spectrum(out, with_metadata=True)
+    s, meta = spectrum_io.load_spectrum(out, with_metadata=True)
     assert s.threshold == 0.25 and s.index.layer_names == ("conv_1",)
     assert meta["conv_reduce"] == "max" and meta["split"] == "train" and meta["model"] == "lenet1"
 

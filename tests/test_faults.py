@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 from test_cli import assert_usage_error, run_cli
 
-from deepfault_jax import faults, localize, pipeline, probe, spectrum, zoo
+from deepfault_jax import (
+    ablation,
+    faultbench,
+    faults,
+    localize,
+    pipeline,
+    probe,
+    streaming,
+    zoo,
+)
 
 
 @pytest.fixture(scope="module")
@@ -131,17 +140,17 @@ def test_plant_errors(models, digits):
 
 def test_tie_aware_ranks_recall_and_best_rank_over_classes():
     score = np.array([0.5, 0.9, 0.5, 0.1, np.inf, 0.5])
-    r = faults.tie_ranks(score)
+    r = faultbench.tie_ranks(score)
     # inf first, then 0.9, then three tied at 0.5 (ranks 3..5), then 0.1
     np.testing.assert_array_equal(r.first, [3, 2, 3, 6, 1, 3])
     np.testing.assert_array_equal(r.last, [5, 2, 5, 6, 1, 5])
     # a tie across the cut counts as the expectation: ranks 3..5 against top-4 -> 2/3
-    ranks = faults.Ranks(np.array([3, 1, 12, 2, 7]), np.array([5, 1, 14, 2, 7]))
-    got = faults.recall_and_rank(ranks, [0, 2])
+    ranks = faultbench.Ranks(np.array([3, 1, 12, 2, 7]), np.array([5, 1, 14, 2, 7]))
+    got = faultbench.recall_and_rank(ranks, [0, 2])
     assert got["mean_rank"] == pytest.approx((4 + 13) / 2)
     assert got["top5_recall"] == pytest.approx(0.5)
     assert got["top10_recall"] == pytest.approx(0.5)
-    tie = faults.recall_and_rank(faults.Ranks(np.array([9]), np.array([12])), [0])
+    tie = faultbench.recall_and_rank(faultbench.Ranks(np.array([9]), np.array([12])), [0])
     assert tie["top10_recall"] == pytest.approx(2 / 4) and tie["top5_recall"] == 0.0
     per_class = np.array([
         [0.1, 0.9, 0.5, 0.0, 0.3],   # ranks 4, 1, 2, 5, 3
@@ -149,10 +158,10 @@ def test_tie_aware_ranks_recall_and_best_rank_over_classes():
         [0.0, 0.0, 0.0, 0.0, 0.0],   # no evidence: left out
     ])  # fmt: skip
     # best ranks: 1, 1, 2, 5, 3 -> neurons 0 and 1 tie for ranks 1..2
-    best = faults._best_class_rank(per_class)
+    best = faultbench._best_class_rank(per_class)
     np.testing.assert_array_equal(best.first, [1, 1, 3, 5, 4])
     np.testing.assert_array_equal(best.last, [2, 2, 3, 5, 4])
-    flat = faults._best_class_rank(np.zeros((2, 4)))
+    flat = faultbench._best_class_rank(np.zeros((2, 4)))
     np.testing.assert_array_equal(flat.first, [1, 1, 1, 1])
     np.testing.assert_array_equal(flat.last, [4, 4, 4, 4])
 
@@ -160,23 +169,23 @@ def test_tie_aware_ranks_recall_and_best_rank_over_classes():
 def test_method_ranks_follow_the_measures(models, digits):
     model, params = models["mlp-3x50"]
     prb = probe.model_probe(model, params)
-    s = spectrum.compute_spectrum(prb, params, digits.x_test, digits.y_test, attribution=True)
-    ab = localize.exact_ablation(prb, params, digits.x_test, digits.y_test)
-    ranks = faults.method_ranks(s, faults.default_methods(), ablation=ab)
-    assert set(ranks) == set(faults.default_methods())
+    s = streaming.compute_spectrum(prb, params, digits.x_test, digits.y_test, attribution=True)
+    ab = ablation.exact_ablation(prb, params, digits.x_test, digits.y_test)
+    ranks = faultbench.method_ranks(s, faultbench.default_methods(), ablation=ab)
+    assert set(ranks) == set(faultbench.default_methods())
     for method, r in ranks.items():
         assert (1 <= r.first).all() and (r.first <= r.last).all() and (r.last <= 150).all(), method
-    for method, score in (("ochiai/pooled", localize.scores(s, "ochiai", pooled=True)),
-                          ("ablation/pooled", localize.ablation_scores(ab))):  # fmt: skip
+    for method, score in (("ochiai/pooled", localize.suspiciousness(s, "ochiai", pooled=True)),
+                          ("ablation/pooled", ablation.ablation_scores(ab))):  # fmt: skip
         score = np.asarray(score)
         r = ranks[method]
         for n in range(150):
             assert r.first[n] == 1 + np.sum(score > score[n])
             assert r.last[n] == np.sum(score >= score[n])
     with pytest.raises(ValueError, match="NAME/pooled or NAME/per-class"):
-        faults.method_ranks(s, ["ochiai"])
+        faultbench.method_ranks(s, ["ochiai"])
     with pytest.raises(ValueError, match="needs an exact ablation"):
-        faults.method_ranks(s, ["ablation/pooled"])
+        faultbench.method_ranks(s, ["ablation/pooled"])
 
 
 def test_faultbench_command_writes_json_markdown_and_figure(capsys, tmp_path, model_cache):
@@ -192,7 +201,7 @@ def test_faultbench_command_writes_json_markdown_and_figure(capsys, tmp_path, mo
     assert (out / "faultbench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(result["trials"]) == 2 * 2 * 2
     methods = set(result["config"]["methods"])
-    assert methods == set(faults.default_methods())
+    assert methods == set(faultbench.default_methods())
     for count in (1, 2):
         rows = {r["method"]: r for r in result["summary"] if r["faults"] == count}
         assert set(rows) == methods | {"random", "random (expected)"}
@@ -208,7 +217,7 @@ def test_faultbench_command_writes_json_markdown_and_figure(capsys, tmp_path, mo
 
 
 def test_faultbench_summary_recomputes_from_trials(tmp_path, model_cache):
-    config = pipeline.FaultbenchConfig(models=("mlp-3x50",), kinds=("corrupt_in",), faults=(1,),
+    config = faultbench.FaultbenchConfig(models=("mlp-3x50",), kinds=("corrupt_in",), faults=(1,),
                                        seeds=(0, 1, 2), inputs=200,
                                        methods=("ochiai/pooled", "gradxact/per-class"))  # fmt: skip
     result = pipeline.faultbench(config, tmp_path)
@@ -228,9 +237,9 @@ def test_faultbench_summary_recomputes_from_trials(tmp_path, model_cache):
     key = jax.random.fold_in(jax.random.key(1), faults.FAULT_KINDS.index("corrupt_in") * 100 + 1)
     faulty, planted, _ = faults.plant_faults(key, model, params, prb, x, y, kind="corrupt_in")
     assert [f.neuron for f in planted] == [f["neuron"] for f in trial["faults"]]
-    s = spectrum.compute_spectrum(prb, faulty, x, y, attribution=True)
+    s = streaming.compute_spectrum(prb, faulty, x, y, attribution=True)
     for method in config.methods:
-        want = faults.recall_and_rank(faults.method_ranks(s, [method])[method],
+        want = faultbench.recall_and_rank(faultbench.method_ranks(s, [method])[method],
                                       [f.neuron for f in planted])  # fmt: skip
         assert trial["scores"][method] == pytest.approx(want), method
 

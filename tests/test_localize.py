@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from deepfault_jax import cli, localize, measures, probe, spectrum
+from deepfault_jax import cli, localize, measures, probe, spectrum, spectrum_io
 
 
 @pytest.fixture(scope="module")
@@ -29,36 +29,38 @@ def spec():
 
 def test_top_k_breaks_ties_by_lower_id():
     score = np.array([0.5, 1.0, 0.5, np.inf, 1.0, 0.0, 0.5])
-    np.testing.assert_array_equal(localize.top_k(score, 5), [3, 1, 4, 0, 2])
+    np.testing.assert_array_equal(localize.top_k_neurons(score, 5), [3, 1, 4, 0, 2])
     per_class = np.stack([score, score[::-1]])
-    np.testing.assert_array_equal(localize.top_k(per_class, 2), [[3, 1], [3, 2]])
-    np.testing.assert_array_equal(localize.top_k(score, 2, allowed=np.array([0, 2, 5, 6])), [0, 2])
+    np.testing.assert_array_equal(localize.top_k_neurons(per_class, 2), [[3, 1], [3, 2]])
+    np.testing.assert_array_equal(
+        localize.top_k_neurons(score, 2, allowed=np.array([0, 2, 5, 6])), [0, 2]
+    )
     for shuffled in range(5):  # the result does not depend on how ties arrive
         perm = np.random.default_rng(shuffled).permutation(7)
-        assert set(perm[localize.top_k(score[perm], 3)]) == {3, 1, 4}
+        assert set(perm[localize.top_k_neurons(score[perm], 3)]) == {3, 1, 4}
 
 
 @pytest.mark.parametrize("k", [0, -1, 8])
 def test_top_k_refuses_bad_k(k):
     with pytest.raises(ValueError, match=rf"k must lie in \[1, 7\].*got {k}"):
-        localize.top_k(np.zeros(7), k)
+        localize.top_k_neurons(np.zeros(7), k)
 
 
 def test_top_k_refuses_nan_and_non_integer_k():
     with pytest.raises(ValueError, match="must not be NaN"):
-        localize.top_k(np.array([0.0, np.nan]), 1)
+        localize.top_k_neurons(np.array([0.0, np.nan]), 1)
     with pytest.raises(TypeError, match="k must be an integer; got 1.5"):
-        localize.top_k(np.zeros(3), 1.5)
+        localize.top_k_neurons(np.zeros(3), 1.5)
 
 
 def test_scores_per_class_and_pooled(spec):
-    per_class = localize.scores(spec, "ochiai")
-    pooled = localize.scores(spec, "ochiai", pooled=True)
+    per_class = localize.suspiciousness(spec, "ochiai")
+    pooled = localize.suspiciousness(spec, "ochiai", pooled=True)
     assert per_class.shape == (3, 20) and pooled.shape == (20,)
     np.testing.assert_allclose(pooled, measures.ochiai(*spec.pooled()))
     np.testing.assert_allclose(per_class[1], measures.ochiai(*spec.for_class(1)))
     np.testing.assert_allclose(
-        localize.scores(spec, "dstar", star=2), measures.dstar(*spec.counts(), star=2)
+        localize.suspiciousness(spec, "dstar", star=2), measures.dstar(*spec.counts(), star=2)
     )
 
 
@@ -67,7 +69,7 @@ def test_suspicious_neurons_within_layers(spec):
     assert ids.shape == (3, 3) and ((ids >= 14) & (ids < 20)).all()
     pooled = localize.suspicious_neurons(spec, "tarantula", 5, pooled=True)
     np.testing.assert_array_equal(
-        pooled, localize.top_k(localize.scores(spec, "tarantula", pooled=True), 5)
+        pooled, localize.top_k_neurons(localize.suspiciousness(spec, "tarantula", pooled=True), 5)
     )
     with pytest.raises(
         ValueError, match="unknown layer 'dense_7'; expected one of conv_0, dense_0, dense_1"
@@ -105,8 +107,8 @@ def test_random_baseline_is_uniform_and_respects_exclusion(spec):
 
 
 def test_ranking_table_and_agreement(spec):
-    score = localize.scores(spec, "dstar", pooled=True)
-    ids = localize.top_k(score, 4)
+    score = localize.suspiciousness(spec, "dstar", pooled=True)
+    ids = localize.top_k_neurons(score, 4)
     rows = localize.ranking_table(spec, score, ids)
     assert [r["rank"] for r in rows] == [1, 2, 3, 4]
     a_s, a_f, n_s, n_f = (np.asarray(c) for c in spec.pooled())
@@ -119,11 +121,11 @@ def test_ranking_table_and_agreement(spec):
             n_f[r["id"]],
         )
         assert r["score"] == float(score[r["id"]])
-    same = localize.agreement(score, score, 5)
+    same = localize.measure_agreement(score, score, 5)
     assert same["top_k_overlap"] == 1.0 and same["kendall_tau"] == pytest.approx(1.0)
-    reverse = localize.agreement(np.arange(20.0), -np.arange(20.0), 5)
+    reverse = localize.measure_agreement(np.arange(20.0), -np.arange(20.0), 5)
     assert reverse["top_k_overlap"] == 0.0 and reverse["kendall_tau"] == pytest.approx(-1.0)
-    assert localize.agreement(np.zeros(20), np.arange(20.0), 3)["kendall_tau"] is None
+    assert localize.measure_agreement(np.zeros(20), np.arange(20.0), 3)["kendall_tau"] is None
 
 
 # --------------------------------------------------------------------------- command line
@@ -131,7 +133,7 @@ def test_ranking_table_and_agreement(spec):
 
 @pytest.fixture()
 def spec_file(spec, tmp_path):
-    return spectrum.save_spectrum(tmp_path / "s.npz", spec)
+    return spectrum_io.save_spectrum(tmp_path / "s.npz", spec)
 
 
 def test_localize_json_lists_neurons_in_rank_order(capsys, spec, spec_file):
@@ -139,8 +141,8 @@ def test_localize_json_lists_neurons_in_rank_order(capsys, spec, spec_file):
                      "--k", "5", "--json"])  # fmt: skip
     out = json.loads(capsys.readouterr().out)
     assert code == 0
-    score = localize.scores(spec, "dstar", pooled=True, star=2)
-    expected = localize.top_k(score, 5)
+    score = localize.suspiciousness(spec, "dstar", pooled=True, star=2)
+    expected = localize.top_k_neurons(score, 5)
     assert [n["id"] for n in out["neurons"]] == expected.tolist()
     for n in out["neurons"]:
         assert set(n) >= {"id", "layer", "unit", "score", "a_s", "a_f", "n_s", "n_f"}
@@ -153,7 +155,9 @@ def test_localize_one_class_and_layers(capsys, spec, spec_file):
                      "--class", "2", "--layers", "dense_1", "--json"])  # fmt: skip
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["class"] == 2
-    expected = localize.top_k(localize.scores(spec, "ochiai")[2], 3, allowed=np.arange(14, 20))
+    expected = localize.top_k_neurons(
+        localize.suspiciousness(spec, "ochiai")[2], 3, allowed=np.arange(14, 20)
+    )
     assert [n["id"] for n in out["neurons"]] == expected.tolist()
     assert {n["layer"] for n in out["neurons"]} == {"dense_1"}
     code = cli.main(["localize", "--spectrum", str(spec_file), "--k", "2"])

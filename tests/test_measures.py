@@ -14,7 +14,7 @@ from reference import measure_loops, original_scores
 
 from deepfault_jax import localize, measures
 
-NAMES = measures.names(family="counts")
+NAMES = measures.measure_names(family="counts")
 EXTREMES = [0, 1, 2, 3, 10, 11, 1000, 2**20, 2**31 - 1]
 
 
@@ -30,14 +30,14 @@ def test_at_least_fifteen_measures_with_documented_edge_cases():
     assert len(NAMES) >= 15
     assert NAMES[:3] == ("tarantula", "ochiai", "dstar")
     for name in NAMES:
-        doc = measures.get(name).__doc__
+        doc = measures.get_measure(name).__doc__
         assert "Edge cases:" in doc and "0/0" in doc and "x/0" in doc, name
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_combination_of_small_counts_under_jit(name):
     grid = np.array(list(itertools.product(range(4), repeat=4)), np.int32).T  # 256 combinations
-    fn = jax.jit(measures.get(name))
+    fn = jax.jit(measures.get_measure(name))
     got = fn(*grid)
     assert got.shape == (256,) and got.dtype == np.float32
     _assert_close(got, measure_loops(name, *grid))
@@ -52,7 +52,7 @@ def test_every_combination_of_small_counts_under_jit(name):
 )
 def test_measures_match_float64_reference(name, counts):
     a_s, a_f, n_s, n_f = counts.astype(np.int32)
-    got = jax.jit(measures.get(name))(a_s, a_f, n_s, n_f)
+    got = jax.jit(measures.get_measure(name))(a_s, a_f, n_s, n_f)
     assert got.shape == (2, 7)
     want = measure_loops(name, a_s, a_f, n_s, n_f)
     # differences of huge counts (wong2, wong3, op2) lose float32 precision: compare
@@ -71,7 +71,9 @@ def test_measures_match_float64_reference(name, counts):
 @pytest.mark.parametrize("star", [1.0, 2.0, 3.0, 0.5])
 def test_dstar_star_parameter(star):
     grid = np.array(list(itertools.product([0, 1, 5, 40], repeat=4)), np.int32).T
-    _assert_close(measures.get("dstar", star=star)(*grid), measure_loops("dstar", *grid, star=star))
+    _assert_close(
+        measures.get_measure("dstar", star=star)(*grid), measure_loops("dstar", *grid, star=star)
+    )
 
 
 @pytest.mark.parametrize("name", ["tarantula", "ochiai", "dstar"])
@@ -85,14 +87,14 @@ def test_rankings_match_the_original_where_it_is_defined(name):
     a_f[20:30] = 25
     n_s, n_f = 60 - a_s, 25 - a_f
     original, defined = original_scores(name, a_s, a_f, n_s, n_f)
-    ours = np.asarray(measures.get(name)(a_s, a_f, n_s, n_f), np.float64)
+    ours = np.asarray(measures.get_measure(name)(a_s, a_f, n_s, n_f), np.float64)
     np.testing.assert_allclose(
         ours[defined & np.isfinite(original)], original[defined & np.isfinite(original)], rtol=1e-6
     )
     # +inf where the original has +inf, ranked first
     np.testing.assert_array_equal(np.isposinf(ours), np.isposinf(original))
     ids = np.flatnonzero(defined)
-    ours_order = ids[localize.top_k(ours[ids], ids.size)]
+    ours_order = ids[localize.top_k_neurons(ours[ids], ids.size)]
     # along our ranking the original's scores never rise, except between values
     # that are mathematically equal (equal rationals differ by float rounding)
     along = original[ours_order]
@@ -105,15 +107,15 @@ def test_rankings_match_the_original_where_it_is_defined(name):
 
 
 def test_get_errors_and_case():
-    assert measures.get("DStar") is measures.dstar
-    assert measures.get("russell-rao") is measures.russell_rao
+    assert measures.get_measure("DStar") is measures.dstar
+    assert measures.get_measure("russell-rao") is measures.russell_rao
     with pytest.raises(
         ValueError, match="unknown measure 'naive'; expected one of tarantula, ochiai, dstar, "
     ):
-        measures.get("naive")
+        measures.get_measure("naive")
     with pytest.raises(
         ValueError, match=r"measure 'ochiai' takes parameters \[none\]; got \['star'\]"
     ):
-        measures.get("ochiai", star=2)
+        measures.get_measure("ochiai", star=2)
     with pytest.raises(ValueError, match="star must be > 0; got -1"):
-        measures.get("dstar", star=-1)
+        measures.get_measure("dstar", star=-1)

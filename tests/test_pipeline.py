@@ -54,7 +54,7 @@ def test_every_number_in_the_report_is_recomputable(finished_run):
     model, params, _ = zoo.load_checkpoint(meta["checkpoint"])
     prb = probe.model_probe(
         model, params, layers=meta["probe"]["layers"], conv_reduce=meta["probe"]["conv_reduce"],
-        activation=meta["probe"]["values"],
+        values=meta["probe"]["values"],
     )  # fmt: skip
     x0, y = arrays["x_original"], arrays["y"]
     np.testing.assert_array_equal(np.argmax(model.apply(params, x0), -1), y)  # correct originals

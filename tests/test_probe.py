@@ -23,7 +23,7 @@ def test_mlp_probe_matches_numpy_forward(activation, side):
         "mlp-3x50", input_shape=(8, 8, 1), num_classes=10, activation=activation
     )
     params = zoo.init_params(jax.random.key(1), model)
-    prb = probe.model_probe(model, params, activation=side)
+    prb = probe.model_probe(model, params, values=side)
     assert prb.index.layer_names == ("dense_0", "dense_1", "dense_2")
     x = _random_x((8, 8, 1))
     logits, acts = jax.jit(prb)(params, x)
@@ -43,7 +43,7 @@ def test_mlp_probe_matches_numpy_forward(activation, side):
 def test_conv_probe_matches_numpy_forward(conv_reduce, side):
     model = zoo.create_model("lenet1", input_shape=(8, 8, 1), num_classes=10)
     params = zoo.init_params(jax.random.key(2), model)
-    prb = probe.model_probe(model, params, conv_reduce=conv_reduce, activation=side)
+    prb = probe.model_probe(model, params, conv_reduce=conv_reduce, values=side)
     assert prb.index.layer_names == ("conv_0", "conv_1")
     x = _random_x((8, 8, 1))
     _, acts = prb(params, x)
@@ -82,10 +82,10 @@ def test_option_errors():
     params = zoo.init_params(jax.random.key(0), model)
     with pytest.raises(ValueError, match="conv_reduce must be one of mean, max, none; got 'sum'"):
         probe.model_probe(model, params, conv_reduce="sum")
-    with pytest.raises(ValueError, match="activation must be 'pre' or 'post'; got 'mid'"):
-        probe.model_probe(model, params, activation="mid")
-    with pytest.raises(ValueError, match="activation='post' needs activation_fn"):
-        probe.linen_probe(model.module, params, input_shape=(8, 8, 1), activation="post")
+    with pytest.raises(ValueError, match="values must be 'pre' or 'post'; got 'mid'"):
+        probe.model_probe(model, params, values="mid")
+    with pytest.raises(ValueError, match="values='post' needs activation_fn"):
+        probe.linen_probe(model.module, params, input_shape=(8, 8, 1), values="post")
 
 
 def test_nnx_probe_names_layers_like_linen_and_skips_output():

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import spectrum_loops
 
-from deepfault_jax import data, probe, spectrum, zoo
+from deepfault_jax import data, metrics, probe, spectrum, spectrum_io, streaming, zoo
 from deepfault_jax.spectrum import Spectrum
 
 
@@ -69,7 +69,7 @@ def test_equals_reference_loops_on_random_models_and_data(name, conv_reduce):
     preds = np.asarray(jnp.argmax(logits, -1))
     # class 0 has no failure: its inputs are exactly those predicted 0
     y = np.where(preds == 0, 0, rng.integers(1, 5, size=67)).astype(np.int32)
-    s = spectrum.compute_spectrum(prb, params, x, y, batch_size=16)
+    s = streaming.compute_spectrum(prb, params, x, y, batch_size=16)
     assert_matches_reference(s, logits, acts, y)
     assert int(s.n_fail[0]) == 0 and int(s.n_pass[0]) == int((preds == 0).sum())
     assert int(s.n_fail.sum()) > 0 and int(s.a_fail.sum()) > 0
@@ -81,10 +81,10 @@ def test_all_correct_and_all_wrong_batches(trained_mlp, digits):
     x = digits.x_test[:50]
     logits, acts = prb.flat(params, x)
     preds = np.asarray(jnp.argmax(logits, -1)).astype(np.int32)
-    right = spectrum.compute_spectrum(prb, params, x, preds, batch_size=25)
+    right = streaming.compute_spectrum(prb, params, x, preds, batch_size=25)
     assert int(right.n_fail.sum()) == 0 and int(right.a_fail.sum()) == 0
     assert_matches_reference(right, logits, acts, preds)
-    wrong = spectrum.compute_spectrum(prb, params, x, (preds + 1) % 10, batch_size=25)
+    wrong = streaming.compute_spectrum(prb, params, x, (preds + 1) % 10, batch_size=25)
     assert int(wrong.n_pass.sum()) == 0 and int(wrong.a_pass.sum()) == 0
     assert_matches_reference(wrong, logits, acts, (preds + 1) % 10)
 
@@ -103,7 +103,7 @@ def test_values_equal_to_threshold_are_inactive(threshold):
     y = rng.integers(0, 4, 40).astype(np.int32)
     logits, acts = prb.flat(params, x)
     assert int(np.sum(np.asarray(acts) == threshold)) > 20
-    s = spectrum.compute_spectrum(prb, params, x, y, batch_size=9, threshold=threshold)
+    s = streaming.compute_spectrum(prb, params, x, y, batch_size=9, threshold=threshold)
     assert s.threshold == threshold
     assert_matches_reference(s, logits, acts, y, threshold=threshold)
 
@@ -124,7 +124,7 @@ def test_update_invariants_and_reference(data, n, neurons, classes):
     threshold = data.draw(st.sampled_from([0.0, 0.25, -0.5]))
     index = probe.NeuronIndex(("layer",), (neurons,))
     s0 = spectrum.init_spectrum(index, num_classes=classes, threshold=threshold)
-    s = jax.jit(spectrum.update)(s0, logits, acts, labels, mask=mask)
+    s = jax.jit(spectrum.update_spectrum)(s0, logits, acts, labels, mask=mask)
     a_s, a_f, n_s, n_f = (np.asarray(a) for a in s.counts())
     np.testing.assert_array_equal(
         a_s + n_s, np.broadcast_to(np.asarray(s.n_pass)[:, None], a_s.shape)
@@ -148,7 +148,7 @@ def test_batch_sizes_give_identical_spectra(lenet, digits):
     model, params = lenet
     prb = probe.model_probe(model, params)
     runs = [
-        spectrum.compute_spectrum(prb, params, digits.x_test, digits.y_test, batch_size=b)
+        streaming.compute_spectrum(prb, params, digits.x_test, digits.y_test, batch_size=b)
         for b in (1, 7, 128, 1000)
     ]
     for other in runs[1:]:
@@ -162,9 +162,9 @@ def test_batch_sizes_give_identical_spectra(lenet, digits):
 def test_device_counts_give_identical_spectra(lenet, digits, devices):
     model, params = lenet
     prb = probe.model_probe(model, params)
-    single = spectrum.compute_spectrum(prb, params, digits.x_test, digits.y_test, batch_size=64)
-    mesh = spectrum.data_mesh(devices=devices)
-    sharded = spectrum.compute_spectrum(
+    single = streaming.compute_spectrum(prb, params, digits.x_test, digits.y_test, batch_size=64)
+    mesh = streaming.data_mesh(devices=devices)
+    sharded = streaming.compute_spectrum(
         prb, params, digits.x_test, digits.y_test, batch_size=64, mesh=mesh
     )
     assert_identical(single, sharded)
@@ -187,14 +187,14 @@ def run_two_processes(out: Path, *extra: str) -> Spectrum:
     ]
     logs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
-    return spectrum.load_spectrum(out)
+    return spectrum_io.load_spectrum(out)
 
 
 def test_two_processes_over_loopback_equal_one(tmp_path, digits):
     two = run_two_processes(tmp_path / "two.npz")
     model = zoo.create_model("lenet1", input_shape=digits.input_shape, num_classes=10)
     params = zoo.init_params(jax.random.key(7), model)
-    one = spectrum.compute_spectrum(
+    one = streaming.compute_spectrum(
         probe.model_probe(model, params), params, digits.x_test, digits.y_test, batch_size=32
     )
     assert_identical(one, two)
@@ -204,7 +204,7 @@ def test_interrupted_and_resumed_run_is_identical(lenet, digits, tmp_path):
     model, params = lenet
     prb = probe.model_probe(model, params)
     x, y = digits.x_test, digits.y_test
-    whole = spectrum.compute_spectrum(prb, params, x, y, batch_size=20)
+    whole = streaming.compute_spectrum(prb, params, x, y, batch_size=20)
     path = tmp_path / "progress.npz"
 
     class Interrupted(Exception):
@@ -215,26 +215,26 @@ def test_interrupted_and_resumed_run_is_identical(lenet, digits, tmp_path):
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        spectrum.compute_spectrum(
+        streaming.compute_spectrum(
             prb, params, x, y, batch_size=20, checkpoint_path=path, checkpoint_every=3,
             callback=stop_after_7,
         )  # fmt: skip
-    saved, meta = spectrum.load_spectrum(path, with_metadata=True)
+    saved, meta = spectrum_io.load_spectrum(path, with_metadata=True)
     assert meta["position"] == 120 and meta["complete"] is False
     assert saved.num_inputs == 120
     # resumed with another batch size: counts are order-free
-    resumed = spectrum.compute_spectrum(
+    resumed = streaming.compute_spectrum(
         prb, params, x, y, batch_size=33, checkpoint_path=path, checkpoint_every=3
     )
     assert_identical(whole, resumed)
-    assert spectrum.load_spectrum(path, with_metadata=True)[1]["complete"] is True
+    assert spectrum_io.load_spectrum(path, with_metadata=True)[1]["complete"] is True
     # a finished checkpoint is not counted twice
-    assert_identical(whole, spectrum.compute_spectrum(prb, params, x, y, checkpoint_path=path))
+    assert_identical(whole, streaming.compute_spectrum(prb, params, x, y, checkpoint_path=path))
     with pytest.raises(ValueError, match="computed on other data"):
-        spectrum.compute_spectrum(prb, params, x[:-1], y[:-1], checkpoint_path=path)
+        streaming.compute_spectrum(prb, params, x[:-1], y[:-1], checkpoint_path=path)
     other = probe.model_probe(model, params, layers=["conv_0"])
     with pytest.raises(ValueError, match="cannot resume spectra of different layouts"):
-        spectrum.compute_spectrum(other, params, x, y, checkpoint_path=path)
+        streaming.compute_spectrum(other, params, x, y, checkpoint_path=path)
 
 
 def test_linen_nnx_and_function_probes_of_the_same_weights(digits):
@@ -256,9 +256,9 @@ def test_linen_nnx_and_function_probes_of_the_same_weights(digits):
 
     fn_probe = probe.function_probe(by_hand, params, input_shape=digits.input_shape)
     x, y = digits.x_test, digits.y_test
-    a = spectrum.compute_spectrum(probe.model_probe(linen, params), params, x, y)
-    b = spectrum.compute_spectrum(probe.model_probe(nnx_model, state), state, x, y)
-    c = spectrum.compute_spectrum(fn_probe, params, x, y)
+    a = streaming.compute_spectrum(probe.model_probe(linen, params), params, x, y)
+    b = streaming.compute_spectrum(probe.model_probe(nnx_model, state), state, x, y)
+    c = streaming.compute_spectrum(fn_probe, params, x, y)
     assert_identical(a, b)
     assert_identical(a, c)
 
@@ -275,9 +275,11 @@ def test_no_recompilation_between_batches(digits):
     prb = probe.function_probe(fn, params, input_shape=(8, 8, 1))
     before = len(traces)
     # 449 rows in batches of 100: four full batches and a padded tail
-    spectrum.compute_spectrum(prb, params, digits.x_test, digits.y_test, batch_size=100)
+    streaming.compute_spectrum(prb, params, digits.x_test, digits.y_test, batch_size=100)
     assert len(traces) - before == 1
-    spectrum.compute_spectrum(prb, params, digits.x_test[:250], digits.y_test[:250], batch_size=100)
+    streaming.compute_spectrum(
+        prb, params, digits.x_test[:250], digits.y_test[:250], batch_size=100
+    )
     assert len(traces) - before == 1  # a second run of the same shape reuses the compilation
 
 
@@ -288,28 +290,28 @@ def test_merge_of_disjoint_parts_equals_the_whole(lenet, digits):
     model, params = lenet
     prb = probe.model_probe(model, params)
     x, y = digits.x_test, digits.y_test
-    whole = spectrum.compute_spectrum(prb, params, x, y)
+    whole = streaming.compute_spectrum(prb, params, x, y)
     parts = [
-        spectrum.compute_spectrum(prb, params, x[s], y[s])
+        streaming.compute_spectrum(prb, params, x[s], y[s])
         for s in (slice(0, 200), slice(200, None))
     ]
-    assert_identical(whole, spectrum.merge(*parts))
-    other = spectrum.compute_spectrum(
+    assert_identical(whole, spectrum.merge_spectra(*parts))
+    other = streaming.compute_spectrum(
         probe.model_probe(model, params, layers=["conv_1"]), params, x, y
     )
     with pytest.raises(ValueError, match="cannot merge spectra of different layouts"):
-        spectrum.merge(whole, other)
-    shifted = spectrum.compute_spectrum(prb, params, x, y, threshold=0.1)
+        spectrum.merge_spectra(whole, other)
+    shifted = streaming.compute_spectrum(prb, params, x, y, threshold=0.1)
     with pytest.raises(ValueError, match="expected threshold 0.0, got 0.1"):
-        spectrum.merge(whole, shifted)
+        spectrum.merge_spectra(whole, shifted)
 
 
 def test_save_and_load_round_trip(lenet, digits, tmp_path):
     model, params = lenet
-    s = spectrum.compute_spectrum(
+    s = streaming.compute_spectrum(
         probe.model_probe(model, params), params, digits.x_test, digits.y_test
     )
-    path = spectrum.save_spectrum(tmp_path / "s.npz", s, metadata={"model": "lenet1"})
+    path = spectrum_io.save_spectrum(tmp_path / "s.npz", s, metadata={"model": "lenet1"})
     with np.load(path, allow_pickle=False) as f:
         for key in (
             "a_pass",
@@ -323,7 +325,7 @@ def test_save_and_load_round_trip(lenet, digits, tmp_path):
             assert key in f.files
         assert list(f["layer_names"]) == ["conv_0", "conv_1"]
         np.testing.assert_array_equal(f["layer_sizes"], [4, 12])
-    loaded, meta = spectrum.load_spectrum(path, with_metadata=True)
+    loaded, meta = spectrum_io.load_spectrum(path, with_metadata=True)
     assert_identical(s, loaded)
     assert meta == {"model": "lenet1"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
@@ -331,35 +333,35 @@ def test_save_and_load_round_trip(lenet, digits, tmp_path):
 
 def test_corrupt_spectrum_files(lenet, digits, tmp_path):
     model, params = lenet
-    s = spectrum.compute_spectrum(
+    s = streaming.compute_spectrum(
         probe.model_probe(model, params), params, digits.x_test, digits.y_test
     )
-    path = spectrum.save_spectrum(tmp_path / "s.npz", s)
+    path = spectrum_io.save_spectrum(tmp_path / "s.npz", s)
     raw = path.read_bytes()
     bad = tmp_path / "bad.npz"
     bad.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match="not a readable spectrum file"):
-        spectrum.load_spectrum(bad)
+        spectrum_io.load_spectrum(bad)
     bad.write_bytes(b"\x00" * 100)
     with pytest.raises(ValueError, match="not a readable spectrum file"):
-        spectrum.load_spectrum(bad)
+        spectrum_io.load_spectrum(bad)
     with pytest.raises(ValueError, match="not a file"):
-        spectrum.load_spectrum(tmp_path / "absent.npz")
+        spectrum_io.load_spectrum(tmp_path / "absent.npz")
     arrays = dict(np.load(path, allow_pickle=False))
     np.savez(bad, **{k: v for k, v in arrays.items() if k != "a_fail"})
     with pytest.raises(ValueError, match=r"missing \['a_fail'\]"):
-        spectrum.load_spectrum(bad)
+        spectrum_io.load_spectrum(bad)
     np.savez(bad, **{**arrays, "a_pass": arrays["a_pass"][:, :3]})
     with pytest.raises(
         ValueError, match=r"a_pass must be integer of shape \(10, 16\); got int32 \(10, 3\)"
     ):
-        spectrum.load_spectrum(bad)
+        spectrum_io.load_spectrum(bad)
     np.savez(bad, **{**arrays, "a_pass": arrays["a_pass"] + 1000})
     with pytest.raises(ValueError, match="must not exceed the input counts"):
-        spectrum.load_spectrum(bad)
+        spectrum_io.load_spectrum(bad)
     np.savez(bad, **{**arrays, "format": np.str_("something-else")})
     with pytest.raises(ValueError, match="format must be 'deepfault-jax-spectrum'"):
-        spectrum.load_spectrum(bad)
+        spectrum_io.load_spectrum(bad)
     assert zipfile.is_zipfile(path)  # the original is untouched
 
 
@@ -367,7 +369,7 @@ def test_spectrum_metric_in_an_nnx_eval_step(digits):
     model = zoo.create_model("nnx-mlp-3x50", input_shape=digits.input_shape, num_classes=10)
     state = zoo.init_params(jax.random.key(0), model)
     prb = probe.model_probe(model, state)
-    metric = spectrum.SpectrumMetric(prb.index, num_classes=10)
+    metric = metrics.SpectrumMetric(prb.index, num_classes=10)
 
     @nnx.jit
     def eval_step(metric, state, x, y, mask):
@@ -380,7 +382,7 @@ def test_spectrum_metric_in_an_nnx_eval_step(digits):
             eval_step(metric, state, batch.x, batch.y, batch.mask)
         assert_identical(
             metric.compute(),
-            spectrum.compute_spectrum(prb, state, digits.x_test, digits.y_test),
+            streaming.compute_spectrum(prb, state, digits.x_test, digits.y_test),
         )
 
 
@@ -393,27 +395,27 @@ def test_bad_batches_are_refused(lenet, digits):
     x, y = digits.x_test[:20].copy(), digits.y_test[:20].copy()
     y[3] = 10
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\); got range \[0, 10\]"):
-        spectrum.compute_spectrum(prb, params, x, y)
+        streaming.compute_spectrum(prb, params, x, y)
     y[3] = -1
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\); got range \[-1, 9\]"):
-        spectrum.compute_spectrum(prb, params, x, y)
+        streaming.compute_spectrum(prb, params, x, y)
     y = digits.y_test[:20]
     x[0, 0, 0, 0] = np.nan
     x[1, 0, 0, 0] = np.inf
     with pytest.raises(
         ValueError, match="must give finite logits and activations; got [1-9][0-9]* NaN or infinite"
     ):
-        spectrum.compute_spectrum(prb, params, x, y)
+        streaming.compute_spectrum(prb, params, x, y)
     path = Path(tempfile.mkdtemp()) / "progress.npz"
     with pytest.raises(ValueError, match="must give finite logits and activations"):
-        spectrum.compute_spectrum(prb, params, x, y, batch_size=4, checkpoint_path=path)
+        streaming.compute_spectrum(prb, params, x, y, batch_size=4, checkpoint_path=path)
     assert not path.exists()  # the bad rows sit in the first batch: nothing was saved
     with pytest.raises(
         ValueError, match=r"x must have shape \[n, 8, 8, 1\]; got \[20, 28, 28, 1\]"
     ):
-        spectrum.compute_spectrum(prb, params, np.zeros((20, 28, 28, 1), np.float32), y)
+        streaming.compute_spectrum(prb, params, np.zeros((20, 28, 28, 1), np.float32), y)
     with pytest.raises(TypeError, match="labels must be integers"):
-        spectrum.compute_spectrum(prb, params, digits.x_test[:20], y.astype(np.float32))
+        streaming.compute_spectrum(prb, params, digits.x_test[:20], y.astype(np.float32))
 
 
 def test_counts_refuse_to_overflow(lenet, digits):
@@ -423,7 +425,7 @@ def test_counts_refuse_to_overflow(lenet, digits):
     nearly_full = nearly_full.replace(n_pass=nearly_full.n_pass.at[0].set(2**31 - 10))
     batches = data.iterate_batches(digits.x_test, digits.y_test, batch_size=16)
     with pytest.raises(ValueError, match="counts would pass the int32 limit 2147483647"):
-        spectrum.accumulate(prb, params, batches, spectrum=nearly_full)
+        streaming.accumulate_spectrum(prb, params, batches, spectrum=nearly_full)
 
 
 def test_accumulate_checks_the_layout_it_continues(lenet, digits):
@@ -432,7 +434,7 @@ def test_accumulate_checks_the_layout_it_continues(lenet, digits):
     other = spectrum.init_spectrum(probe.NeuronIndex(("x",), (3,)), num_classes=10)
     batches = data.iterate_batches(digits.x_test, digits.y_test, batch_size=16)
     with pytest.raises(ValueError, match="cannot continue spectra of different layouts"):
-        spectrum.accumulate(prb, params, batches, spectrum=other)
+        streaming.accumulate_spectrum(prb, params, batches, spectrum=other)
 
 
 def test_accumulate_checks_each_batch_shape(lenet):
@@ -444,7 +446,7 @@ def test_accumulate_checks_each_batch_shape(lenet):
     with pytest.raises(
         ValueError, match=r"inputs must have shape \[batch, 8, 8, 1\]; got \[4, 28, 28, 1\]"
     ):
-        spectrum.accumulate(prb, params, [batch])
+        streaming.accumulate_spectrum(prb, params, [batch])
 
 
 def test_training_example_logs_the_spectrum_each_epoch():
@@ -470,8 +472,8 @@ def test_fast_single_channel_conv_gives_the_same_spectrum(digits, name):
     _, b = plain.flat(params, x)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert_identical(
-        spectrum.compute_spectrum(fast, params, x, y),
-        spectrum.compute_spectrum(plain, params, x, y),
+        streaming.compute_spectrum(fast, params, x, y),
+        streaming.compute_spectrum(plain, params, x, y),
     )
 
 
@@ -483,6 +485,6 @@ def test_fast_conv_spectrum_equals_plain_on_fashion_mnist():
     fast = probe.model_probe(model, params)
     plain = probe.model_probe(model, params, fast_conv=False)
     assert_identical(
-        spectrum.compute_spectrum(fast, params, ds.x_test, ds.y_test),
-        spectrum.compute_spectrum(plain, params, ds.x_test, ds.y_test),
+        streaming.compute_spectrum(fast, params, ds.x_test, ds.y_test),
+        streaming.compute_spectrum(plain, params, ds.x_test, ds.y_test),
     )
