@@ -12,7 +12,9 @@ way and PyTorch autograd, in both modes.
 * ``torch``:    PyTorch autograd, batched: hooks capture the probed values, the mean
                 of each input's set is summed and back-propagated once per step.
 
-The synthesized inputs of the three agree (checked on the first inputs).
+The synthesized inputs of the three agree (checked on the first inputs). PyTorch is
+never a dependency of the package: without it the ``torch`` peer is skipped, with a note
+(its numbers are then null in ``--json``).
 
     python benchmarks/synthesis.py --quick
     python benchmarks/synthesis.py --json
@@ -21,6 +23,7 @@ The synthesized inputs of the three agree (checked on the first inputs).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
@@ -36,6 +39,13 @@ from deepfault_jax import data, probe, synthesis, zoo
 
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
+
+
+def missing_peers() -> dict[str, str]:
+    """The peers that cannot run here, each with the reason (empty when all can)."""
+    if importlib.util.find_spec("torch") is None:
+        return {"torch": "PyTorch is not installed (CPU build: pip install torch==2.13.0)"}
+    return {}
 
 
 def _time(run, repeats):
@@ -54,7 +64,7 @@ def _time(run, repeats):
 
 
 def bench(name: str, mode: str, *, n: int, k: int, batch_size: int, steps: int, repeats: int,
-          original_inputs: int, eager_inputs: int = 2) -> dict:  # fmt: skip
+          original_inputs: int, eager_inputs: int = 2, torch_peer: bool = True) -> dict:  # fmt: skip
     x, y = _inputs(name, n)
     model = zoo.create_model(name, input_shape=x.shape[1:], num_classes=10)
     params = zoo.init_params(jax.random.key(0), model)
@@ -111,6 +121,26 @@ def bench(name: str, mode: str, *, n: int, k: int, batch_size: int, steps: int, 
 
     t_original = _time(original, 0)
     t_original_jit = _time(original_jit, 1)
+    ours_x = np.concatenate([np.asarray(o) for o in out["ours"]])[:n]
+    orig_x = np.concatenate([np.asarray(o) for o in out["original"]])
+    result = {
+        "model": name, "mode": mode, "k": k, "inputs": n, "batch_size": batch_size, "steps": synth.num_steps,
+        "ours_inputs_per_second": n / t_ours,
+        "original_inputs_per_second": m_eager / t_original,
+        "original_jit_inputs_per_second": m / t_original_jit,
+        "torch_inputs_per_second": None,
+        "max_abs_difference_torch": None,
+        "max_abs_difference_original": float(np.abs(ours_x[:m_eager] - orig_x).max()),
+    }  # fmt: skip
+    result["ratio_ours_over_original_jit"] = (
+        result["ours_inputs_per_second"] / result["original_jit_inputs_per_second"]
+    )
+    result["ratio_ours_over_original"] = (
+        result["ours_inputs_per_second"] / result["original_inputs_per_second"]
+    )
+    result["ratio_ours_over_torch"] = None
+    if not torch_peer:
+        return result
 
     import torch
 
@@ -147,24 +177,9 @@ def bench(name: str, mode: str, *, n: int, k: int, batch_size: int, steps: int, 
         ]
 
     t_torch = _time(run_torch, repeats)
-    ours_x = np.concatenate([np.asarray(o) for o in out["ours"]])[:n]
     torch_x = np.concatenate([t.numpy().transpose(0, 2, 3, 1) for t in out["torch"]])
-    orig_x = np.concatenate([np.asarray(o) for o in out["original"]])
-    result = {
-        "model": name, "mode": mode, "k": k, "inputs": n, "batch_size": batch_size, "steps": synth.num_steps,
-        "ours_inputs_per_second": n / t_ours,
-        "original_inputs_per_second": m_eager / t_original,
-        "original_jit_inputs_per_second": m / t_original_jit,
-        "torch_inputs_per_second": n / t_torch,
-        "max_abs_difference_torch": float(np.abs(ours_x - torch_x).max()),
-        "max_abs_difference_original": float(np.abs(ours_x[:m_eager] - orig_x).max()),
-    }  # fmt: skip
-    result["ratio_ours_over_original_jit"] = (
-        result["ours_inputs_per_second"] / result["original_jit_inputs_per_second"]
-    )
-    result["ratio_ours_over_original"] = (
-        result["ours_inputs_per_second"] / result["original_inputs_per_second"]
-    )
+    result["torch_inputs_per_second"] = n / t_torch
+    result["max_abs_difference_torch"] = float(np.abs(ours_x - torch_x).max())
     result["ratio_ours_over_torch"] = (
         result["ours_inputs_per_second"] / result["torch_inputs_per_second"]
     )
@@ -200,6 +215,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.inputs, args.original_inputs, args.repeats = 512, 5, 2
+    skipped = missing_peers()
+    notes = [f"{peer} skipped: {reason}" for peer, reason in skipped.items()]
+    for note in notes:  # with --json on stderr: stdout stays one JSON object
+        print(f"note: {note}", file=sys.stderr if args.json else sys.stdout, flush=True)
     results = [
         bench(
             m,
@@ -211,24 +230,30 @@ def main(argv=None) -> int:
             repeats=args.repeats,
             original_inputs=args.original_inputs,
             eager_inputs=args.eager_inputs,
+            torch_peer="torch" not in skipped,
         )  # fmt: skip
         for m in args.models.split(",")
         for mode in args.modes.split(",")
     ]
     report = {"benchmark": "synthesis", "machine": platform.platform(), "cpus": __import__("os").cpu_count(),
-              "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), "results": results}  # fmt: skip
+              "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), "skipped_peers": skipped,
+              "results": results}  # fmt: skip
     if args.json:
         print(json.dumps(report))
         return 0
     print(f"synthesis, inputs/s, k = {args.k}, batch {args.batch_size}")
     print(f"{'model':<10} {'mode':<9} {'ours':>9} {'original':>9} {'orig-jit':>9} {'torch':>9} "
           f"{'ours/orig':>10} {'ours/orig-jit':>13} {'ours/torch':>10}")  # fmt: skip
+
+    def num(value, spec):
+        return "-" if value is None else format(value, spec)
+
     for r in results:
         print(f"{r['model']:<10} {r['mode']:<9} {r['ours_inputs_per_second']:>9.0f} "
               f"{r['original_inputs_per_second']:>9.2f} {r['original_jit_inputs_per_second']:>9.1f} "
-              f"{r['torch_inputs_per_second']:>9.0f} {r['ratio_ours_over_original']:>10.0f} "
-              f"{r['ratio_ours_over_original_jit']:>13.0f} {r['ratio_ours_over_torch']:>10.2f}"
-              f"   (max |diff| vs torch {r['max_abs_difference_torch']:.1e}, vs original "
+              f"{num(r['torch_inputs_per_second'], '.0f'):>9} {r['ratio_ours_over_original']:>10.0f} "
+              f"{r['ratio_ours_over_original_jit']:>13.0f} {num(r['ratio_ours_over_torch'], '.2f'):>10}"
+              f"   (max |diff| vs torch {num(r['max_abs_difference_torch'], '.1e')}, vs original "
               f"{r['max_abs_difference_original']:.1e})")  # fmt: skip
     return 0
 

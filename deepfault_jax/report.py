@@ -116,16 +116,16 @@ def markdown_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_misclassification(report: dict, path: str | os.PathLike) -> Path:
-    """Bar chart: misclassification rate per measure and k, beside the random baseline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _misclassification_figure(report: dict):
+    """The figure :func:`plot_misclassification` writes, as a :class:`matplotlib.figure.Figure`."""
+    from matplotlib.figure import Figure
 
     ks = sorted({r["k"] for r in report["results"]})
     measures = list(dict.fromkeys(r["measure"] for r in report["results"]))
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(ks) * (len(measures) + 1) / 3, 3.6), dpi=120)
+    repeats = report["config"]["random_repeats"]
+    fig = Figure(figsize=(3.8 + 1.4 * len(ks) * (len(measures) + 1) / 3, 3.6), dpi=120,
+                 layout="constrained")  # fmt: skip
+    ax = fig.subplots()
     width = 0.8 / (len(measures) + 1)
     for j, name in enumerate([*measures, "random"]):
         values, errors = [], []
@@ -136,22 +136,100 @@ def plot_misclassification(report: dict, path: str | os.PathLike) -> Path:
                 if r["k"] == k and (name == "random" or r["measure"] == name)
             )
             if name == "random":
-                values.append(row["random"]["misclassification_rate"]["mean"])
-                errors.append(row["random"]["misclassification_rate"]["std"])
+                stats = row["random"]["misclassification_rate"]
+                values.append(np.nan if stats["mean"] is None else stats["mean"])
+                errors.append(0.0 if stats["std"] is None else stats["std"])
             else:
                 values.append(row["misclassification_rate"])
-                errors.append(0.0)
         xs = np.arange(len(ks)) + (j - len(measures) / 2) * width
-        ax.bar(xs, values, width, yerr=errors if name == "random" else None, label=name,
-               color="0.6" if name == "random" else None)  # fmt: skip
+        if name == "random":
+            # the report keeps the mean and the population standard deviation (numpy's
+            # default, ddof 0) of the random baseline over its repeats
+            label = (f"random neurons: mean of {repeats} draw{'s' if repeats != 1 else ''};\n"
+                     f"error bars: ±1 std (population)\nover the {repeats} draws")  # fmt: skip
+            ax.bar(xs, values, width, yerr=errors, capsize=3, label=label, color="0.6")
+        else:
+            ax.bar(xs, values, width, label=f"{name} (one run)")
     ax.set_xticks(np.arange(len(ks)), [f"k = {k}" for k in ks])
-    ax.set_ylabel("misclassified synthesized inputs")
+    ax.set_xlabel("suspicious neurons per class (k)")
+    ax.set_ylabel(f"misclassified share of the\n{report['selection']['inputs']} synthesized inputs")
     ax.set_ylim(0, 1)
     ax.set_title(f"{report['model']['name']} on {report['dataset']['name']}, {report['config']['mode']}, "
                  f"d = {report['config']['d']}", fontsize=9)  # fmt: skip
-    ax.legend(fontsize=8, ncols=2)
-    fig.tight_layout()
-    return write_bytes(path, _figure_bytes(fig))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
+
+
+def plot_misclassification(report: dict, path: str | os.PathLike) -> Path:
+    """Bar chart: misclassification rate per measure and k, beside the random baseline
+    (its mean over the repeats, error bars ±1 population standard deviation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    return write_bytes(path, _figure_bytes(_misclassification_figure(report)))
+
+
+def _examples_figure(
+    originals: np.ndarray,
+    synthesized: dict[str, np.ndarray],
+    labels: np.ndarray,
+    predictions: dict[str, np.ndarray],
+    *,
+    rows: int = 6,
+):
+    """The figure :func:`plot_examples` writes, as a :class:`matplotlib.figure.Figure`."""
+    from matplotlib import cm, colors
+    from matplotlib.figure import Figure
+
+    rows = min(rows, len(originals))
+    names = list(synthesized)
+    cols = 1 + 2 * len(names)
+    fig = Figure(figsize=(1.25 * cols + 0.9, 1.5 * rows + 0.7), dpi=110, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    diffs = {
+        name: (synthesized[name][:rows] - originals[:rows]).mean(axis=-1, keepdims=True)
+        for name in names
+    }
+    # one colour scale for every difference panel, so that the colour bar reads for all
+    bound = max([float(np.abs(d).max()) for d in diffs.values()] + [1e-6])
+    norm = colors.Normalize(vmin=-bound, vmax=bound)
+
+    def show(ax, image, title, cmap="gray", vmin=0.0, vmax=1.0, color="black"):
+        image = image[..., 0] if image.shape[-1] == 1 else image
+        ax.imshow(
+            np.clip(image, vmin, vmax) if image.ndim == 3 else image,
+            cmap=cmap,
+            vmin=vmin,
+            vmax=vmax,
+        )
+        ax.set_title(title, fontsize=6, color=color)
+        ax.axis("off")
+
+    for i in range(rows):
+        true = int(labels[i])
+        show(axes[i, 0], originals[i], f"original\ntrue class {true}")
+        for j, name in enumerate(names):
+            pred = int(predictions[name][i])
+            show(axes[i, 1 + 2 * j], synthesized[name][i], f"{name}\ntrue {true} → pred {pred}",
+                 color="black" if pred == true else "tab:red")  # fmt: skip
+            show(axes[i, 2 + 2 * j], diffs[name][i], f"difference\n({name})", cmap="coolwarm",
+                 vmin=-bound, vmax=bound)  # fmt: skip
+    channels = "; mean over channels" if originals.shape[-1] > 1 else ""
+    fig.colorbar(cm.ScalarMappable(norm=norm, cmap="coolwarm"), ax=axes, shrink=0.5,
+                 aspect=30, label=f"difference panels: synthesized − original{channels}")  # fmt: skip
+    ks = {name.rpartition(" k=")[2] for name in names if " k=" in name}
+    if len(ks) == 1 and all(" k=" in name for name in names):
+        shown = (f"measures {', '.join(n.rpartition(' k=')[0] for n in names)}, "
+                 f"k = {ks.pop()} suspicious neurons per class")  # fmt: skip
+    else:
+        shown = ", ".join(names)
+    fig.suptitle(
+        f"Synthesized inputs for {shown}\nrows: true classes "
+        f"{', '.join(str(int(c)) for c in labels[:rows])}; "
+        "'true → pred': prediction after synthesis (red: misclassified)",
+        fontsize=8,
+    )
+    return fig
 
 
 def plot_examples(
@@ -163,37 +241,13 @@ def plot_examples(
     *,
     rows: int = 6,
 ) -> Path:
-    """Grid: original, then synthesized input and its difference for each configuration."""
+    """Grid: original, then synthesized input and its difference for each configuration;
+    panels name the true class and the prediction after synthesis, one colour bar serves
+    every difference panel."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = min(rows, len(originals))
-    names = list(synthesized)
-    cols = 1 + 2 * len(names)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.25 * cols, 1.35 * rows), dpi=110, squeeze=False)
-
-    def show(ax, image, title, cmap="gray", vmin=0.0, vmax=1.0):
-        image = image[..., 0] if image.shape[-1] == 1 else image
-        ax.imshow(
-            np.clip(image, vmin, vmax) if image.ndim == 3 else image,
-            cmap=cmap,
-            vmin=vmin,
-            vmax=vmax,
-        )
-        ax.set_title(title, fontsize=6)
-        ax.axis("off")
-
-    for i in range(rows):
-        show(axes[i, 0], originals[i], f"original, class {labels[i]}")
-        for j, name in enumerate(names):
-            x = synthesized[name][i]
-            show(axes[i, 1 + 2 * j], x, f"{name}: pred {predictions[name][i]}")
-            diff = (x - originals[i]).mean(axis=-1, keepdims=True)
-            bound = max(float(np.abs(diff).max()), 1e-6)
-            show(axes[i, 2 + 2 * j], diff, "difference", cmap="coolwarm", vmin=-bound, vmax=bound)
-    fig.tight_layout()
+    fig = _examples_figure(originals, synthesized, labels, predictions, rows=rows)
     return write_bytes(path, _figure_bytes(fig))
 
 
@@ -319,17 +373,40 @@ def faultbench_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_faultbench(result: dict, path: str | os.PathLike) -> Path:
-    """Bars: top-10 recall of every method, one panel per model and fault count."""
-    import matplotlib
+def _faultbench_family(method: str) -> str:
+    """The legend entry of a faultbench method: its family of localizers."""
+    from deepfault_jax import measures
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    name = method.split("/")[0]
+    if name == "random":
+        return "random ranking (mean of random permutations)"
+    if name in ("ablation", "ablation_loss"):
+        return "exact single-neuron ablation"
+    if measures.measure_kind(name) == "attribution":
+        return "attribution measures"
+    return "count measures (spectrum)"
+
+
+_FAULTBENCH_COLORS = {
+    "count measures (spectrum)": "C0",
+    "attribution measures": "C1",
+    "exact single-neuron ablation": "C2",
+    "random ranking (mean of random permutations)": "0.6",
+}
+
+
+def _faultbench_figure(result: dict):
+    """The figure :func:`plot_faultbench` writes, as a :class:`matplotlib.figure.Figure`."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     panels = [(m, c) for m in result["models"] for c in result["config"]["faults"]]
     methods = [m for m in result["config"]["methods"]] + ["random"]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 0.45 * len(methods)), 2.6 * len(panels)),
-                             dpi=110, squeeze=False)  # fmt: skip
+    families = [_faultbench_family(m) for m in methods]
+    fig = Figure(figsize=(max(6.0, 0.45 * len(methods)), 2.6 * len(panels) + 0.8), dpi=110,
+                 layout="constrained")  # fmt: skip
+    axes = fig.subplots(len(panels), 1, squeeze=False)
     for ax, (model, count) in zip(axes[:, 0], panels, strict=True):
         by = {
             r["method"]: r
@@ -339,13 +416,26 @@ def plot_faultbench(result: dict, path: str | os.PathLike) -> Path:
         # a method without results has no bar (NaN), not a bar of 0
         values = [by[m]["top10_recall"] if m in by else np.nan for m in methods]
         errors = [by[m]["top10_recall_std"] if m in by else 0.0 for m in methods]
-        colors = ["0.6" if m == "random" else "C2" if m.startswith("ablation") else "C0"
-                  if m.split("/")[0] in ("tarantula", "ochiai", "dstar") else "C1"
-                  for m in methods]  # fmt: skip
-        ax.bar(np.arange(len(methods)), values, yerr=errors, color=colors)
+        colors = [_FAULTBENCH_COLORS[f] for f in families]
+        ax.bar(np.arange(len(methods)), values, yerr=errors, capsize=2, color=colors)
         ax.set_xticks(np.arange(len(methods)), methods, rotation=60, ha="right", fontsize=7)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("top-10 recall", fontsize=8)
-        ax.set_title(f"{model}, {count} planted fault{'s' if count > 1 else ''}", fontsize=9)
-    fig.tight_layout()
-    return write_bytes(path, _figure_bytes(fig))
+        trials = sorted({r["trials"] for r in by.values()})
+        n = f"{trials[0]}-{trials[-1]}" if len(trials) > 1 else (trials or [0])[0]
+        ax.set_title(f"{model}, {count} planted fault{'s' if count > 1 else ''} ({n} trials)",
+                     fontsize=9)  # fmt: skip
+    handles = [Patch(color=_FAULTBENCH_COLORS[f], label=f) for f in dict.fromkeys(families)]
+    handles.append(Line2D([], [], color="black", marker="|", markersize=10, linestyle="none",
+                          label="error bars: ±1 std (population) over the trials"))  # fmt: skip
+    fig.legend(handles=handles, loc="outside upper center", ncols=2, fontsize=7)
+    return fig
+
+
+def plot_faultbench(result: dict, path: str | os.PathLike) -> Path:
+    """Bars: top-10 recall of every method, one panel per model and fault count, coloured
+    by family (legend), error bars ±1 population standard deviation over the trials."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    return write_bytes(path, _figure_bytes(_faultbench_figure(result)))
