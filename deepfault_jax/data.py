@@ -10,7 +10,10 @@ A data set is named by a *spec* string:
     package (``apt-get install dataset-fashion-mnist``).
 ``idx:DIR``
     any MNIST-format directory (MNIST, Fashion-MNIST, KMNIST, EMNIST): the four
-    IDX files, gzip-compressed or not.
+    IDX files, gzip-compressed or not. num_classes is the largest label + 1;
+    a class without examples in train and test (but class 0 when labels start
+    at 1, as in EMNIST letters) is an ``InputError`` naming it: a stray label
+    such as 255 is a corrupt file, not 256 classes.
 ``tfds:NAME[:SPLIT]``
     a prepared tensorflow-datasets data set; ``SPLIT`` names the evaluation
     split (default ``test``), training always uses ``train``. Without
@@ -28,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import importlib.util
+import math
 import os
 import re
 import struct
@@ -39,6 +43,9 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
+
+from deepfault_jax import errors
+from deepfault_jax.errors import InputError, InputTypeError, check_int, check_seed
 
 __all__ = [
     "Batch",
@@ -61,6 +68,7 @@ DATASET_SPECS = ("digits", "fashion-mnist", "idx:DIR", "tfds:NAME[:SPLIT]", "npz
 
 DIGITS_TEST_FRACTION = 0.25
 DIGITS_SPLIT_SEED = 0
+_MAX_CLASSES = 2**31 - 1  # labels are int32, and every label must be < num_classes
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -92,21 +100,15 @@ class Dataset:
 
     def split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """Returns ``(x, y)`` of ``split``, ``"train"`` or ``"test"``."""
-        if split == "train":
-            return self.x_train, self.y_train
-        if split == "test":
-            return self.x_test, self.y_test
-        raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
+        if split not in ("train", "test"):
+            raise InputError(f"split must be 'train' or 'test'; got {split!r}")
+        return (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
 
     def summary(self) -> dict:
         """Sizes and shapes, JSON-ready."""
-        return {
-            "name": self.name,
-            "num_train": int(len(self.y_train)),
-            "num_test": int(len(self.y_test)),
-            "input_shape": list(self.input_shape),
-            "num_classes": int(self.num_classes),
-        }
+        return {"name": self.name, "num_train": int(len(self.y_train)),
+                "num_test": int(len(self.y_test)), "input_shape": list(self.input_shape),
+                "num_classes": int(self.num_classes)}  # fmt: skip
 
 
 class Batch(NamedTuple):
@@ -126,68 +128,66 @@ class Batch(NamedTuple):
 # --------------------------------------------------------------------------- validation
 
 
+def _array(value, what: str) -> np.ndarray:
+    """``np.asarray(value)``; input numpy cannot convert (ragged lists) is an InputTypeError."""
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as e:
+        raise InputTypeError(f"{what} must be an array of numbers; got a {type(value).__name__} "
+                             f"numpy cannot convert ({e})") from None  # fmt: skip
+
+
 def _as_images(x: np.ndarray, what: str) -> np.ndarray:
     """Validates raw images and converts them to float32 NHWC in [0, 1]."""
-    x = np.asarray(x)
-    if x.dtype == object or not (
-        np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
-    ):
-        raise TypeError(f"{what} must hold numbers; got dtype {x.dtype}")
+    x = _array(x, what)
+    if x.dtype.kind not in "iuf":  # integers or floats; not bool, complex or objects
+        raise InputTypeError(f"{what} must hold numbers; got dtype {x.dtype}")
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4:
-        raise ValueError(
-            f"{what} must have rank 3 [n, height, width] or 4 [n, height, width, channels]; "
-            f"got rank {x.ndim} with shape {x.shape}"
-        )
+        raise InputError(f"{what} must have rank 3 [n, height, width] or 4 [n, height, width, "
+                         f"channels]; got rank {x.ndim} with shape {x.shape}")  # fmt: skip
     if x.shape[0] == 0:
-        raise ValueError(f"{what} must hold at least one image; got shape {x.shape}")
+        raise InputError(f"{what} must hold at least one image; got shape {x.shape}")
     if min(x.shape[1:]) < 1:
-        raise ValueError(f"{what} must have non-empty images; got shape {x.shape}")
-    if np.issubdtype(x.dtype, np.integer):
+        raise InputError(f"{what} must have non-empty images; got shape {x.shape}")
+    if x.dtype.kind in "iu":
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi > 255:
-            raise ValueError(
-                f"{what} with integer dtype must lie in [0, 255]; got range [{lo}, {hi}]"
-            )
+            raise InputError(f"{what} with integer dtype must lie in [0, 255]; got range [{lo}, {hi}]")  # fmt: skip
         return (x.astype(np.float32) / np.float32(255.0)).astype(np.float32)
     if not np.all(np.isfinite(x)):
         bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
-        raise ValueError(f"{what} must be finite; got {bad} NaN or infinite values")
+        raise InputError(f"{what} must be finite; got {bad} NaN or infinite values")
     lo, hi = float(x.min()), float(x.max())
     if lo < 0.0 or hi > 1.0:
-        raise ValueError(
-            f"{what} with float dtype must lie in [0, 1]; got range [{lo:g}, {hi:g}] "
-            "(store uint8 pixels, or divide by 255)"
-        )
+        hint = "uint8-valued pixels? pass them as uint8 or divide by 255" if hi > 1.0 else ""
+        raise InputError(f"{what} with float dtype must lie in [0, 1]; got range [{lo:g}, {hi:g}] "
+                         f"({hint or 'rescale them to [0, 1]'})")  # fmt: skip
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _as_labels(y: np.ndarray, n: int, what: str) -> np.ndarray:
-    """Validates labels: rank 1, ``n`` of them, non-negative integers."""
-    y = np.asarray(y)
+    """Validates labels (rank 1, ``n`` integers in [0, 2**31 - 1), in their own dtype): int32."""
+    y = _array(y, what)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1:
-        raise ValueError(f"{what} must have rank 1 [n]; got shape {y.shape}")
+        raise InputError(f"{what} must have rank 1 [n]; got shape {y.shape}")
     if y.shape[0] != n:
-        raise ValueError(f"{what} must hold one label per image ({n}); got {y.shape[0]}")
+        raise InputError(f"{what} must hold one label per image ({n}); got {y.shape[0]}")
     if not np.issubdtype(y.dtype, np.integer):
-        raise TypeError(f"{what} must hold integers; got dtype {y.dtype}")
-    if y.size and int(y.min()) < 0:
-        raise ValueError(f"{what} must be >= 0; got min {int(y.min())}")
+        raise InputTypeError(f"{what} must hold integers; got dtype {y.dtype}")
+    lo, hi = int(y.min()), int(y.max())  # Python ints: exact for int64 and uint64
+    if lo < 0:
+        raise InputError(f"{what} must be >= 0; got min {lo}")
+    if hi >= _MAX_CLASSES:
+        raise InputError(f"{what} must be < {_MAX_CLASSES} (labels are int32); got max {hi}")
     return y.astype(np.int32)
 
 
-def make_dataset(
-    name: str,
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_test: np.ndarray,
-    y_test: np.ndarray,
-    *,
-    num_classes: int | None = None,
-) -> Dataset:
+def make_dataset(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                 y_test: np.ndarray, *, num_classes: int | None = None) -> Dataset:  # fmt: skip
     """Validates raw arrays and returns a :class:`Dataset`.
 
     Args:
@@ -195,15 +195,17 @@ def make_dataset(
       x_train, x_test: images ``[n, height, width]`` or ``[n, height, width,
         channels]``; integers in [0, 255] (scaled by 1/255) or floats in [0, 1].
       y_train, y_test: integer labels ``[n]``.
-      num_classes: number of classes; default ``max(label) + 1``.
+      num_classes: number of classes, an integer (or integral float) in
+        [2, 2**31 - 1] above every label; default ``max(label) + 1``.
 
     Returns:
       The data set, x as float32 in [0, 1], y as int32.
 
     Raises:
-      ValueError, TypeError: wrong rank, dtype, range, NaN/inf values,
-        mismatched lengths or image shapes, labels outside [0, num_classes),
-        fewer than two classes.
+      InputError, InputTypeError: wrong rank, dtype, range (float images
+        outside [0, 1], such as uint8 values stored as float), NaN/inf values,
+        mismatched lengths or image shapes, labels outside [0, num_classes) or
+        beyond int32, a non-integer num_classes, fewer than two classes.
 
     Example:
       >>> ds = make_dataset("toy", np.zeros((4, 2, 2), np.uint8), [0, 1, 0, 1],
@@ -214,33 +216,27 @@ def make_dataset(
     xtr = _as_images(x_train, "x_train")
     xte = _as_images(x_test, "x_test")
     if xtr.shape[1:] != xte.shape[1:]:
-        raise ValueError(
-            f"x_train and x_test must have the same image shape; "
-            f"got {xtr.shape[1:]} and {xte.shape[1:]}"
-        )
+        raise InputError(f"x_train and x_test must have the same image shape; "
+                         f"got {xtr.shape[1:]} and {xte.shape[1:]}")  # fmt: skip
     ytr = _as_labels(y_train, xtr.shape[0], "y_train")
     yte = _as_labels(y_test, xte.shape[0], "y_test")
     top = int(max(ytr.max(), yte.max()))
-    if num_classes is None:
-        num_classes = top + 1
-    num_classes = int(num_classes)
+    num_classes = check_int("num_classes", top + 1 if num_classes is None else num_classes)
     if num_classes < 2:
-        raise ValueError(f"a classifier needs at least 2 classes; got num_classes={num_classes}")
+        raise InputError(f"a classifier needs at least 2 classes; got num_classes={num_classes}")
+    if num_classes > _MAX_CLASSES:
+        raise InputError(f"num_classes must be <= {_MAX_CLASSES}; got {num_classes}")
     if top >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}); got max {top}")
+        raise InputError(f"labels must lie in [0, {num_classes}); got max {top}")
     return Dataset(name, xtr, ytr, xte, yte, num_classes)
 
 
 # --------------------------------------------------------------------------- IDX
 
-_IDX_DTYPES = {
-    0x08: np.dtype(np.uint8),
-    0x09: np.dtype(np.int8),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
+_IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
+               0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}  # fmt: skip
+_GZIP_MAX_RATIO = 1032  # deflate's limit (a 258-byte match per 2 bits): no gzip inflates more
+_READ_CHUNK = 1 << 22
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -248,58 +244,82 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
     The header is two zero bytes, a type code (0x08 uint8, 0x09 int8, 0x0B
     int16, 0x0C int32, 0x0D float32, 0x0E float64), the rank, then one
-    big-endian uint32 per dimension.
+    big-endian uint32 per dimension. The data size it declares is checked
+    before any data is read: it must equal the rest of an uncompressed file, or
+    fit in 1032 times a gzip file's size (deflate's maximum ratio, so a gzip
+    bomb is refused from its header), and fit in memory.
 
     Args:
-      path: the file; a ``.gz`` file (detected by its magic bytes) is inflated.
+      path: the file; a gzip file (detected by its magic bytes) is inflated as a stream.
 
     Returns:
       The array, in native byte order.
 
     Raises:
-      ValueError: a corrupt or truncated gzip stream, a bad magic number, an
-        unknown type code, a header shorter than its rank says, or a data size
-        that differs from the product of the dimensions.
+      InputError: a missing or unreadable file (named), corrupt or truncated
+        gzip, a bad magic number or type code, a short header, dimensions the
+        file or memory cannot hold, or data shorter or longer than they say.
+      InputTypeError: ``path`` is not a str or os.PathLike.
     """
-    path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise ValueError(f"{path}: corrupt or truncated gzip data ({e})") from None
-    if len(raw) < 4:
-        raise ValueError(f"{path}: IDX header needs at least 4 bytes; got {len(raw)}")
-    if raw[:2] != b"\x00\x00":
-        raise ValueError(
-            f"{path}: bad IDX magic number: expected 0x0000 then type and rank; "
-            f"got 0x{raw[:4].hex()}"
-        )
-    code, ndim = raw[2], raw[3]
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputTypeError(f"path must be a str or os.PathLike; got {type(path).__name__}")
+    path, packed = Path(path), False
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            packed = fh.read(2) == b"\x1f\x8b"
+            fh.seek(0)
+            if not packed:
+                return _read_idx_stream(fh, path, size, packed=False)
+            with gzip.GzipFile(fileobj=fh, mode="rb") as gz:
+                return _read_idx_stream(gz, path, size, packed=True)
+    except InputError:
+        raise
+    except (OSError, EOFError, zlib.error, ValueError) as e:  # ValueError: a NUL in the path
+        if packed:
+            raise InputError(f"{path}: corrupt or truncated gzip data ({e})") from None
+        reason = errors.describe_os_error(e) if isinstance(e, OSError) else str(e)
+        raise InputError(f"IDX file {str(path)!r} cannot be read: {reason}") from None
+
+
+def _read_idx_stream(stream, path: Path, size: int, *, packed: bool) -> np.ndarray:
+    """Reads an IDX header, checks its data size against the file's ``size``, then the data."""
+    head = stream.read(4)
+    if len(head) < 4:
+        raise InputError(f"{path}: IDX header needs at least 4 bytes; got {len(head)}")
+    if head[:2] != b"\x00\x00":
+        raise InputError(f"{path}: bad IDX magic number: expected 0x0000 then type and rank; "
+                         f"got 0x{head.hex()}")  # fmt: skip
+    code, ndim = head[2], head[3]
     if code not in _IDX_DTYPES:
         known = ", ".join(f"0x{c:02X}" for c in _IDX_DTYPES)
-        raise ValueError(
-            f"{path}: unknown IDX type code: expected one of {known}; got 0x{code:02X}"
-        )
+        raise InputError(f"{path}: unknown IDX type code: expected one of {known}; got 0x{code:02X}")  # fmt: skip
     if ndim < 1:
-        raise ValueError(f"{path}: IDX rank must be >= 1; got {ndim}")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(
-            f"{path}: truncated IDX header: rank {ndim} needs {header} bytes; got {len(raw)}"
-        )
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = _IDX_DTYPES[code]
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    actual = len(raw) - header
-    if actual != expected:
-        kind = "truncated" if actual < expected else "oversized"
-        raise ValueError(
-            f"{path}: {kind} IDX data: dimensions {list(dims)} need {expected} bytes; got {actual}"
-        )
-    return (
-        np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
-    )
+        raise InputError(f"{path}: IDX rank must be >= 1; got {ndim}")
+    header, raw_dims = 4 + 4 * ndim, stream.read(4 * ndim)
+    if len(raw_dims) < 4 * ndim:
+        raise InputError(f"{path}: truncated IDX header: rank {ndim} needs {header} bytes; "
+                         f"got {4 + len(raw_dims)}")  # fmt: skip
+    dims, dtype = list(struct.unpack(f">{ndim}I", raw_dims)), _IDX_DTYPES[code]
+    need = math.prod(dims) * dtype.itemsize  # a Python int: no overflow
+    bad = f"{path}: {{}} IDX data: dimensions {dims} need {need} bytes; got {{}}"
+    if not packed and need != size - header:
+        raise InputError(bad.format("truncated" if need > size - header else "oversized", size - header))  # fmt: skip
+    if packed and need + header > _GZIP_MAX_RATIO * size:
+        raise InputError(f"{path}: IDX dimensions {dims} need {need} bytes, but a gzip file of {size} "
+                         f"bytes inflates to at most {_GZIP_MAX_RATIO * size}: a corrupt header or a "
+                         "gzip bomb")  # fmt: skip
+    mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
+    if 0 < mem < need:
+        raise InputError(f"{path}: IDX dimensions {dims} need {need} bytes; this machine has {mem}")  # fmt: skip
+    buf = np.empty(need, np.uint8)
+    view, got = memoryview(buf), 0
+    while got < need and (n := stream.readinto(view[got : got + _READ_CHUNK])):
+        got += n
+    if got < need or stream.read(1):  # read(1) also makes gzip check its CRC and length
+        raise InputError(bad.format(*(("truncated", got) if got < need else ("oversized", "more"))))
+    arr = buf.view(dtype).reshape(dims)
+    return arr if dtype.isnative else arr.byteswap(inplace=True).view(dtype.newbyteorder("="))
 
 
 _IDX_ROLES = {
@@ -311,20 +331,23 @@ _IDX_ROLES = {
 
 
 def _find_idx_files(directory: Path) -> dict[str, Path]:
+    """The four IDX files of ``directory`` by role; InputError naming what is missing."""
     if not directory.is_dir():
-        raise ValueError(
-            f"IDX directory must exist; got {str(directory)!r}, which is not a directory"
-        )
-    names = sorted(p.name for p in directory.iterdir() if p.is_file())
+        which = "is a file, not a directory" if directory.exists() else "does not exist"
+        raise InputError(f"idx:DIR must name a directory holding the four IDX files; "
+                         f"got {str(directory)!r}, which {which}")  # fmt: skip
+    try:
+        names = sorted(p.name for p in directory.iterdir() if p.is_file())
+    except OSError as e:
+        raise InputError(f"idx:DIR {str(directory)!r} cannot be listed: "
+                         f"{errors.describe_os_error(e)}") from None  # fmt: skip
     found = {}
     for role, pattern in _IDX_ROLES.items():
         hits = [n for n in names if pattern.search(n)]
         if len(hits) != 1:
-            raise ValueError(
-                f"{directory}: expected exactly one {role} file (like "
-                f"'{'t10k' if 'test' in role else 'train'}-{role.split()[1]}-"
-                f"idx{3 if 'images' in role else 1}-ubyte.gz'); got {hits or 'none'}"
-            )
+            like = f"{'t10k' if 'test' in role else 'train'}-{role.split()[1]}-idx{3 if 'images' in role else 1}"  # fmt: skip
+            raise InputError(f"{directory}: expected exactly one {role} file (like "
+                             f"'{like}-ubyte.gz'); got {hits or 'none'}")  # fmt: skip
         found[role] = directory / hits[0]
     return found
 
@@ -332,23 +355,32 @@ def _find_idx_files(directory: Path) -> dict[str, Path]:
 def _load_idx_dir(directory: Path, name: str) -> Dataset:
     files = _find_idx_files(directory)
     arrays = {role: read_idx(p) for role, p in files.items()}
-    for role in ("train images", "test images"):
-        a = arrays[role]
-        if a.ndim not in (3, 4) or a.dtype != np.uint8:
-            raise ValueError(
-                f"{files[role]}: {role} must be uint8 of rank 3 or 4; got {a.dtype} of shape {a.shape}"
-            )
-    for role in ("train labels", "test labels"):
-        a = arrays[role]
-        if a.ndim != 1:
-            raise ValueError(f"{files[role]}: {role} must have rank 1; got shape {a.shape}")
-    return make_dataset(
-        name,
-        arrays["train images"],
-        arrays["train labels"],
-        arrays["test images"],
-        arrays["test labels"],
-    )
+    for role, a in arrays.items():
+        if "images" in role and (a.ndim not in (3, 4) or a.dtype != np.uint8):
+            raise InputError(f"{files[role]}: {role} must be uint8 of rank 3 or 4; "
+                             f"got {a.dtype} of shape {a.shape}")  # fmt: skip
+        if "labels" in role and a.ndim != 1:
+            raise InputError(f"{files[role]}: {role} must have rank 1; got shape {a.shape}")
+    ds = make_dataset(name, *arrays.values())  # the roles come in make_dataset's order
+    _check_idx_classes(ds, files)
+    return ds
+
+
+def _check_idx_classes(ds: Dataset, files: dict[str, Path]) -> None:
+    """Refuses idx labels that leave a class without examples (see the module docstring)."""
+    present = np.unique(np.concatenate([ds.y_train, ds.y_test])).tolist()
+    top = present[-1]
+    where = files["train labels" if int(ds.y_train.max()) == top else "test labels"]
+    if len(present) < 2:
+        raise InputError(f"idx labels must name at least 2 classes with examples; got only label {top} in {where}")  # fmt: skip
+    edges = [0 if present[0] == 1 else -1, *present]  # 1-based labels leave class 0 empty
+    gaps = [f"{a + 1}..{b - 1}" if b - a > 2 else f"{a + 1}"
+            for a, b in zip(edges[:-1], edges[1:], strict=True) if b - a > 1]  # fmt: skip
+    if gaps:  # the largest label alone above a gap is a stray one, such as 255
+        hint = f"the largest label, {top} in {where}, looks corrupt" if edges[-1] - edges[-2] > 1 else "number the classes without gaps"  # fmt: skip
+        raise InputError(f"idx labels must give each of their {top + 1} classes (the largest label + 1) an "
+                         f"example; classes {', '.join(gaps[:5])}{', ...' if len(gaps) > 5 else ''} have no "
+                         f"examples in train or test: {hint}")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- sources
@@ -366,55 +398,52 @@ def _load_digits(seed: int) -> Dataset:
     return make_dataset("digits", x[train], y[train], x[test], y[test], num_classes=10)
 
 
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+_NPZ_ERRORS = (ValueError, OSError, EOFError, zlib.error, zipfile.BadZipFile, KeyError, MemoryError)
+
+
 def _load_npz(path: Path, name: str) -> Dataset:
-    if not path.is_file():
-        raise ValueError(f"npz file must exist; got {str(path)!r}, which is not a file")
+    """Loads ``npz:PATH``; the file's kind is checked first, so a wrong file gets a clear message."""
+    want = "npz:PATH must be a .npz archive with x_train, y_train, x_test, y_test (np.savez)"
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        reason = errors.describe_os_error(e) if isinstance(e, OSError) else str(e)
+        raise InputError(f"{want}; got {str(path)!r}: {reason}") from None
+    if magic[:4] not in (b"PK\x03\x04", b"PK\x05\x06"):  # what np.load takes for a zip
+        kind = "a .npy array file" if magic == b"\x93NUMPY" else "a file that is not a zip archive" if magic else "an empty file"  # fmt: skip
+        raise InputError(f"{path}: {want}; got {kind}")
     try:
         with np.load(path, allow_pickle=False) as f:
-            keys = set(f.files)
-            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in keys]
-            if missing:
-                raise ValueError(
-                    f"{path}: npz must hold x_train, y_train, x_test, y_test; missing {missing}, "
-                    f"got {sorted(keys)}"
-                )
-            arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-            num_classes = int(f["num_classes"]) if "num_classes" in keys else None
-    except ValueError as e:
-        if str(e).startswith(str(path)):
-            raise
-        raise ValueError(f"{path}: not a readable npz file ({e})") from None
-    except (OSError, EOFError, zlib.error, zipfile.BadZipFile, KeyError) as e:
-        raise ValueError(f"{path}: not a readable npz file ({type(e).__name__}: {e})") from None
-    return make_dataset(name, **arrays, num_classes=num_classes)
-
-
-def _tensorflow_installed() -> bool:
-    return importlib.util.find_spec("tensorflow") is not None
-
-
-def _tfds_prepare_hint(name: str) -> str:
-    return (
-        f"prepare it on a machine with network access with "
-        f"`tfds build {name} --file_format=array_record` (or tfds.data_source('{name}')) "
-        "and copy the data directory here (TFDS_DATA_DIR or ~/tensorflow_datasets)"
-    )
+            if missing := [k for k in _NPZ_KEYS if k not in f.files]:
+                raise InputError(f"{path}: npz must hold x_train, y_train, x_test, y_test; "
+                                 f"missing {missing}, got {sorted(f.files)}")  # fmt: skip
+            arrays = {k: f[k] for k in _NPZ_KEYS}
+            num_classes = f["num_classes"] if "num_classes" in f.files else None
+    except InputError:
+        raise
+    except _NPZ_ERRORS as e:  # MemoryError: a member's header declares a huge array
+        raise InputError(f"{path}: not a readable npz file ({type(e).__name__}: {e})") from None
+    if num_classes is not None and num_classes.shape != ():
+        raise InputError(f"{path}: num_classes must be a scalar (shape ()); got shape {num_classes.shape}")  # fmt: skip
+    return make_dataset(name, **arrays, num_classes=None if num_classes is None else num_classes[()])  # fmt: skip
 
 
 def _read_tfds_split(name: str, split: str, image_key: str, label_key: str, data_dir: str | None):
     import tensorflow_datasets as tfds
 
-    if _tensorflow_installed():
-        ds = tfds.load(name, split=split, data_dir=data_dir, download=False, as_supervised=False)
-        rows = list(tfds.as_numpy(ds))
+    if importlib.util.find_spec("tensorflow") is not None:
+        rows = list(tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir, download=False)))
     else:
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         rows = [source[i] for i in range(len(source))]
     if not rows:
-        raise ValueError(
-            f"TFDS data set {name!r} split {split!r} must not be empty; got 0 examples"
-        )
-    x = np.stack([np.asarray(r[image_key]) for r in rows])
+        raise InputError(f"TFDS data set {name!r} split {split!r} must not be empty; got 0 examples")  # fmt: skip
+    try:
+        x = np.stack([np.asarray(r[image_key]) for r in rows])
+    except ValueError as e:
+        raise InputError(f"TFDS data set {name!r} split {split!r} must have one image shape ({e})") from None  # fmt: skip
     y = np.asarray([int(r[label_key]) for r in rows], dtype=np.int64)
     return x, y
 
@@ -427,32 +456,28 @@ def _load_tfds(name: str, split: str, spec: str) -> Dataset:
         builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
     except Exception as e:  # tfds raises its own DatasetNotFoundError and friends
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"unknown TFDS data set {name!r}: {first}") from None
+        raise InputError(f"unknown TFDS data set {name!r}: {first}") from None
     info = builder.info
-    keys = info.supervised_keys or ("image", "label")
-    image_key, label_key = keys[0], keys[1]
+    image_key, label_key = (info.supervised_keys or ("image", "label"))[:2]
     try:
         num_classes = int(info.features[label_key].num_classes)
-    except (AttributeError, KeyError):
-        raise ValueError(
-            f"TFDS data set {name!r} must have a class label feature {label_key!r}; "
-            f"got features {list(info.features)}"
-        ) from None
+    except (AttributeError, KeyError, TypeError):
+        raise InputError(f"TFDS data set {name!r} must have a class label feature {label_key!r}; "
+                         f"got features {list(info.features)}") from None  # fmt: skip
     known_splits = list(info.splits) if info.splits else []
     if known_splits and split not in known_splits:
-        raise ValueError(
-            f"TFDS data set {name!r} has no split {split!r}; expected one of {known_splits}"
-        )
+        raise InputError(f"TFDS data set {name!r} has no split {split!r}; expected one of {known_splits}")  # fmt: skip
     try:
         x_train, y_train = _read_tfds_split(name, "train", image_key, label_key, data_dir)
         x_test, y_test = _read_tfds_split(name, split, image_key, label_key, data_dir)
-    except ValueError:
+    except InputError:
         raise
-    except Exception as e:
+    except Exception as e:  # tfds's own errors for a data set that is not prepared
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"TFDS data set {name!r} is not prepared here ({first}); {_tfds_prepare_hint(name)}"
-        ) from None
+        raise InputError(f"TFDS data set {name!r} is not prepared here ({first}); prepare it on a "
+                         f"machine with network access with `tfds build {name} --file_format="
+                         f"array_record` (or tfds.data_source('{name}')) and copy the data "
+                         "directory here (TFDS_DATA_DIR or ~/tensorflow_datasets)") from None  # fmt: skip
     return make_dataset(spec, x_train, y_train, x_test, y_test, num_classes=num_classes)
 
 
@@ -462,14 +487,17 @@ def load_dataset(spec: str, *, digits_seed: int = DIGITS_SPLIT_SEED) -> Dataset:
     Args:
       spec: ``"digits"``, ``"fashion-mnist"``, ``"idx:DIR"``,
         ``"tfds:NAME[:SPLIT]"`` or ``"npz:PATH"``.
-      digits_seed: seed of the fixed train/test split of ``digits``.
+      digits_seed: seed of the fixed train/test split of ``digits``, in [0, 2**63 - 1].
 
     Returns:
       A validated :class:`Dataset`.
 
     Raises:
-      ValueError: an unknown spec (the message lists the forms), a missing data
-        set (the message names the command that provides it), or invalid data.
+      InputError, InputTypeError: an unknown spec (the message lists the
+        forms), a missing data set (the message names the command providing
+        it), a missing or unreadable path (named), a file of the wrong kind,
+        invalid data (see :func:`make_dataset`, :func:`read_idx`), or an
+        ``idx:DIR`` class without examples (see the module docstring).
 
     Example:
       >>> ds = load_dataset("digits")
@@ -477,12 +505,12 @@ def load_dataset(spec: str, *, digits_seed: int = DIGITS_SPLIT_SEED) -> Dataset:
       ((8, 8, 1), 10)
     """
     if not isinstance(spec, str):
-        raise TypeError(f"data set spec must be a str; got {type(spec).__name__}")
+        raise InputTypeError(f"data set spec must be a str; got {type(spec).__name__}")
     if spec == "digits":
-        return _load_digits(digits_seed)
+        return _load_digits(check_seed(digits_seed, name="digits_seed"))
     if spec == "fashion-mnist":
         if not FASHION_MNIST_DIR.is_dir():
-            raise ValueError(
+            raise InputError(
                 f"fashion-mnist must be installed in {FASHION_MNIST_DIR}; it is absent: "
                 "run `apt-get install dataset-fashion-mnist`, or pass idx:DIR for a copy elsewhere"
             )
@@ -496,7 +524,7 @@ def load_dataset(spec: str, *, digits_seed: int = DIGITS_SPLIT_SEED) -> Dataset:
         if kind == "tfds":
             name, _, split = rest.partition(":")
             return _load_tfds(name, split or "test", spec)
-    raise ValueError(f"unknown data set {spec!r}; expected one of {', '.join(DATASET_SPECS)}")
+    raise InputError(f"unknown data set {spec!r}; expected one of {', '.join(DATASET_SPECS)}")
 
 
 def available_datasets() -> dict[str, dict]:
@@ -507,39 +535,26 @@ def available_datasets() -> dict[str, dict]:
       ``fashion-mnist`` and ``tfds`` (the prepared TFDS data sets found, and
       whether TensorFlow is installed).
     """
-    out = {}
-    out["digits"] = {
-        "available": importlib.util.find_spec("sklearn") is not None,
-        "detail": "scikit-learn's bundled 8x8 digits, 1,797 images",
-    }
     fm = FASHION_MNIST_DIR.is_dir()
-    out["fashion-mnist"] = {
-        "available": fm,
-        "detail": str(FASHION_MNIST_DIR) if fm else "absent: apt-get install dataset-fashion-mnist",
-    }
     data_dir = Path(os.environ.get("TFDS_DATA_DIR", Path.home() / "tensorflow_datasets"))
     prepared = sorted(p.name for p in data_dir.iterdir() if p.is_dir()) if data_dir.is_dir() else []
-    reader = (
-        "tfds.load (TensorFlow)" if _tensorflow_installed() else "tfds.data_source (no TensorFlow)"
-    )
-    out["tfds"] = {
-        "available": bool(prepared),
-        "detail": f"{data_dir}: {', '.join(prepared) if prepared else 'no prepared data sets'}; "
-        f"reader {reader}",
-    }
-    return out
+    tf = importlib.util.find_spec("tensorflow") is not None
+    reader = "tfds.load (TensorFlow)" if tf else "tfds.data_source (no TensorFlow)"
+    return {
+        "digits": {"available": importlib.util.find_spec("sklearn") is not None,
+                   "detail": "scikit-learn's bundled 8x8 digits, 1,797 images"},
+        "fashion-mnist": {"available": fm, "detail": str(FASHION_MNIST_DIR) if fm
+                          else "absent: apt-get install dataset-fashion-mnist"},
+        "tfds": {"available": bool(prepared), "detail": f"{data_dir}: "
+                 f"{', '.join(prepared) if prepared else 'no prepared data sets'}; reader {reader}"},
+    }  # fmt: skip
 
 
 # --------------------------------------------------------------------------- batches
 
 
-def iterate_batches(
-    x: np.ndarray,
-    y: np.ndarray,
-    *,
-    batch_size: int,
-    order: Sequence[int] | np.ndarray | None = None,
-) -> Iterator[Batch]:
+def iterate_batches(x: np.ndarray, y: np.ndarray, *, batch_size: int,
+                    order: Sequence[int] | np.ndarray | None = None) -> Iterator[Batch]:  # fmt: skip
     """Yields fixed-shape batches; the last one is zero-padded and masked.
 
     Args:
@@ -554,32 +569,30 @@ def iterate_batches(
       batches in all; every one has the same shape, so one compilation serves
       a whole pass.
     """
-    if int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    try:
+        batch_size = check_int("batch_size", batch_size, lo=1)
+    except InputError:
+        raise InputError(f"batch_size must be a positive integer; got {batch_size!r}") from None
     n = len(x)
     if len(y) != n:
-        raise ValueError(f"x and y must have the same length; got {n} and {len(y)}")
+        raise InputError(f"x and y must have the same length; got {n} and {len(y)}")
     if n == 0:
-        raise ValueError("cannot batch an empty data set; got 0 rows")
-    idx = np.arange(n) if order is None else np.asarray(order)
-    if idx.shape != (n,):
-        raise ValueError(f"order must be a permutation of {n} rows; got shape {idx.shape}")
+        raise InputError("cannot batch an empty data set; got 0 rows")
+    idx = np.arange(n) if order is None else _array(order, "order")
+    perm = idx.shape == (n,) and idx.dtype.kind in "iu" and np.array_equal(np.sort(idx), range(n))
+    if not perm:
+        raise InputError(f"order must be a permutation of range({n}); got {idx.dtype} of shape {idx.shape}")  # fmt: skip
     for start in range(0, n, batch_size):
         rows = idx[start : start + batch_size]
-        xb, yb = x[rows], y[rows]
-        m = len(rows)
-        mask = np.ones(batch_size, dtype=bool)
-        if m < batch_size:
-            pad = batch_size - m
+        xb, yb, pad = x[rows], y[rows], batch_size - len(rows)
+        if pad:
             xb = np.concatenate([xb, np.zeros((pad, *x.shape[1:]), dtype=x.dtype)])
             yb = np.concatenate([yb, np.zeros((pad,), dtype=y.dtype)])
-            mask[m:] = False
-        yield Batch(xb, yb, mask)
+        yield Batch(xb, yb, np.arange(batch_size) < batch_size - pad)
 
 
-def shuffled_batches(
-    key: jax.Array, x: np.ndarray, y: np.ndarray, *, batch_size: int
-) -> Iterator[Batch]:
+def shuffled_batches(key: jax.Array, x: np.ndarray, y: np.ndarray, *,
+                     batch_size: int) -> Iterator[Batch]:  # fmt: skip
     """Like :func:`iterate_batches`, in the order of a permutation drawn with ``key``."""
     order = np.asarray(jax.random.permutation(key, len(x)))
     return iterate_batches(x, y, batch_size=batch_size, order=order)

@@ -1,18 +1,25 @@
-"""One DeepFault run, end to end: model, spectrum, suspicious neurons, synthesis, evaluation, report.
+"""One DeepFault run, end to end, as named steps: model, spectrum, suspicious sets, synthesis,
+evaluation, report.
 
-:func:`run` is what ``deepfault-jax run`` calls:
+:func:`run` is what ``deepfault-jax run`` calls; it composes the steps below,
+each usable alone:
 
-1. load the data set; train the zoo model on it (cached) or load a checkpoint;
-2. compute the hit spectrum of the test split;
-3. for every measure and k, the suspicious set of every class;
-4. pick up to ``inputs_per_class`` correctly classified test inputs of each
-   class (with a key from the seed); a class with none is reported and skipped;
-5. synthesize from them toward each measure's sets, and toward random sets of
-   the same size from the same layers (excluding the measures' neurons),
-   ``random_repeats`` times;
-6. evaluate against the originals and write ``report.json``, ``report.md``,
+1. :meth:`RunConfig.validate` refuses a configuration that cannot run, before
+   any work; :func:`load_model` trains the zoo model (cached) or loads a
+   checkpoint; :func:`build_probe` probes it and checks the layers and k;
+2. ``compute_spectrum`` (:mod:`deepfault_jax.streaming`) counts the test split;
+3. :func:`select_inputs` picks up to ``inputs_per_class`` correctly
+   classified test inputs of each class (with a key from the seed); a class
+   with none is reported and skipped;
+4. :func:`suspicious_sets` gives every measure's ``[classes, k]`` table, and
+   :func:`random_sets` the random baseline's tables of the same size from the
+   same layers (excluding the measures' neurons);
+5. :func:`synthesize_inputs` synthesizes toward a table, and
+   ``evaluate_synthesis`` (:mod:`deepfault_jax.evaluate`) measures the result;
+6. :func:`build_report` gathers everything into a typed :class:`RunReport`;
+   :func:`write_outputs` writes ``report.json``, ``report.md``,
    ``synthesized.npz``, ``spectrum.npz`` and PNG figures into the output
-   directory.
+   directory as one unit (a failed run leaves an earlier output set as it was).
 """
 
 from __future__ import annotations
@@ -42,10 +49,41 @@ from deepfault_jax import (
     zoo,
 )
 from deepfault_jax import faultbench as faultbench_lib
-from deepfault_jax.errors import InputError
+from deepfault_jax.errors import InputError, check_finite, check_int, check_seed
+from deepfault_jax.files import replace_directory
 from deepfault_jax.progress import Progress, notify
 
-__all__ = ["RunConfig", "faultbench", "run"]
+__all__ = [
+    "RUN_FILES",
+    "MeasureResult",
+    "RandomRun",
+    "RunConfig",
+    "RunReport",
+    "Selection",
+    "build_probe",
+    "build_report",
+    "faultbench",
+    "load_model",
+    "random_sets",
+    "run",
+    "select_inputs",
+    "suspicious_sets",
+    "synthesize_inputs",
+    "write_outputs",
+]
+
+#: The files of a run's output directory.
+RUN_FILES = (
+    "report.json",
+    "report.md",
+    "synthesized.npz",
+    "spectrum.npz",
+    "misclassification.png",
+    "examples.png",
+)
+REPORT_FORMAT = "deepfault-jax-run-report"
+FAULTBENCH_FILES = ("faultbench.json", "faultbench.md", "faultbench.png")
+FAULTBENCH_FORMAT = "deepfault-jax-faultbench"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,33 +139,47 @@ class RunConfig:
     batch_size: int = 256
 
     def validate(self) -> None:
-        """Raises ValueError for a configuration that cannot run (before any work)."""
+        """Raises :class:`InputError` for a configuration that cannot run (before any work)."""
         if not self.measures:
             raise InputError("measures must name at least one measure; got none")
         for name in self.measures:
-            measures.get_measure(name)
-        if not self.k or any(int(k) != k or k < 1 for k in self.k):
-            raise InputError(f"k must be positive integers; got {list(self.k)}")
+            measures.get_measure(name, **self.measure_params(name))
+        if not self.k or len(set(self.k)) != len(self.k):
+            raise InputError(f"k must list distinct positive integers; got {list(self.k)}")
+        for k in self.k:
+            check_int("k", k, lo=1)
+        if self.classes is not None:
+            if not self.classes or len(set(self.classes)) != len(self.classes):
+                raise InputError(f"classes must list distinct classes; got {list(self.classes)}")
+            for c in self.classes:
+                check_int("classes", c, lo=0)
         if self.mode not in synthesis.MODES:
             raise InputError(f"mode must be one of {', '.join(synthesis.MODES)}; got {self.mode!r}")
-        if not self.d > 0:
-            raise InputError(f"d (the maximum L-inf distance) must be > 0; got {self.d}")
-        if self.step_size is not None and not self.step_size > 0:
-            raise InputError(f"step_size must be > 0; got {self.step_size}")
-        if self.direction not in (*synthesis.DIRECTIONS, "adam"):
+        # inputs lie in [0, 1]: a larger distance allows any input
+        check_finite("d (the maximum L-inf distance)", self.d, lo=0.0, hi=1.0, lo_open=True)
+        if self.step_size is not None:
+            check_finite("step_size", self.step_size, lo=0.0, lo_open=True)
+        directions = (*synthesis.DIRECTIONS, "adam")
+        if self.direction not in directions:
             raise InputError(
-                f"direction must be one of {', '.join((*synthesis.DIRECTIONS, 'adam'))}; got {self.direction!r}"
+                f"direction must be one of {', '.join(directions)}; got {self.direction!r}"
             )
-        if self.inputs_per_class < 1:
-            raise InputError(f"inputs_per_class must be >= 1; got {self.inputs_per_class}")
-        if self.random_repeats < 1:
-            raise InputError(f"random_repeats must be >= 1; got {self.random_repeats}")
-        if self.steps < 1:
-            raise InputError(f"steps must be >= 1; got {self.steps}")
-        if self.batch_size < 1:
-            raise InputError(f"batch_size must be >= 1; got {self.batch_size}")
-        if not self.star > 0:
-            raise InputError(f"star must be > 0; got {self.star}")
+        check_int("inputs_per_class", self.inputs_per_class, lo=1)
+        check_int("random_repeats", self.random_repeats, lo=1)
+        check_int("steps", self.steps, lo=1)
+        check_int("batch_size", self.batch_size, lo=1)
+        check_seed(self.seed)
+        check_finite("threshold", self.threshold)
+        check_finite("star", self.star, lo=0.0, lo_open=True)
+        if self.conv_reduce not in probe.CONV_REDUCTIONS:
+            raise InputError(
+                f"conv_reduce must be one of {', '.join(probe.CONV_REDUCTIONS)}; "
+                f"got {self.conv_reduce!r}"
+            )
+        if self.values not in probe.VALUES:
+            raise InputError(
+                f"values must be one of {', '.join(probe.VALUES)}; got {self.values!r}"
+            )
 
     def resolved_step_size(self) -> float:
         """The step size in use."""
@@ -135,12 +187,123 @@ class RunConfig:
             return float(self.step_size)
         return 1.0 if self.mode == "deepfault" else 2.5 * self.d / self.steps
 
+    def measure_params(self, name: str) -> dict:
+        """The hyperparameters this run passes to measure ``name`` (DStar's ``star``)."""
+        return {"star": self.star} if name == "dstar" else {}
 
-def _measure_params(name: str, config: RunConfig) -> dict:
-    return {"star": config.star} if measures.get_measure(name) is measures.dstar else {}
+    def needs_attribution(self) -> bool:
+        """Whether a measure of the run reads attribution sums (then the spectrum gathers them)."""
+        return any(measures.measure_kind(name) == "attribution" for name in self.measures)
 
 
-def _load_model(config: RunConfig, dataset: data.Dataset, progress: Progress | None):
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The correctly classified test inputs synthesized from.
+
+    Attributes:
+      rows: ``int64[n]`` test-set rows, sorted within each class.
+      per_class: class -> inputs chosen.
+      skipped: ``{"class", "reason"}`` for each class without any.
+    """
+
+    rows: np.ndarray
+    per_class: dict[int, int]
+    skipped: list[dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasureResult:
+    """Synthesis toward one measure's suspicious sets of size ``k``, beside the random baseline.
+
+    Attributes:
+      measure: the measure's name.
+      k: suspicious neurons per class.
+      metrics: :func:`~deepfault_jax.evaluate.evaluate_synthesis`'s numbers.
+      random: the random baseline of the same k: metric -> ``{"mean", "std"}``
+        over the repeats.
+    """
+
+    measure: str
+    k: int
+    metrics: dict[str, Any]
+    random: dict[str, dict[str, float | None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomRun:
+    """One random baseline: synthesis toward ``k`` random neurons per class (repeat ``repeat``)."""
+
+    k: int
+    repeat: int
+    metrics: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunReport:
+    """What a run found: the typed form of ``report.json`` (:meth:`to_json`).
+
+    Attributes:
+      config: the run's configuration.
+      classes: the classes synthesized from.
+      dataset: the data set's summary.
+      model: name, activation, checkpoint and test accuracy.
+      probe: layers, layer sizes, conv reduction, values and threshold.
+      spectrum: passing and failing inputs and the per-layer summary.
+      synthesis: mode, d, step size, steps and direction in use.
+      selection: the inputs synthesized from.
+      results: one :class:`MeasureResult` per measure and k.
+      random_runs: every :class:`RandomRun`.
+      files: file name -> path written.
+      seconds: wall time of the run.
+      versions: package versions.
+    """
+
+    config: RunConfig
+    classes: tuple[int, ...]
+    dataset: dict
+    model: dict
+    probe: dict
+    spectrum: dict
+    synthesis: dict
+    selection: Selection
+    results: list[MeasureResult]
+    random_runs: list[RandomRun]
+    files: dict[str, str]
+    seconds: float
+    versions: dict[str, str]
+
+    def to_json(self) -> dict:
+        """The content of ``report.json`` (strict JSON: no NaN or infinity)."""
+        sel = self.selection
+        return {
+            "format": REPORT_FORMAT,
+            "config": {**dataclasses.asdict(self.config), "classes": list(self.classes)},
+            "versions": self.versions,
+            "dataset": self.dataset,
+            "model": self.model,
+            "probe": self.probe,
+            "spectrum": self.spectrum,
+            "synthesis": self.synthesis,
+            "selection": {
+                "inputs": int(sel.rows.size),
+                "per_class": sel.per_class,
+                "skipped_classes": sel.skipped,
+            },
+            "results": [
+                {"measure": r.measure, "k": r.k, **r.metrics, "random": r.random}
+                for r in self.results
+            ],
+            "random_runs": [{"k": r.k, "repeat": r.repeat, **r.metrics} for r in self.random_runs],
+            "files": self.files,
+            "seconds": self.seconds,
+        }
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def load_model(config: RunConfig, dataset: data.Dataset, *, progress: Progress | None = None):
+    """The run's model: ``(model, params, meta)`` from ``config.checkpoint`` or the zoo (cached)."""
     if config.checkpoint is not None:
         model, params, meta = zoo.load_checkpoint(
             config.checkpoint, input_shape=dataset.input_shape
@@ -156,8 +319,44 @@ def _load_model(config: RunConfig, dataset: data.Dataset, progress: Progress | N
     )
 
 
-def _select_inputs(key, y, pred, classes, per_class_max):
-    """Up to n correctly classified rows of each class, drawn with ``key``; and the skipped classes."""
+def build_probe(config: RunConfig, model: zoo.Model, params: Any) -> probe.Probe:
+    """The run's probe of ``model``, after checking that every k fits its neurons."""
+    prb = probe.model_probe(
+        model, params, layers=list(config.layers) if config.layers else None,
+        conv_reduce=config.conv_reduce, values=config.values,
+    )  # fmt: skip
+    for k in config.k:
+        if k > prb.index.num_neurons:
+            raise InputError(
+                f"k must be <= {prb.index.num_neurons}, the neurons of the probed layers "
+                f"{', '.join(prb.index.layer_names)}; got {k}"
+            )
+    return prb
+
+
+def _check_before_work(config: RunConfig, dataset: data.Dataset) -> tuple[int, ...]:
+    """Checks what needs the data set, and the probe's layers on an untrained zoo model (cheap),
+    before any training; returns the classes to synthesize from."""
+    classes = tuple(range(dataset.num_classes)) if config.classes is None else config.classes
+    bad = [c for c in classes if not 0 <= c < dataset.num_classes]
+    if bad:
+        raise InputError(f"classes must lie in [0, {dataset.num_classes}); got {bad}")
+    if config.checkpoint is None:
+        model = zoo.create_model(
+            config.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
+            activation=config.activation,
+        )  # fmt: skip
+        build_probe(config, model, zoo.init_params(jax.random.key(0), model))
+    return tuple(int(c) for c in classes)
+
+
+def select_inputs(key: jax.Array, y: np.ndarray, pred: np.ndarray, classes, per_class_max: int):
+    """Up to ``per_class_max`` correctly classified rows of each class, drawn with ``key``.
+
+    Returns:
+      A :class:`Selection`; a class without a correctly classified input is skipped, with
+      the reason.
+    """
     chosen, skipped, per_class = [], [], {}
     for c in classes:
         rows = np.flatnonzero((y == c) & (pred == c))
@@ -176,7 +375,44 @@ def _select_inputs(key, y, pred, classes, per_class_max):
         )
         chosen.append(np.sort(rows[pick]))
         per_class[int(c)] = int(n)
-    return (np.concatenate(chosen) if chosen else np.zeros(0, np.int64)), skipped, per_class
+    rows = np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
+    return Selection(rows, per_class, skipped)
+
+
+def suspicious_sets(config: RunConfig, spec: spectrum.Spectrum, k: int) -> dict[str, np.ndarray]:
+    """Every measure's suspicious sets of size ``k``: name -> ``int32[classes, k]``."""
+    return {
+        name: np.asarray(
+            localize.suspicious_neurons(spec, name, k, **config.measure_params(name)), np.int32
+        )
+        for name in config.measures
+    }
+
+
+def random_sets(
+    key: jax.Array, index: probe.NeuronIndex, k: int, num_classes: int, exclude: list[np.ndarray]
+) -> np.ndarray:
+    """The random baseline's ``int32[classes, k]`` table: per class, k neurons drawn with
+    ``key`` from the probed layers, excluding that class's row of every table in ``exclude``."""
+    return np.stack([
+        localize.random_neurons(jax.random.fold_in(key, c), index, k,
+                                exclude=[t[c] for t in exclude])
+        for c in range(num_classes)
+    ]).astype(np.int32)  # fmt: skip
+
+
+def make_run_synthesizer(config: RunConfig, prb: probe.Probe) -> synthesis.Synthesizer:
+    """The run's synthesizer (mode, d, step size, steps, direction)."""
+    step_size = config.resolved_step_size()
+    direction: Any = config.direction
+    if direction == "adam":
+        import optax
+
+        direction = optax.adam(step_size)
+    return synthesis.make_synthesizer(
+        prb, mode=config.mode, d=config.d, step_size=step_size, steps=config.steps,
+        direction=direction, stop_when_misclassified=config.stop_when_misclassified,
+    )  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -184,8 +420,11 @@ def _synthesize_batch(synth: synthesis.Synthesizer, params, x, y, table):
     return synthesis.synthesize(synth, params, x, y, table)
 
 
-def _synthesize_all(synth, params, x0, y, table, batch_size):
-    """Runs :func:`synthesis.synthesize` over fixed-shape, padded batches."""
+def synthesize_inputs(
+    synth: synthesis.Synthesizer, params: Any, x0: np.ndarray, y: np.ndarray, table: np.ndarray,
+    *, batch_size: int,
+) -> np.ndarray:  # fmt: skip
+    """Synthesizes from ``x0`` toward ``table`` in fixed-shape, padded batches (one compilation)."""
     out = []
     for batch in data.iterate_batches(x0, y, batch_size=batch_size):
         xs = _synthesize_batch(synth, params, batch.x, batch.y, jnp.asarray(table))
@@ -193,180 +432,173 @@ def _synthesize_all(synth, params, x0, y, table, batch_size):
     return np.concatenate(out)
 
 
-def run(
-    config: RunConfig,
-    out_dir: str | Path,
-    *,
-    progress: Progress | None = None,
-) -> dict:
-    """Runs DeepFault end to end and writes the outputs into ``out_dir``.
+# --------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class _Synthesis:
+    """The synthesis stage's running state: its arrays (for synthesized.npz) and rows."""
+
+    arrays: dict[str, np.ndarray]
+    results: list[MeasureResult] = dataclasses.field(default_factory=list)
+    random_runs: list[RandomRun] = dataclasses.field(default_factory=list)
+    done: int = 0
+
+
+def _synthesize_all_sets(config, prb, params, spec, x0, y0, key, state, progress) -> None:
+    """For every k: synthesis toward each measure's sets and the random repeats."""
+    synth = make_run_synthesizer(config, prb)
+    total = len(config.k) * (len(config.measures) + config.random_repeats)
+
+    def measure(tag: str, table: np.ndarray) -> dict:
+        xs = synthesize_inputs(synth, params, x0, y0, table, batch_size=config.batch_size)
+        metrics = evaluate.evaluate_synthesis(
+            prb, params, x0, xs, y0, table, threshold=config.threshold
+        )
+        state.arrays[f"{tag}__x"] = xs
+        state.arrays[f"{tag}__pred"] = np.asarray(metrics.pop("predictions"), np.int32)
+        state.arrays[f"{tag}__table"] = table
+        state.done += 1
+        notify(progress, "synthesis", state.done, total)
+        return metrics
+
+    for k in config.k:
+        tables = suspicious_sets(config, spec, k)
+        rows = [(name, k, measure(f"{name}_k{k}", table)) for name, table in tables.items()]
+        repeats = []
+        for r in range(config.random_repeats):
+            rkey = jax.random.fold_in(jax.random.fold_in(key, k), r)
+            table = random_sets(rkey, prb.index, k, spec.num_classes, list(tables.values()))
+            metrics = measure(f"random_k{k}_r{r}", table)
+            repeats.append(metrics)
+            state.random_runs.append(RandomRun(k, r, metrics))
+        summary = evaluate.summarize_repeats(repeats)
+        random = {m: {"mean": s["mean"], "std": s["std"]} for m, s in summary.items()}
+        state.results += [MeasureResult(name, k, metrics, random) for name, k, metrics in rows]
+
+
+def run(config: RunConfig, out_dir: str | Path, *, progress: Progress | None = None) -> RunReport:
+    """Runs DeepFault end to end and writes the outputs into ``out_dir`` as one unit.
 
     Args:
-      config: the run's configuration (validated first).
-      out_dir: directory for ``report.json``, ``report.md``, ``synthesized.npz``,
-        ``spectrum.npz``, ``misclassification.png`` and ``examples.png``.
+      config: the run's configuration (validated first, with the data set, the
+        probe's layers and ``out_dir``, before any training or output).
+      out_dir: directory for :data:`RUN_FILES`; an existing one is replaced
+        only when it is empty or holds an earlier run's outputs.
       progress: a progress callback (:mod:`deepfault_jax.progress`).
 
     Returns:
-      The report (the content of ``report.json``).
+      The :class:`RunReport` (its :meth:`~RunReport.to_json` is ``report.json``).
     """
     config.validate()
     start = time.perf_counter()
     out_dir = Path(out_dir)
+    check_output_dir(out_dir, _is_run_dir, "a deepfault-jax run output")
     dataset = data.load_dataset(config.dataset)
-    classes = tuple(range(dataset.num_classes)) if config.classes is None else tuple(config.classes)
-    bad = [c for c in classes if not 0 <= c < dataset.num_classes]
-    if bad:
-        raise InputError(f"classes must lie in [0, {dataset.num_classes}); got {bad}")
-    model, params, model_meta = _load_model(config, dataset, progress)
-    prb = probe.model_probe(
-        model, params, layers=list(config.layers) if config.layers else None,
-        conv_reduce=config.conv_reduce, values=config.values,
-    )  # fmt: skip
-    for k in config.k:
-        if k > prb.index.num_neurons:
-            raise InputError(
-                f"k must be <= {prb.index.num_neurons}, the neurons of the probed layers "
-                f"{', '.join(prb.index.layer_names)}; got {k}"
-            )
-    x_test, y_test = dataset.x_test, dataset.y_test
-    attribution = any(measures.measure_kind(name) == "attribution" for name in config.measures)
+    classes = _check_before_work(config, dataset)
+    model, params, model_meta = load_model(config, dataset, progress=progress)
+    prb = build_probe(config, model, params)
     spec = streaming.compute_spectrum(
-        prb, params, x_test, y_test, batch_size=config.batch_size, threshold=config.threshold,
-        attribution=attribution,
+        prb, params, dataset.x_test, dataset.y_test, batch_size=config.batch_size,
+        threshold=config.threshold, attribution=config.needs_attribution(), progress=progress,
     )  # fmt: skip
-    pred = zoo.predict(model, params, x_test)
-    key = jax.random.key(config.seed)
-    select_key, random_key = jax.random.split(key)
-    rows, skipped, per_class = _select_inputs(
-        select_key, y_test, pred, classes, config.inputs_per_class
-    )
-    if rows.size == 0:
+    pred = zoo.predict(model, params, dataset.x_test)
+    select_key, random_key = jax.random.split(jax.random.key(config.seed))
+    selection = select_inputs(select_key, dataset.y_test, pred, classes, config.inputs_per_class)
+    if selection.rows.size == 0:
         raise InputError(
-            f"no class has a correctly classified test input to synthesize from; skipped {skipped}"
+            "no class has a correctly classified test input to synthesize from; "
+            f"skipped {selection.skipped}"
         )
-    x0, y0 = x_test[rows], y_test[rows]
-    step_size = config.resolved_step_size()
-    direction: Any = config.direction
-    if direction == "adam":
-        import optax
-
-        direction = optax.adam(step_size)
-    synth = synthesis.make_synthesizer(
-        prb, mode=config.mode, d=config.d, step_size=step_size, steps=config.steps,
-        direction=direction, stop_when_misclassified=config.stop_when_misclassified,
+    rows = selection.rows
+    x0, y0 = dataset.x_test[rows], dataset.y_test[rows]
+    arrays = {"x_original": x0, "y": y0.astype(np.int32), "test_index": rows.astype(np.int64),
+              "pred_original": pred[rows].astype(np.int32)}  # fmt: skip
+    state = _Synthesis(arrays)
+    _synthesize_all_sets(config, prb, params, spec, x0, y0, random_key, state, progress)
+    out = build_report(
+        config, classes, dataset, model, model_meta, prb, spec, selection, state.results,
+        state.random_runs, out_dir, time.perf_counter() - start,
     )  # fmt: skip
-    arrays: dict[str, np.ndarray] = {
-        "x_original": x0,
-        "y": y0.astype(np.int32),
-        "test_index": rows.astype(np.int64),
-        "pred_original": pred[rows].astype(np.int32),
-    }
-    results, random_runs = [], []
-    jobs = [(m, k) for k in config.k for m in config.measures]
-    total = len(jobs) + len(config.k) * config.random_repeats
-    done = [0]
-
-    def synthesize_and_measure(tag: str, table: np.ndarray) -> dict:
-        """Synthesizes toward ``table``, stores the arrays under ``tag``, returns the metrics."""
-        xs = _synthesize_all(synth, params, x0, y0, table, config.batch_size)
-        metrics = evaluate.evaluate_synthesis(
-            prb, params, x0, xs, y0, table, threshold=config.threshold
-        )
-        arrays[f"{tag}__x"] = xs
-        arrays[f"{tag}__pred"] = np.asarray(metrics.pop("predictions"), np.int32)
-        arrays[f"{tag}__table"] = table
-        done[0] += 1
-        notify(progress, "synthesis", done[0], total)
-        return metrics
-
-    for k in config.k:
-        tables = {}
-        for name in config.measures:
-            tables[name] = np.asarray(
-                localize.suspicious_neurons(spec, name, k, **_measure_params(name, config)),
-                np.int32,
-            )
-            metrics = synthesize_and_measure(f"{name}_k{k}", tables[name])
-            results.append({"measure": name, "k": k, **metrics})
-        repeats = []
-        for r in range(config.random_repeats):
-            rkey = jax.random.fold_in(jax.random.fold_in(random_key, k), r)
-            table = np.stack([
-                localize.random_neurons(jax.random.fold_in(rkey, c), prb.index, k,
-                                        exclude=[t[c] for t in tables.values()])
-                for c in range(dataset.num_classes)
-            ]).astype(np.int32)  # fmt: skip
-            metrics = synthesize_and_measure(f"random_k{k}_r{r}", table)
-            repeats.append(metrics)
-            random_runs.append({"k": k, "repeat": r, **metrics})
-        summary = evaluate.summarize_repeats(repeats)
-        for row in results:
-            if row["k"] == k:
-                row["random"] = {
-                    m: {"mean": s["mean"], "std": s["std"]} for m, s in summary.items()
-                }
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    spectrum_io.save_spectrum(
-        out_dir / "spectrum.npz", spec, metadata={"model": model.name, "dataset": dataset.name}
+    state.arrays["meta"] = np.str_(
+        json.dumps({"probe": out.probe, "checkpoint": out.model["checkpoint"]})
     )
-    probe_config = {
-        "layers": list(prb.index.layer_names),
-        "layer_sizes": list(prb.index.layer_sizes),
-        "conv_reduce": config.conv_reduce,
-        "values": config.values,
-        "threshold": config.threshold,
-    }
-    arrays["meta"] = np.str_(
-        json.dumps({"probe": probe_config, "checkpoint": model_meta.get("checkpoint")})
-    )
-    report.write_npz(out_dir / "synthesized.npz", arrays)
+    write_outputs(out, spec, state.arrays, out_dir)
+    return out
+
+
+def build_report(
+    config: RunConfig, classes, dataset: data.Dataset, model: zoo.Model, model_meta: dict,
+    prb: probe.Probe, spec: spectrum.Spectrum, selection: Selection,
+    results: list[MeasureResult], random_runs: list[RandomRun], out_dir: Path, seconds: float,
+) -> RunReport:  # fmt: skip
+    """Gathers a run's parts into its :class:`RunReport`."""
     n_pass, n_fail = int(spec.n_pass.sum()), int(spec.n_fail.sum())
-    out = {
-        "config": {**dataclasses.asdict(config), "classes": list(classes)},
-        "versions": zoo.package_versions(),
-        "dataset": dataset.summary(),
-        "model": {
+    synth = make_run_synthesizer(config, prb)
+    return RunReport(
+        config=config,
+        classes=tuple(classes),
+        dataset=dataset.summary(),
+        model={
             "name": model.name,
             "activation": model.activation,
             "checkpoint": model_meta.get("checkpoint"),
             "test_accuracy": n_pass / (n_pass + n_fail),
         },
-        "probe": probe_config,
-        "spectrum": {
+        probe={
+            "layers": list(prb.index.layer_names),
+            "layer_sizes": list(prb.index.layer_sizes),
+            "conv_reduce": config.conv_reduce,
+            "values": config.values,
+            "threshold": config.threshold,
+        },
+        spectrum={
             "num_pass": n_pass,
             "num_fail": n_fail,
             "layers": spectrum.layer_summary(spec),
-        },
-        "synthesis": {
+        },  # fmt: skip
+        synthesis={
             "mode": config.mode,
             "d": config.d,
-            "step_size": step_size,
+            "step_size": config.resolved_step_size(),
             "steps": synth.num_steps,
             "direction": config.direction if config.mode == "pgd" else None,
-        },  # fmt: skip
-        "selection": {"inputs": int(rows.size), "per_class": per_class, "skipped_classes": skipped},
-        "results": results,
-        "random_runs": random_runs,
-        "files": {
-            name: str(out_dir / name)
-            for name in (
-                "report.json",
-                "report.md",
-                "synthesized.npz",
-                "spectrum.npz",
-                "misclassification.png",
-                "examples.png",
-            )  # fmt: skip
         },
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-    report.write_json(out_dir / "report.json", out)
-    report.write_bytes(out_dir / "report.md", report.markdown_report(out).encode())
-    report.plot_misclassification(out, out_dir / "misclassification.png")
+        selection=selection,
+        results=results,
+        random_runs=random_runs,
+        files={name: str(out_dir / name) for name in RUN_FILES},
+        seconds=round(seconds, 3),
+        versions=zoo.package_versions(),
+    )
+
+
+def write_outputs(
+    out: RunReport, spec: spectrum.Spectrum, arrays: dict[str, np.ndarray], out_dir: Path
+) -> None:
+    """Writes :data:`RUN_FILES` into ``out_dir`` as one unit: into a temporary sibling first,
+    then swapped in, so a failure leaves an earlier output set untouched."""
+    report_json = out.to_json()
+
+    def fill(tmp: Path) -> None:
+        metadata = {"model": out.model["name"], "dataset": out.dataset["name"]}
+        spectrum_io.save_spectrum(tmp / "spectrum.npz", spec, metadata=metadata)
+        report.write_npz(tmp / "synthesized.npz", arrays)
+        report.write_json(tmp / "report.json", report_json)
+        report.write_bytes(tmp / "report.md", report.markdown_report(report_json).encode())
+        report.plot_misclassification(report_json, tmp / "misclassification.png")
+        _plot_examples(out, arrays, tmp / "examples.png")
+
+    replace_directory(out_dir, fill, owned=_is_run_dir)
+
+
+def _plot_examples(out: RunReport, arrays: dict[str, np.ndarray], path: Path) -> None:
+    """examples.png: the first input of up to six classes, and each measure's synthesis at the
+    largest k beside the first random repeat."""
+    config = out.config
     top_k = max(config.k)
-    shown = np.unique(y0, return_index=True)[1][:6]  # the first input of up to six classes
+    x0, y0 = arrays["x_original"], arrays["y"]
+    shown = np.unique(y0, return_index=True)[1][:6]
     names = [*config.measures, "random"]
     tags = {m: (f"{m}_k{top_k}" if m != "random" else f"random_k{top_k}_r0") for m in names}
     report.plot_examples(
@@ -374,10 +606,43 @@ def run(
         {f"{m} k={top_k}": arrays[f"{tags[m]}__x"][shown] for m in names},
         y0[shown],
         {f"{m} k={top_k}": arrays[f"{tags[m]}__pred"][shown] for m in names},
-        out_dir / "examples.png",
+        path,
     )
-    return out
 
+
+# --------------------------------------------------------------------------- output directories
+
+
+def _has_json(path: Path, name: str, fmt: str, legacy_keys: set[str]) -> bool:
+    try:
+        content = json.loads((path / name).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(content, dict):
+        return False
+    return content.get("format") == fmt or legacy_keys <= set(content)
+
+
+def _is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds a run's outputs (its report.json says so)."""
+    return _has_json(path, "report.json", REPORT_FORMAT, {"config", "results", "random_runs"})
+
+
+def _is_faultbench_dir(path: Path) -> bool:
+    """Whether ``path`` holds faultbench outputs (its faultbench.json says so)."""
+    return _has_json(path, "faultbench.json", FAULTBENCH_FORMAT, {"config", "trials", "summary"})
+
+
+def check_output_dir(path: Path, owned, what: str) -> None:
+    """Refuses, before any work, an output directory that exists and is neither empty nor
+    ``owned`` (holding ``what``): the package never replaces what it did not write."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--out must be a directory; got {str(path)!r}, an existing file")
+    if path.is_dir() and any(path.iterdir()) and not owned(path):
+        raise InputError(
+            f"--out {str(path)!r} is not empty and does not hold {what}; "
+            "choose an empty or new directory (nothing was written)"
+        )
 
 
 def faultbench(
@@ -386,21 +651,27 @@ def faultbench(
     *,
     progress: Progress | None = None,
 ) -> dict:
-    """Runs :func:`~deepfault_jax.faultbench.run_faultbench` and writes its outputs.
+    """Runs :func:`~deepfault_jax.faultbench.run_faultbench` and writes its outputs as one unit.
 
     Writes ``faultbench.json`` (configuration, every trial, the summary),
     ``faultbench.md`` (tables) and ``faultbench.png`` (top-10 recall per
-    method) into ``out_dir``.
+    method) into ``out_dir``; an existing directory is replaced only when it is
+    empty or holds earlier faultbench outputs.
 
     Returns:
       The content of ``faultbench.json``.
     """
     out_dir = Path(out_dir)
+    config.validate()
+    check_output_dir(out_dir, _is_faultbench_dir, "faultbench outputs")
     result = faultbench_lib.run_faultbench(config, progress=progress)
-    names = ("faultbench.json", "faultbench.md", "faultbench.png")
-    result["files"] = {n: str(out_dir / n) for n in names}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report.write_json(out_dir / "faultbench.json", result)
-    report.write_bytes(out_dir / "faultbench.md", report.faultbench_markdown(result).encode())
-    report.plot_faultbench(result, out_dir / "faultbench.png")
+    result = {"format": FAULTBENCH_FORMAT, **result}
+    result["files"] = {n: str(out_dir / n) for n in FAULTBENCH_FILES}
+
+    def fill(tmp: Path) -> None:
+        report.write_json(tmp / "faultbench.json", result)
+        report.write_bytes(tmp / "faultbench.md", report.faultbench_markdown(result).encode())
+        report.plot_faultbench(result, tmp / "faultbench.png")
+
+    replace_directory(out_dir, fill, owned=_is_faultbench_dir)
     return result
