@@ -320,7 +320,17 @@ def load_model(config: RunConfig, dataset: data.Dataset, *, progress: Progress |
 
 
 def build_probe(config: RunConfig, model: zoo.Model, params: Any) -> probe.Probe:
-    """The run's probe of ``model``, after checking that every k fits its neurons."""
+    """The run's probe of ``model``, after checking that its layers are hidden layers and
+    that every k fits its neurons."""
+    if config.layers:
+        hidden = probe.model_probe(model, params).index.layer_names
+        other = [name for name in config.layers if name not in hidden]
+        if other:
+            raise InputError(
+                f"layers must be hidden layers of {model.name} ({', '.join(hidden)}); got "
+                f"{', '.join(map(repr, other))} (the output layer's values are the logits "
+                "whose classification is being localised)"
+            )
     prb = probe.model_probe(
         model, params, layers=list(config.layers) if config.layers else None,
         conv_reduce=config.conv_reduce, values=config.values,

@@ -508,7 +508,7 @@ def test_run_with_an_attribution_measure(tmp_path, monkeypatch):
     monkeypatch.setenv("DEEPFAULT_JAX_CACHE", str(tmp_path / "cache"))
     config = pipeline.RunConfig(measures=("ochiai", "gradxact"), k=(2,), inputs_per_class=3,
                                 random_repeats=1)  # fmt: skip
-    result = pipeline.run(config, tmp_path / "run")
+    result = pipeline.run(config, tmp_path / "run").to_json()
     rows = {r["measure"]: r for r in result["results"]}
     assert set(rows) == {"ochiai", "gradxact"}
     saved = spectrum_io.load_spectrum(tmp_path / "run" / "spectrum.npz")

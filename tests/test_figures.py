@@ -23,7 +23,7 @@ FB_METHODS = ("ochiai/pooled", "gradxact/per-class", "ablation/pooled")
 def finished_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     config = pipeline.RunConfig(inputs_per_class=4, k=K, random_repeats=REPEATS)
-    result = pipeline.run(config, out)
+    result = pipeline.run(config, out).to_json()
     with np.load(out / "synthesized.npz", allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files}
     return result, arrays, out

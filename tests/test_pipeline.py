@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from deepfault_jax import cli, data, pipeline, probe, zoo
+from deepfault_jax.errors import InputError
 
 SMALL = {"inputs_per_class": 4, "k": (1, 3), "random_repeats": 2}
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("model_cache")
 def finished_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     config = pipeline.RunConfig(**SMALL)
-    return config, out, pipeline.run(config, out)
+    return config, out, pipeline.run(config, out).to_json()
 
 
 def test_run_writes_every_output(finished_run):
@@ -123,14 +124,14 @@ def test_random_sets_exclude_the_measures_neurons(finished_run):
 
 def test_same_seed_same_report(finished_run, tmp_path):
     config, out, result = finished_run
-    again = pipeline.run(config, tmp_path)
+    again = pipeline.run(config, tmp_path).to_json()
     for a, b in zip(result["results"], again["results"], strict=True):
         assert {k: v for k, v in a.items()} == {k: v for k, v in b.items()}
 
 
 def test_pgd_mode_run(tmp_path):
     config = pipeline.RunConfig(mode="pgd", steps=5, d=0.15, measures=("ochiai",), **SMALL)
-    result = pipeline.run(config, tmp_path)
+    result = pipeline.run(config, tmp_path).to_json()
     assert result["synthesis"]["step_size"] == pytest.approx(2.5 * 0.15 / 5)
     with np.load(tmp_path / "synthesized.npz", allow_pickle=False) as f:
         x0 = f["x_original"]
@@ -152,7 +153,7 @@ def test_class_without_correct_inputs_is_reported(tmp_path):
     assert never_right, "the barely trained model should miss some class entirely"
     ck = zoo.save_checkpoint(tmp_path / "ck", model, params)
     result = pipeline.run(pipeline.RunConfig(checkpoint=str(ck), **SMALL), tmp_path / "out")
-    skipped = result["selection"]["skipped_classes"]
+    skipped = result.selection.skipped
     assert [s["class"] for s in skipped] == never_right
     assert "classified correctly" in skipped[0]["reason"]
     assert "skipped" in (tmp_path / "out" / "report.md").read_text()
@@ -161,9 +162,17 @@ def test_class_without_correct_inputs_is_reported(tmp_path):
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"d": 0.0}, r"d \(the maximum L-inf distance\) must be > 0; got 0.0"),
-        ({"d": -1.0}, "must be > 0; got -1.0"),
-        ({"k": (1, 0)}, r"k must be positive integers; got \[1, 0\]"),
+        ({"d": 0.0}, r"d \(the maximum L-inf distance\) must lie in \(0, 1\]; got 0"),
+        ({"d": -1.0}, r"must lie in \(0, 1\]; got -1"),
+        ({"d": float("inf")}, "d .* must be a finite number; got inf"),
+        ({"d": 1.5}, r"must lie in \(0, 1\]; got 1.5"),
+        ({"step_size": float("inf")}, "step_size must be a finite number; got inf"),
+        ({"star": float("inf")}, "must be a finite number; got inf"),
+        ({"threshold": float("nan")}, "threshold must be a finite number; got nan"),
+        ({"seed": 2**64}, r"seed must lie in \[0, 9223372036854775807\]"),
+        ({"k": (1, 0)}, r"k must lie in \[1, inf\]; got 0"),
+        ({"k": (1, 1)}, r"k must list distinct positive integers; got \[1, 1\]"),
+        ({"layers": ("logits",)}, r"layers must be hidden layers of mlp-3x50 \(dense_0, dense_1, dense_2\); got 'logits'"),
         ({"measures": ("tarantula", "nope")}, "unknown measure 'nope'"),
         (
             {"layers": ("dense_2",), "k": (51,)},
@@ -173,9 +182,45 @@ def test_class_without_correct_inputs_is_reported(tmp_path):
     ],
 )
 def test_bad_configuration_is_refused_before_work(tmp_path, config, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InputError, match=message):
         pipeline.run(pipeline.RunConfig(**{**SMALL, **config}), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_typed_report_is_report_json(finished_run, tmp_path):
+    config, out, result = finished_run
+    typed = pipeline.run(config, tmp_path / "again")
+    assert isinstance(typed, pipeline.RunReport) and typed.to_json()["results"] == result["results"]
+    first = typed.results[0]
+    assert (first.measure, first.k) == (result["results"][0]["measure"], result["results"][0]["k"])
+    assert first.metrics["misclassification_rate"] == result["results"][0]["misclassification_rate"]
+    assert typed.selection.rows.size == result["selection"]["inputs"]
+
+
+def test_run_never_replaces_a_directory_it_did_not_write(tmp_path):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="is not empty and does not hold a deepfault-jax run"):
+        pipeline.run(pipeline.RunConfig(**SMALL), user)
+    assert [p.name for p in user.iterdir()] == ["notes.txt"]
+    assert (user / "notes.txt").read_text() == "keep me"
+
+
+def test_failed_run_leaves_the_previous_output_set(finished_run, tmp_path, monkeypatch):
+    config, out, result = finished_run
+    target = tmp_path / "set"
+    pipeline.run(config, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("figure failed")
+
+    monkeypatch.setattr(pipeline.report, "plot_examples", broken)
+    with pytest.raises(RuntimeError, match="figure failed"):
+        pipeline.run(config, target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]  # no temporary left behind
 
 
 def test_run_command(capsys, tmp_path):
