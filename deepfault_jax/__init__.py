@@ -17,6 +17,7 @@ The public API, by stage of the pipeline; every name is its module's own name
   :mod:`deepfault_jax.streaming`, :mod:`deepfault_jax.spectrum_io`,
   :mod:`deepfault_jax.metrics`): :class:`Spectrum`, :class:`Counts`,
   :func:`init_spectrum`, :func:`update_spectrum`, :func:`merge_spectra`,
+  :func:`layer_summary`,
   :class:`Attribution`, :class:`AttributionSums`, :func:`accumulate_spectrum`,
   :func:`compute_spectrum`, :func:`data_mesh`, :func:`save_spectrum`,
   :func:`load_spectrum`, :class:`SpectrumMetric`.
@@ -74,6 +75,7 @@ from deepfault_jax.spectrum import (
     Counts,
     Spectrum,
     init_spectrum,
+    layer_summary,
     merge_spectra,
     update_spectrum,
 )
@@ -140,6 +142,7 @@ __all__ = [
     "compute_spectrum",
     "data_mesh",
     "init_spectrum",
+    "layer_summary",
     "load_spectrum",
     "merge_spectra",
     "save_spectrum",

@@ -1,7 +1,7 @@
 """Train a Flax model with optax and log its hit spectrum after every epoch.
 
 The spectrum rides along in the eval step with one extra line
-(``spectrum = dj.spectrum.update(...)``); nothing else about the training
+(``spectrum = dj.update_spectrum(...)``); nothing else about the training
 loop changes. Run:
 
     python examples/train_with_spectrum.py --epochs 5
@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     @functools.partial(jax.jit, donate_argnums=0)
     def eval_step(spectrum, params, x, y, mask):
         logits, activations = probe(params, x)
-        return dj.spectrum.update(spectrum, logits, activations, y, mask=mask)  # the extra line
+        return dj.update_spectrum(spectrum, logits, activations, y, mask=mask)  # the extra line
 
     for epoch in range(args.epochs):
         key, shuffle_key = jax.random.split(key)
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
             f"{r['layer']} {r['active_share_fail']:.2f}/{r['active_share_pass']:.2f}"
             if n_fail
             else f"{r['layer']} -/{r['active_share_pass']:.2f}"
-            for r in dj.spectrum.layer_summary(spectrum)
+            for r in dj.layer_summary(spectrum)
         )
         # neurons never active on any failing input of the test split
         silent = int(np.sum(np.asarray(spectrum.pooled().a_f) == 0))

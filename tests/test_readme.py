@@ -25,4 +25,32 @@ def test_python_api_example_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["result"].test_accuracy > 0.9
-    assert namespace["report"]["results"] and (tmp_path / "runs" / "lenet5" / "report.md").is_file()
+    assert namespace["report"].results and (tmp_path / "runs" / "lenet5" / "report.md").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "runs"]  # nothing in the cwd
+
+
+def test_python_examples_use_only_the_public_api():
+    """Every name the README's Python reaches is ``deepfault_jax.NAME`` from ``__all__``."""
+    import deepfault_jax
+
+    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+    assert blocks
+    for code in blocks:
+        assert "from deepfault_jax" not in code, "import the package, not its modules"
+        used = set(re.findall(r"\bdj\.(\w+)", code))
+        assert used and used <= set(deepfault_jax.__all__), used - set(deepfault_jax.__all__)
+
+
+def test_example_script_runs(tmp_path):
+    """examples/train_with_spectrum.py runs to the end as a user would run it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DEEPFAULT_JAX_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train_with_spectrum.py")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip(), "the example prints its result"
