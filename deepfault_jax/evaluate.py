@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from deepfault_jax.errors import InputError
+from deepfault_jax.errors import InputError, check_finite
 from deepfault_jax.probe import Probe
+from deepfault_jax.synthesis import check_inputs, check_labels, check_table
 
 __all__ = ["evaluate_synthesis", "summarize_repeats"]
 
@@ -73,7 +74,14 @@ def evaluate_synthesis(
       x: ``float32[n, ...]`` synthesized inputs.
       y: ``int[n]`` true classes.
       table: ``int[classes, k]`` suspicious sets; input i used ``table[y[i]]``.
-      threshold: activity threshold of the spectrum.
+      threshold: activity threshold of the spectrum (finite).
+
+    Raises:
+      InputError: arrays that do not describe the same inputs of the probe's
+        model (``x0`` and ``x`` ``[n, *probe.input_shape]``, ``y`` ``int[n]`` in
+        ``[0, classes)``), no input, a table that is not ``int[classes, k]``
+        with ids in ``[0, neurons)`` (see :func:`~deepfault_jax.synthesis.check_table`),
+        or a threshold that is not finite.
 
     Returns:
       JSON-ready ``{"inputs", "misclassification_rate", "accuracy", "loss",
@@ -82,13 +90,15 @@ def evaluate_synthesis(
       ``"predictions"`` (a list).
     """
     x0, x, y = np.asarray(x0, np.float32), np.asarray(x, np.float32), np.asarray(y)
-    if x0.shape != x.shape or len(y) != len(x):
+    if x0.shape != x.shape:
         raise InputError(
             f"x0, x and y must describe the same inputs; got shapes {x0.shape}, {x.shape}, {y.shape}"
         )
+    check_labels(probe, y, batch=check_inputs(probe, x0, name="x0"), name="y")
     if len(y) == 0:
         raise InputError("there is nothing to evaluate: got 0 inputs")
-    sets = np.asarray(table)[y]
+    threshold = check_finite("threshold", threshold)
+    sets = check_table(probe, table)[y]
     m = jax.device_get(_metrics_jit(probe, params, x0, x, y, sets, threshold))
     inactive = int(m["inactive_before"].sum())
     return {

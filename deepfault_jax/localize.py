@@ -18,9 +18,11 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.typing import ArrayLike
 
 from deepfault_jax import measures
-from deepfault_jax.errors import InputError, InputTypeError
+from deepfault_jax.attribution import AttributionSums
+from deepfault_jax.errors import InputError, InputTypeError, check_int
 from deepfault_jax.probe import NeuronIndex
 from deepfault_jax.spectrum import Counts, Spectrum
 
@@ -37,6 +39,13 @@ __all__ = [
 ]
 
 
+def _family_input(spectrum: Spectrum, family: str, pooled: bool) -> Counts | AttributionSums:
+    """What a measure of ``family`` reads from ``spectrum`` (see :data:`measures.FAMILIES`)."""
+    if family == "attribution":
+        return spectrum.attribution_sums(pooled=pooled)
+    return spectrum.pooled() if pooled else spectrum.counts()
+
+
 def suspiciousness(
     spectrum: Spectrum,
     measure: str | measures.Measure,
@@ -46,31 +55,39 @@ def suspiciousness(
 ) -> jax.Array:
     """Suspiciousness of every neuron.
 
+    The measure is given the NamedTuple of the family it was registered with
+    (:func:`deepfault_jax.measures.measure_kind`): the spectrum's
+    :class:`~deepfault_jax.spectrum.Counts`, or its
+    :class:`~deepfault_jax.attribution.AttributionSums`.
+
     Args:
       spectrum: the hit spectrum.
-      measure: a name from :func:`deepfault_jax.measures.measure_names` or a function
-        ``(a_s, a_f, n_s, n_f) -> score``. Attribution measures
-        (``gradxact``, ``actdiff``, ``linear_ablation``) need a spectrum
-        computed with ``attribution=True``.
+      measure: a name from :func:`deepfault_jax.measures.measure_names` or a
+        measure function (from :func:`deepfault_jax.measures.get_measure`; a
+        function of your own, not registered, is given the ``Counts``).
+        Attribution measures (``gradxact``, ``actdiff``, ``linear_ablation``)
+        need a spectrum computed with ``attribution=True``.
       pooled: score the counts (or sums) over all classes together
         (``[neurons]``) instead of each class's own (``[classes, neurons]``).
-      **params: the measure's parameters (``star=...``).
+      **params: the measure's parameters (``star=...``), with a measure given by name.
 
     Returns:
       float32 scores, higher = more suspicious; never NaN.
 
     Raises:
-      ValueError: an unknown measure, or an attribution measure on a spectrum
-        without attribution sums.
+      InputError: an unknown measure or parameter, parameters beside a measure
+        function, or an attribution measure on a spectrum without attribution sums.
     """
     if isinstance(measure, str):
         fn = measures.get_measure(measure, **params)
-        if measures.measure_kind(measure) == "attribution":
-            return fn(*spectrum.attribution_sums(pooled=pooled))
+    elif params:
+        raise InputError(
+            f"parameters {sorted(params)} go with a measure given by name; got a function "
+            "(bind them first: get_measure(name, **params), or name the measure)"
+        )
     else:
         fn = measure
-    counts: Counts = spectrum.pooled() if pooled else spectrum.counts()
-    return fn(*counts)
+    return fn(_family_input(spectrum, measures.measure_kind(fn), pooled))
 
 
 def allowed_neurons(index: NeuronIndex, layers: Sequence[str] | None = None) -> np.ndarray:
@@ -89,16 +106,28 @@ def allowed_neurons(index: NeuronIndex, layers: Sequence[str] | None = None) -> 
 
 
 def _check_k(k: int, available: int) -> int:
-    if isinstance(k, bool) or int(k) != k:
-        raise InputTypeError(f"k must be an integer; got {k!r}")
-    k = int(k)
+    k = check_int("k", k)
     if not 1 <= k <= available:
         raise InputError(f"k must lie in [1, {available}] (the neurons to choose from); got {k}")
     return k
 
 
+def _check_ids(what: str, ids: Any, num_neurons: int) -> np.ndarray:
+    """``ids`` (any shape) as int64, refusing non-integers and ids outside ``[0, num_neurons)``."""
+    ids = np.asarray(ids)
+    if ids.size == 0:
+        return ids.astype(np.int64)
+    if ids.dtype == bool or not np.issubdtype(ids.dtype, np.integer):
+        raise InputTypeError(f"{what} ids must be integers; got {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= num_neurons:
+        raise InputError(
+            f"{what} ids must lie in [0, {num_neurons}); got range [{ids.min()}, {ids.max()}]"
+        )
+    return ids.astype(np.int64)
+
+
 def top_k_neurons(
-    score: jax.Array | np.ndarray, k: int, *, allowed: np.ndarray | None = None
+    score: jax.Array | np.ndarray, k: int, *, allowed: ArrayLike | None = None
 ) -> np.ndarray:
     """The ids of the ``k`` highest scores along the last axis, deterministically.
 
@@ -106,25 +135,44 @@ def top_k_neurons(
 
     Args:
       score: ``[neurons]`` or ``[classes, neurons]`` scores.
-      k: how many (1 <= k <= number of allowed neurons).
-      allowed: optional sorted neuron ids to choose among.
+      k: how many, an integer (1 <= k <= number of allowed neurons).
+      allowed: optional distinct neuron ids ``[m]`` to choose among (in any order).
 
     Returns:
       int64 ids, ``[k]`` or ``[classes, k]``, in rank order.
+
+    Raises:
+      InputError: NaN scores, scores without a neuron axis, a k that is not an
+        integer or out of range, allowed ids that are not distinct integers in
+        ``[0, neurons)``.
     """
     score = np.asarray(score)
+    if score.ndim not in (1, 2):
+        raise InputError(f"scores must be [neurons] or [classes, neurons]; got shape {score.shape}")
     if np.isnan(score).any():
         raise InputError("scores must not be NaN; got NaN values")
-    ids = np.arange(score.shape[-1]) if allowed is None else np.asarray(allowed, np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= score.shape[-1]):
-        raise InputError(
-            f"allowed ids must lie in [0, {score.shape[-1]}); got range [{ids.min()}, {ids.max()}]"
-        )
+    if allowed is None:
+        ids = np.arange(score.shape[-1])
+    else:
+        ids = _check_allowed(allowed, score.shape[-1])
     k = _check_k(k, ids.size)
     sub = score[..., ids]
     # a stable sort of -score keeps equal scores in ascending id order
     order = np.argsort(-sub, axis=-1, kind="stable")[..., :k]
     return ids[order]
+
+
+def _check_allowed(allowed: ArrayLike, num_neurons: int) -> np.ndarray:
+    """Allowed ids, sorted (so that ties rank the lower id first); distinct ids in range."""
+    ids = np.asarray(allowed)
+    if ids.ndim != 1:
+        raise InputError(f"allowed must be a [neurons] list of ids; got shape {ids.shape}")
+    ids = _check_ids("allowed", ids, num_neurons)
+    unique = np.unique(ids)
+    if unique.size != ids.size:
+        values, counts = np.unique(ids, return_counts=True)
+        raise InputError(f"allowed ids must be distinct; got {values[counts > 1][0]} repeated")
+    return unique
 
 
 def suspicious_neurons(
@@ -147,7 +195,9 @@ def suspicious_neurons(
       **params: the measure's parameters.
     """
     allowed = allowed_neurons(spectrum.index, layers)
-    return top_k_neurons(suspiciousness(spectrum, measure, pooled=pooled, **params), k, allowed=allowed)
+    return top_k_neurons(
+        suspiciousness(spectrum, measure, pooled=pooled, **params), k, allowed=allowed
+    )
 
 
 def random_neurons(
@@ -167,17 +217,18 @@ def random_neurons(
       k: how many.
       layers: draw from these layers only (the same layers as the measures).
       exclude: neuron ids never drawn (any shape, e.g. the suspicious sets of
-        the measures compared with).
+        the measures compared with), integers in ``[0, index.num_neurons)``.
 
     Returns:
       int64 ids ``[k]``, sorted.
 
     Raises:
-      ValueError: k outside [1, number of neurons left after exclusion].
+      InputError: k not an integer or outside [1, number of neurons left after
+        exclusion]; exclude ids that are not integers in range.
     """
     allowed = allowed_neurons(index, layers)
     if exclude is not None:
-        allowed = np.setdiff1d(allowed, np.asarray(exclude, np.int64).ravel())
+        allowed = np.setdiff1d(allowed, _check_ids("exclude", exclude, index.num_neurons).ravel())
     k = _check_k(k, allowed.size)
     chosen = jax.random.choice(key, allowed.size, shape=(k,), replace=False)
     return np.sort(allowed[np.asarray(chosen)])

@@ -1,9 +1,11 @@
-"""Suspiciousness measures: pure, vectorised functions of the four spectrum counts.
+"""Suspiciousness measures: pure, vectorised functions of a spectrum, in two registered families.
 
-Every measure takes the paper's four counts of a set of neurons (any shape,
-``[neurons]`` or ``[classes, neurons]``; integers or floats) and returns a
-float32 score of the same shape; a higher score is more suspicious. In the
-formulas (spectrum-based fault localization notation):
+**Count measures** take the paper's four counts of a set of neurons, one
+:class:`~deepfault_jax.spectrum.Counts` (``a_s, a_f, n_s, n_f``; any shape,
+``[neurons]`` or ``[classes, neurons]``; integers or floats), plus keyword
+hyperparameters (``dstar(counts, *, star=3.0)``), and return a float32 score of
+the same shape; a higher score is more suspicious. In the formulas
+(spectrum-based fault localization notation):
 
 * ``a_ef`` = A_f, active on failing inputs;   ``a_nf`` = N_f, inactive on failing inputs;
 * ``a_ep`` = A_s, active on passing inputs;   ``a_np`` = N_s, inactive on passing inputs;
@@ -14,40 +16,58 @@ that ranks the neuron as the original DeepFault does where it is defined: a
 0/0 term is 0 (the original turns NaN into 0), and DStar's x/0 with x > 0 is
 +inf, ranked first. Each docstring states its own rule.
 
-Use :func:`get_measure` to look a measure up by name (with parameters) and
-:func:`measure_names` for the list.
-
 **Attribution measures** (DESIGN section 7) read the float sums gathered with
 ``attribution=True`` instead of the counts: ``gradxact``, ``actdiff`` and
-``linear_ablation``. Each takes the eight arrays of
+``linear_ablation``. Each takes one
 :class:`~deepfault_jax.attribution.AttributionSums` (``act_pass, act_fail,
-gxa_pass, gxa_fail, fixes, breaks, n_pass, n_fail``); :func:`measure_kind` tells the
-two families apart. They too never return NaN, and higher is more suspicious.
+gxa_pass, gxa_fail, fixes, breaks, n_pass, n_fail``). They too never return
+NaN, and higher is more suspicious.
+
+Each measure is registered with its family when it is defined
+(:func:`count_measure`, :func:`attribution_measure`); :func:`measure_kind`
+reads the family back, :data:`FAMILIES` maps it to the NamedTuple the measure
+takes, and :func:`deepfault_jax.localize.suspiciousness` dispatches on it. Use
+:func:`get_measure` to look a measure up by name (with its hyperparameters,
+checked there), :func:`measure_names` for the list and
+:func:`measure_parameters` for a measure's hyperparameters.
+
+Example:
+  >>> score = get_measure("dstar", star=2)(spectrum.pooled())  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from deepfault_jax.errors import InputError
+from deepfault_jax.attribution import AttributionSums
+from deepfault_jax.errors import InputError, InputTypeError, check_finite
+from deepfault_jax.spectrum import Counts
 
 __all__ = [
+    "FAMILIES",
+    "AttributionMeasure",
+    "CountMeasure",
     "Measure",
     "ample",
     "anderberg",
+    "attribution_measure",
     "barinel",
+    "count_measure",
     "dstar",
     "actdiff",
     "get_measure",
     "gp13",
     "gradxact",
     "measure_kind",
+    "measure_parameters",
     "linear_ablation",
     "jaccard",
     "kulczynski1",
@@ -65,7 +85,89 @@ __all__ = [
     "zoltar",
 ]
 
-Measure = Callable[[ArrayLike, ArrayLike, ArrayLike, ArrayLike], jax.Array]
+#: A count measure: ``Counts -> float32 score`` (hyperparameters bound).
+CountMeasure = Callable[[Counts], jax.Array]
+#: An attribution measure: ``AttributionSums -> float32 score``.
+AttributionMeasure = Callable[[AttributionSums], jax.Array]
+#: Either family.
+Measure = CountMeasure | AttributionMeasure
+
+#: Each family's name and the NamedTuple its measures take.
+FAMILIES: Mapping[str, type] = types.MappingProxyType(
+    {"counts": Counts, "attribution": AttributionSums}
+)
+
+
+class _Entry(NamedTuple):
+    fn: Callable[..., jax.Array]
+    family: str
+    positive: tuple[str, ...]  # hyperparameters that must be > 0
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def _hyperparameters(fn: Callable[..., jax.Array]) -> list[inspect.Parameter]:
+    return [p for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+
+
+def _register(fn: Callable[..., jax.Array], family: str, positive: tuple[str, ...]):
+    name = fn.__name__.lower()
+    if name in _REGISTRY:
+        raise InputError(f"measure {name!r} is registered already; choose another function name")
+    keywords = {p.name for p in _hyperparameters(fn)}
+    unknown = sorted(set(positive) - keywords)
+    if unknown:
+        raise InputError(
+            f"positive must name keyword parameters of {name} {sorted(keywords)}; got {unknown}"
+        )
+    fn.measure_family = family
+    _REGISTRY[name] = _Entry(fn, family, tuple(positive))
+    return fn
+
+
+def count_measure(fn=None, *, positive: tuple[str, ...] = ()):
+    """Registers a count measure (``fn(counts: Counts, *, hyperparameters) -> score``) under its name.
+
+    Args:
+      fn: the measure; its name (lower case) becomes the registered name.
+      positive: hyperparameters that must be > 0 (every one must be finite).
+
+    Use as ``@count_measure`` or ``@count_measure(positive=("star",))``.
+    Raises :class:`~deepfault_jax.errors.InputError` for a name registered already.
+    """
+    if fn is None:
+        return functools.partial(count_measure, positive=positive)
+    return _register(fn, "counts", positive)
+
+
+def attribution_measure(fn):
+    """Registers an attribution measure (``fn(sums: AttributionSums) -> score``) under its name.
+
+    Raises :class:`~deepfault_jax.errors.InputError` for a name registered already.
+    """
+    return _register(fn, "attribution", ())
+
+
+def _check_input(value: Any, family: str, name: str) -> None:
+    want = FAMILIES[family]
+    if not isinstance(value, want):
+        article = "an" if want.__name__[0] in "AEIOU" else "a"
+        fields = ", ".join(want._fields)
+        raise InputTypeError(
+            f"{name} takes {article} {want.__name__} ({fields}); got {type(value).__name__}"
+        )
+
+
+def _counts(counts: Counts, name: str) -> tuple[jax.Array, ...]:
+    """The four counts as float32, in the order ``a_s, a_f, n_s, n_f`` (= a_ep, a_ef, a_np, a_nf)."""
+    _check_input(counts, "counts", name)
+    return _f(counts.a_s, counts.a_f, counts.n_s, counts.n_f)
+
+
+def _sums(sums: AttributionSums, name: str) -> AttributionSums:
+    _check_input(sums, "attribution", name)
+    return sums
 
 
 def _f(*counts: ArrayLike) -> tuple[jax.Array, ...]:
@@ -78,7 +180,8 @@ def _ratio(num: jax.Array, den: jax.Array, *, when_zero: float = 0.0) -> jax.Arr
     return jnp.where(den == 0, when_zero, num / safe)
 
 
-def tarantula(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> jax.Array:
+@count_measure
+def tarantula(counts: Counts) -> jax.Array:
     """Tarantula (Jones and Harrold, ASE 2005).
 
     ``(a_ef / F) / (a_ef / F + a_ep / P)``
@@ -87,13 +190,14 @@ def tarantula(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) ->
     0/0 overall (never active) is 0; x/0 cannot occur (the denominator is 0
     only when the numerator is). Range [0, 1].
     """
-    a_ep, a_ef, a_np, a_nf = _f(a_s, a_f, n_s, n_f)
+    a_ep, a_ef, a_np, a_nf = _counts(counts, "tarantula")
     fail = _ratio(a_ef, a_ef + a_nf)
     passed = _ratio(a_ep, a_ep + a_np)
     return _ratio(fail, fail + passed)
 
 
-def ochiai(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> jax.Array:
+@count_measure
+def ochiai(counts: Counts) -> jax.Array:
     """Ochiai (Abreu, Zoeteweij, van Gemund, TAIC PART 2007).
 
     ``a_ef / sqrt(F * (a_ef + a_ep))``
@@ -101,13 +205,12 @@ def ochiai(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> ja
     Edge cases: 0/0 (no failing input, or never active) is 0; x/0 cannot occur
     (a_ef > 0 makes both factors positive). Range [0, 1].
     """
-    a_ep, a_ef, _, a_nf = _f(a_s, a_f, n_s, n_f)
+    a_ep, a_ef, _, a_nf = _counts(counts, "ochiai")
     return _ratio(a_ef, jnp.sqrt((a_ef + a_nf) * (a_ef + a_ep)))
 
 
-def dstar(
-    a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike, *, star: float = 3.0
-) -> jax.Array:
+@count_measure(positive=("star",))
+def dstar(counts: Counts, *, star: float = 3.0) -> jax.Array:
     """DStar, D* (Wong, Debroy, Gao, Li, IEEE TR 2014); ``star`` = 3 as the original.
 
     ``a_ef ** star / (a_ep + a_nf)``
@@ -116,7 +219,7 @@ def dstar(
     passing one) is +inf, ranked first; 0/0 is 0. A float32 overflow of
     ``a_ef ** star`` also gives +inf.
     """
-    a_ep, a_ef, _, a_nf = _f(a_s, a_f, n_s, n_f)
+    a_ep, a_ef, _, a_nf = _counts(counts, "dstar")
     num = a_ef**star
     den = a_ep + a_nf
     return jnp.where(
@@ -124,42 +227,46 @@ def dstar(
     )
 
 
-def jaccard(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> jax.Array:
+@count_measure
+def jaccard(counts: Counts) -> jax.Array:
     """Jaccard (Chen et al., DSN 2002).
 
     ``a_ef / (a_ef + a_nf + a_ep)``
 
     Edge cases: 0/0 is 0; x/0 cannot occur. Range [0, 1].
     """
-    a_ep, a_ef, _, a_nf = _f(a_s, a_f, n_s, n_f)
+    a_ep, a_ef, _, a_nf = _counts(counts, "jaccard")
     return _ratio(a_ef, a_ef + a_nf + a_ep)
 
 
-def ochiai2(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> jax.Array:
+@count_measure
+def ochiai2(counts: Counts) -> jax.Array:
     """Ochiai2 (Naish, Lee, Ramamohanarao, TOSEM 2011).
 
     ``a_ef * a_np / sqrt((a_ef + a_ep) (a_nf + a_np) (a_ef + a_np) (a_ep + a_nf))``
 
     Edge cases: 0/0 and x/0 (a zero factor in the denominator) are 0. Range [0, 1].
     """
-    a_ep, a_ef, a_np, a_nf = _f(a_s, a_f, n_s, n_f)
+    a_ep, a_ef, a_np, a_nf = _counts(counts, "ochiai2")
     # the product of four counts can pass float32's range: take the root of each pair
     den = jnp.sqrt((a_ef + a_ep) * (a_nf + a_np)) * jnp.sqrt((a_ef + a_np) * (a_ep + a_nf))
     return _ratio(a_ef * a_np, den)
 
 
-def op2(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> jax.Array:
+@count_measure
+def op2(counts: Counts) -> jax.Array:
     """Op2 (Naish, Lee, Ramamohanarao, TOSEM 2011).
 
     ``a_ef - a_ep / (P + 1)``
 
     Edge cases: always defined (P + 1 > 0: no 0/0 or x/0).
     """
-    a_ep, a_ef, a_np, _ = _f(a_s, a_f, n_s, n_f)
+    a_ep, a_ef, a_np, _ = _counts(counts, "op2")
     return a_ef - a_ep / (a_ep + a_np + 1.0)
 
 
-def barinel(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> jax.Array:
+@count_measure
+def barinel(counts: Counts) -> jax.Array:
     """Barinel (Abreu, Zoeteweij, van Gemund, ASE 2009).
 
     ``1 - a_ep / (a_ep + a_ef)``
@@ -167,37 +274,40 @@ def barinel(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> j
     Edge cases: 0/0 (never active) is 0, the least suspicious; x/0 cannot occur.
     Range [0, 1].
     """
-    a_ep, a_ef, _, _ = _f(a_s, a_f, n_s, n_f)
+    a_ep, a_ef, _, _ = _counts(counts, "barinel")
     # computed as a_ef / (a_ep + a_ef), the same value without float cancellation
     return _ratio(a_ef, a_ep + a_ef)
 
 
-def kulczynski1(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> jax.Array:
+@count_measure
+def kulczynski1(counts: Counts) -> jax.Array:
     """Kulczynski1 (Naish, Lee, Ramamohanarao, TOSEM 2011).
 
     ``a_ef / (a_nf + a_ep)``
 
     Edge cases: x/0 with a_ef > 0 is +inf (as DStar); 0/0 is 0.
     """
-    a_ep, a_ef, _, a_nf = _f(a_s, a_f, n_s, n_f)
+    a_ep, a_ef, _, a_nf = _counts(counts, "kulczynski1")
     den = a_nf + a_ep
     return jnp.where(
         den == 0, jnp.where(a_ef > 0, jnp.inf, 0.0), a_ef / jnp.where(den == 0, 1.0, den)
     )
 
 
-def kulczynski2(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> jax.Array:
+@count_measure
+def kulczynski2(counts: Counts) -> jax.Array:
     """Kulczynski2 (Naish, Lee, Ramamohanarao, TOSEM 2011).
 
     ``(a_ef / (a_ef + a_nf) + a_ef / (a_ef + a_ep)) / 2``
 
     Edge cases: each 0/0 term is 0; x/0 cannot occur. Range [0, 1].
     """
-    a_ep, a_ef, _, a_nf = _f(a_s, a_f, n_s, n_f)
+    a_ep, a_ef, _, a_nf = _counts(counts, "kulczynski2")
     return 0.5 * (_ratio(a_ef, a_ef + a_nf) + _ratio(a_ef, a_ef + a_ep))
 
 
-def zoltar(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> jax.Array:
+@count_measure
+def zoltar(counts: Counts) -> jax.Array:
     """Zoltar (Gonzalez-Sanchez, TU Delft 2007).
 
     ``a_ef / (a_ef + a_nf + a_ep + 10000 a_nf a_ep / a_ef)``
@@ -205,30 +315,33 @@ def zoltar(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> ja
     Edge cases: a_ef = 0 gives 0 (the penalty's x/0 and the 0/0 included).
     Range [0, 1].
     """
-    a_ep, a_ef, _, a_nf = _f(a_s, a_f, n_s, n_f)
+    a_ep, a_ef, _, a_nf = _counts(counts, "zoltar")
     penalty = _ratio(10000.0 * a_nf * a_ep, a_ef)
     return _ratio(a_ef, a_ef + a_nf + a_ep + penalty)
 
 
-def wong1(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> jax.Array:
+@count_measure
+def wong1(counts: Counts) -> jax.Array:
     """Wong1 (Wong, Qi, Zhao, Cai, COMPSAC 2007): ``a_ef``.
 
     Edge cases: always defined (no division: no 0/0 or x/0).
     """
-    _, a_ef, _, _ = _f(a_s, a_f, n_s, n_f)
+    _, a_ef, _, _ = _counts(counts, "wong1")
     return a_ef
 
 
-def wong2(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> jax.Array:
+@count_measure
+def wong2(counts: Counts) -> jax.Array:
     """Wong2 (Wong, Qi, Zhao, Cai, COMPSAC 2007): ``a_ef - a_ep``.
 
     Edge cases: always defined (no division: no 0/0 or x/0).
     """
-    a_ep, a_ef, _, _ = _f(a_s, a_f, n_s, n_f)
+    a_ep, a_ef, _, _ = _counts(counts, "wong2")
     return a_ef - a_ep
 
 
-def wong3(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> jax.Array:
+@count_measure
+def wong3(counts: Counts) -> jax.Array:
     """Wong3 (Wong, Qi, Zhao, Cai, COMPSAC 2007).
 
     ``a_ef - h``, with ``h = a_ep`` for a_ep <= 2, ``2 + 0.1 (a_ep - 2)`` for
@@ -236,7 +349,7 @@ def wong3(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> jax
 
     Edge cases: always defined (no division: no 0/0 or x/0).
     """
-    a_ep, a_ef, _, _ = _f(a_s, a_f, n_s, n_f)
+    a_ep, a_ef, _, _ = _counts(counts, "wong3")
     h = jnp.where(
         a_ep <= 2,
         a_ep,
@@ -245,40 +358,44 @@ def wong3(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> jax
     return a_ef - h
 
 
-def russell_rao(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> jax.Array:
+@count_measure
+def russell_rao(counts: Counts) -> jax.Array:
     """Russell and Rao (1940), as in Naish et al., TOSEM 2011.
 
     ``a_ef / (F + P)``
 
     Edge cases: 0/0 (no input) is 0; x/0 cannot occur. Range [0, 1].
     """
-    a_ep, a_ef, a_np, a_nf = _f(a_s, a_f, n_s, n_f)
+    a_ep, a_ef, a_np, a_nf = _counts(counts, "russell_rao")
     return _ratio(a_ef, a_ef + a_nf + a_ep + a_np)
 
 
-def sorensen_dice(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> jax.Array:
+@count_measure
+def sorensen_dice(counts: Counts) -> jax.Array:
     """Sorensen-Dice (Dice 1945), as in Naish et al., TOSEM 2011.
 
     ``2 a_ef / (2 a_ef + a_nf + a_ep)``
 
     Edge cases: 0/0 is 0; x/0 cannot occur. Range [0, 1].
     """
-    a_ep, a_ef, _, a_nf = _f(a_s, a_f, n_s, n_f)
+    a_ep, a_ef, _, a_nf = _counts(counts, "sorensen_dice")
     return _ratio(2.0 * a_ef, 2.0 * a_ef + a_nf + a_ep)
 
 
-def anderberg(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> jax.Array:
+@count_measure
+def anderberg(counts: Counts) -> jax.Array:
     """Anderberg (1973), as in Naish et al., TOSEM 2011.
 
     ``a_ef / (a_ef + 2 (a_nf + a_ep))``
 
     Edge cases: 0/0 is 0; x/0 cannot occur. Range [0, 1].
     """
-    a_ep, a_ef, _, a_nf = _f(a_s, a_f, n_s, n_f)
+    a_ep, a_ef, _, a_nf = _counts(counts, "anderberg")
     return _ratio(a_ef, a_ef + 2.0 * (a_nf + a_ep))
 
 
-def gp13(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> jax.Array:
+@count_measure
+def gp13(counts: Counts) -> jax.Array:
     """GP13 (Yoo, 2012; Xie et al., TOSEM 2013).
 
     ``a_ef (1 + 1 / (2 a_ep + a_ef))``
@@ -286,31 +403,24 @@ def gp13(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> jax.
     Edge cases: never active, the term 1/0 (x/0) is taken as 0, so the score is
     0 * 1 = 0; no 0/0 arises.
     """
-    a_ep, a_ef, _, _ = _f(a_s, a_f, n_s, n_f)
+    a_ep, a_ef, _, _ = _counts(counts, "gp13")
     return a_ef * (1.0 + _ratio(jnp.ones_like(a_ef), 2.0 * a_ep + a_ef))
 
 
-def ample(a_s: ArrayLike, a_f: ArrayLike, n_s: ArrayLike, n_f: ArrayLike) -> jax.Array:
+@count_measure
+def ample(counts: Counts) -> jax.Array:
     """AMPLE (Dallmeier, Lindig, Zeller, ECOOP 2005).
 
     ``| a_ef / F - a_ep / P |``
 
     Edge cases: a 0/0 term (F = 0 or P = 0) is 0; x/0 cannot occur. Range [0, 1].
     """
-    a_ep, a_ef, a_np, a_nf = _f(a_s, a_f, n_s, n_f)
+    a_ep, a_ef, a_np, a_nf = _counts(counts, "ample")
     return jnp.abs(_ratio(a_ef, a_ef + a_nf) - _ratio(a_ep, a_ep + a_np))
 
 
-def gradxact(
-    act_pass: ArrayLike,
-    act_fail: ArrayLike,
-    gxa_pass: ArrayLike,
-    gxa_fail: ArrayLike,
-    fixes: ArrayLike,
-    breaks: ArrayLike,
-    n_pass: ArrayLike,
-    n_fail: ArrayLike,
-) -> jax.Array:
+@attribution_measure
+def gradxact(sums: AttributionSums) -> jax.Array:
     """Gradient x activation of the loss, averaged over all inputs.
 
     ``(sum_pass + sum_fail of a * d loss / d a) / (P + F)``: the first-order
@@ -320,21 +430,13 @@ def gradxact(
 
     Edge cases: no input (P + F = 0) gives 0.
     """
-    del act_pass, act_fail, fixes, breaks
-    gp, gf, n_p, n_f = _f(gxa_pass, gxa_fail, n_pass, n_fail)
+    s = _sums(sums, "gradxact")
+    gp, gf, n_p, n_f = _f(s.gxa_pass, s.gxa_fail, s.n_pass, s.n_fail)
     return _ratio(gp + gf, n_p + n_f)
 
 
-def actdiff(
-    act_pass: ArrayLike,
-    act_fail: ArrayLike,
-    gxa_pass: ArrayLike,
-    gxa_fail: ArrayLike,
-    fixes: ArrayLike,
-    breaks: ArrayLike,
-    n_pass: ArrayLike,
-    n_fail: ArrayLike,
-) -> jax.Array:
+@attribution_measure
+def actdiff(sums: AttributionSums) -> jax.Array:
     """Mean activation on failing inputs minus mean activation on passing inputs.
 
     ``sum_fail a / F - sum_pass a / P``: the float analogue of the hit
@@ -342,21 +444,13 @@ def actdiff(
 
     Edge cases: a mean over no input (F = 0 or P = 0) is 0.
     """
-    del gxa_pass, gxa_fail, fixes, breaks
-    ap, af, n_p, n_f = _f(act_pass, act_fail, n_pass, n_fail)
+    s = _sums(sums, "actdiff")
+    ap, af, n_p, n_f = _f(s.act_pass, s.act_fail, s.n_pass, s.n_fail)
     return _ratio(af, n_f) - _ratio(ap, n_p)
 
 
-def linear_ablation(
-    act_pass: ArrayLike,
-    act_fail: ArrayLike,
-    gxa_pass: ArrayLike,
-    gxa_fail: ArrayLike,
-    fixes: ArrayLike,
-    breaks: ArrayLike,
-    n_pass: ArrayLike,
-    n_fail: ArrayLike,
-) -> jax.Array:
+@attribution_measure
+def linear_ablation(sums: AttributionSums) -> jax.Array:
     """Linearised ablation: predicted fixes of failing inputs minus predicted breaks of passing ones.
 
     ``fixes - breaks``, where whether an input is right with the neuron zeroed
@@ -368,34 +462,9 @@ def linear_ablation(
 
     Edge cases: none (a difference of counts); an integer-valued float32.
     """
-    del act_pass, act_fail, gxa_pass, gxa_fail, n_pass, n_fail
-    fx, br = _f(fixes, breaks)
+    s = _sums(sums, "linear_ablation")
+    fx, br = _f(s.fixes, s.breaks)
     return fx - br
-
-
-_ATTRIBUTION = {"gradxact": gradxact, "actdiff": actdiff, "linear_ablation": linear_ablation}
-
-_REGISTRY: dict[str, Callable[..., jax.Array]] = {
-    "tarantula": tarantula,
-    "ochiai": ochiai,
-    "dstar": dstar,
-    "jaccard": jaccard,
-    "ochiai2": ochiai2,
-    "op2": op2,
-    "barinel": barinel,
-    "kulczynski1": kulczynski1,
-    "kulczynski2": kulczynski2,
-    "zoltar": zoltar,
-    "wong1": wong1,
-    "wong2": wong2,
-    "wong3": wong3,
-    "russell_rao": russell_rao,
-    "sorensen_dice": sorensen_dice,
-    "anderberg": anderberg,
-    "gp13": gp13,
-    "ample": ample,
-    **_ATTRIBUTION,
-}
 
 
 def measure_names(*, family: str | None = None) -> tuple[str, ...]:
@@ -404,9 +473,9 @@ def measure_names(*, family: str | None = None) -> tuple[str, ...]:
     Args:
       family: ``"counts"`` or ``"attribution"`` for one family; None for both.
     """
-    if family not in (None, "counts", "attribution"):
+    if family is not None and family not in FAMILIES:
         raise InputError(f"family must be 'counts', 'attribution' or None; got {family!r}")
-    return tuple(n for n in _REGISTRY if family is None or measure_kind(n) == family)
+    return tuple(n for n, e in _REGISTRY.items() if family is None or e.family == family)
 
 
 def _key(name: str) -> str:
@@ -416,37 +485,60 @@ def _key(name: str) -> str:
     return key
 
 
-def measure_kind(name: str) -> str:
-    """``"counts"`` for a function of the four counts, ``"attribution"`` for one of the
-    attribution sums (:class:`~deepfault_jax.attribution.AttributionSums`)."""
-    return "attribution" if _key(name) in _ATTRIBUTION else "counts"
+def measure_kind(measure: str | Measure) -> str:
+    """The family a measure was registered with: ``"counts"`` for a function of a
+    :class:`~deepfault_jax.spectrum.Counts`, ``"attribution"`` for one of an
+    :class:`~deepfault_jax.attribution.AttributionSums` (see :data:`FAMILIES`).
+
+    Args:
+      measure: a registered name, or a measure function (from :func:`get_measure`,
+        a ``functools.partial`` of one, or a function of your own: one not
+        registered is a count measure).
+    """
+    if isinstance(measure, str):
+        return _REGISTRY[_key(measure)].family
+    fn = measure
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return getattr(fn, "measure_family", "counts")
+
+
+def measure_parameters(name: str) -> dict[str, Any]:
+    """The hyperparameters of measure ``name`` and their defaults (``{"star": 3.0}`` for dstar)."""
+    return {p.name: p.default for p in _hyperparameters(_REGISTRY[_key(name)].fn)}
 
 
 def get_measure(name: str, **params: float) -> Measure:
-    """The measure called ``name``, with its parameters bound.
+    """The measure called ``name``, with its hyperparameters checked and bound.
 
     Args:
       name: one of :func:`measure_names` (case-insensitive; ``-`` and ``_`` are the same).
-      **params: the measure's parameters (``star`` for ``dstar``).
+      **params: the measure's hyperparameters (``star`` for ``dstar``): finite
+        numbers (and > 0 where the measure says so).
 
     Returns:
-      A function ``(a_s, a_f, n_s, n_f) -> score`` (count measures) or of the
-      eight attribution sums (attribution measures, see :func:`measure_kind`), pure
-      and jit-able.
+      A function of the family's NamedTuple (:data:`FAMILIES`): ``Counts ->
+      score`` (count measures) or ``AttributionSums -> score`` (attribution
+      measures, see :func:`measure_kind`), pure and jit-able. The registered
+      function itself when no parameter is given.
 
     Raises:
-      ValueError: an unknown name (the message lists the names) or parameter.
+      InputError: an unknown name (the message lists the names) or parameter,
+        or a parameter that is not finite or out of its range.
 
     Example:
-      >>> score = get_measure("dstar", star=2)(a_s, a_f, n_s, n_f)  # doctest: +SKIP
+      >>> score = get_measure("dstar", star=2)(spectrum.pooled())  # doctest: +SKIP
     """
     key = _key(name)
-    fn = _REGISTRY[key]
-    accepted = [p for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
-    unknown = sorted(set(params) - {p.name for p in accepted})
+    entry = _REGISTRY[key]
+    accepted = [p.name for p in _hyperparameters(entry.fn)]
+    unknown = sorted(set(params) - set(accepted))
     if unknown:
-        expected = ", ".join(p.name for p in accepted) or "none"
-        raise InputError(f"measure {key!r} takes parameters [{expected}]; got {unknown}")
-    if key == "dstar" and "star" in params and not params["star"] > 0:
-        raise InputError(f"dstar's star must be > 0; got {params['star']}")
-    return functools.partial(fn, **params) if params else fn
+        raise InputError(
+            f"measure {key!r} takes parameters [{', '.join(accepted) or 'none'}]; got {unknown}"
+        )
+    for param, value in params.items():
+        positive = param in entry.positive
+        check_finite(f"{key}'s {param}", value, lo=0.0 if positive else None, lo_open=positive)
+    # the values are bound as given: star=2 and star=2.0 round differently in float32
+    return functools.partial(entry.fn, **params) if params else entry.fn

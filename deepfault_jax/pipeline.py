@@ -189,7 +189,7 @@ class RunConfig:
 
     def measure_params(self, name: str) -> dict:
         """The hyperparameters this run passes to measure ``name`` (DStar's ``star``)."""
-        return {"star": self.star} if name == "dstar" else {}
+        return {"star": self.star} if "star" in measures.measure_parameters(name) else {}
 
     def needs_attribution(self) -> bool:
         """Whether a measure of the run reads attribution sums (then the spectrum gathers them)."""
@@ -434,7 +434,10 @@ def synthesize_inputs(
     synth: synthesis.Synthesizer, params: Any, x0: np.ndarray, y: np.ndarray, table: np.ndarray,
     *, batch_size: int,
 ) -> np.ndarray:  # fmt: skip
-    """Synthesizes from ``x0`` toward ``table`` in fixed-shape, padded batches (one compilation)."""
+    """Synthesizes from ``x0`` toward ``table`` in fixed-shape, padded batches (one compilation);
+    the table and labels are checked on the host first (under jit a bad id would be clamped)."""
+    table = synthesis.check_table(synth.probe, table)
+    synthesis.check_labels(synth.probe, y, batch=len(y))
     out = []
     for batch in data.iterate_batches(x0, y, batch_size=batch_size):
         xs = _synthesize_batch(synth, params, batch.x, batch.y, jnp.asarray(table))

@@ -25,18 +25,28 @@ range):
 ``optax.GradientTransformation``); :func:`synthesize` runs it under ``jit``:
 up to 16 steps as straight-line code (XLA's CPU backend runs a while-loop body
 about twice as slowly), more in one ``lax.fori_loop``.
+
+Inputs are checked before anything is traced: a JAX gather clamps an index
+out of range without a word, so a neuron id outside ``[0, neurons)``, a table
+with the wrong number of rows or a label outside ``[0, classes)`` would
+silently climb the wrong neurons. :func:`synthesize` checks shapes and types
+always and values where they are concrete; a caller that jits it (values
+traced) checks them on the host first with :func:`check_table` and
+:func:`check_labels`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from deepfault_jax.errors import InputError
+from deepfault_jax.errors import InputError, InputTypeError, check_finite, check_int
 from deepfault_jax.probe import Probe
 
 __all__ = [
@@ -44,6 +54,9 @@ __all__ = [
     "MODES",
     "SynthesisState",
     "Synthesizer",
+    "check_inputs",
+    "check_labels",
+    "check_table",
     "make_synthesizer",
     "objective",
     "synthesize",
@@ -81,11 +94,143 @@ class Synthesizer(NamedTuple):
       step: ``(params, state, labels, sets) -> SynthesisState``; ``sets`` is the
         ``int[batch, k]`` suspicious set of each input.
       num_steps: how many steps the mode takes (1 for ``"deepfault"``).
+      probe: the probe it was built for (:func:`synthesize` checks the
+        inputs, labels and table against it).
     """
 
     init: Callable[..., SynthesisState]
     step: Callable[..., SynthesisState]
     num_steps: int
+    probe: Probe
+
+
+def _is_traced(a: Any) -> bool:
+    return isinstance(a, jax.core.Tracer)
+
+
+def _shape_dtype(a: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of an array, a traced one included (both are static)."""
+    if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+        a = np.asarray(a)
+    return tuple(int(n) for n in a.shape), np.dtype(a.dtype)
+
+
+def _is_int(dtype: np.dtype) -> bool:
+    return dtype != np.bool_ and np.issubdtype(dtype, np.integer)
+
+
+def _check_ids(name: str, ids: Any, num_neurons: int) -> None:
+    """Values of a concrete id array in ``[0, num_neurons)``, naming the first bad one."""
+    ids = np.asarray(ids)
+    bad = np.argwhere((ids < 0) | (ids >= num_neurons))
+    if bad.size:
+        where = tuple(int(i) for i in bad[0])
+        raise InputError(
+            f"{name} ids must lie in [0, {num_neurons}) (the probe's neurons); got "
+            f"{ids[where]} at [{', '.join(map(str, where))}]"
+        )
+
+
+def check_inputs(probe: Probe, x: Any, *, name: str = "x") -> int:
+    """Checks that ``x`` is a batch of the probe's inputs, ``[batch, *probe.input_shape]``.
+
+    Runs on a traced ``x`` too (only its shape is read).
+
+    Returns:
+      The batch size.
+
+    Raises:
+      InputError: another shape; the message names both.
+    """
+    shape, _ = _shape_dtype(x)
+    want = tuple(probe.input_shape)
+    if len(shape) != len(want) + 1 or shape[1:] != want:
+        raise InputError(
+            f"{name} must have shape [batch, {', '.join(map(str, want))}] (the probe's input "
+            f"shape); got {shape}"
+        )
+    return shape[0]
+
+
+def check_labels(probe: Probe, labels: Any, *, batch: int | None = None, name: str = "labels"):
+    """Checks ``labels``: ``int[batch]`` classes in ``[0, probe.num_classes)``.
+
+    The values are checked when concrete (numpy, or a JAX array outside a
+    trace); under ``jit`` only the shape and type are, so check on the host first.
+
+    Args:
+      probe: the model's probe.
+      labels: the true classes.
+      batch: the expected length (None: any).
+      name: how the caller knows the labels (for the message).
+
+    Raises:
+      InputError: not integers, another shape, or a class out of range.
+    """
+    shape, dtype = _shape_dtype(labels)
+    if not _is_int(dtype):
+        raise InputTypeError(f"{name} must be integer classes; got {dtype}")
+    if len(shape) != 1 or (batch is not None and shape[0] != batch):
+        want = "batch" if batch is None else f"batch] = int[{batch}"
+        raise InputError(f"{name} must be int[{want}]; got shape {shape}")
+    if not _is_traced(labels):
+        values = np.asarray(labels)
+        bad = values[(values < 0) | (values >= probe.num_classes)]
+        if bad.size:
+            raise InputError(
+                f"{name} must lie in [0, {probe.num_classes}); got {bad[0]} "
+                f"(the probe's model has {probe.num_classes} classes)"
+            )
+
+
+def _check_table_layout(probe: Probe, table: Any) -> None:
+    shape, dtype = _shape_dtype(table)
+    if not _is_int(dtype):
+        raise InputTypeError(f"table must hold integer neuron ids; got {dtype}")
+    c, n = probe.num_classes, probe.index.num_neurons
+    if len(shape) != 2 or shape[0] != c:
+        raise InputError(
+            f"table must have shape [num_classes, k] = [{c}, k]; got shape {shape} "
+            "(one row of suspicious neuron ids per class of the probe's model)"
+        )
+    if not 1 <= shape[1] <= n:
+        raise InputError(
+            f"k (the table's columns) must lie in [1, {n}]; got {shape[1]} (the probe has {n} neurons)"
+        )
+
+
+def check_table(probe: Probe, table: Any) -> np.ndarray:
+    """Checks a suspicious-set table on the host: ``int[num_classes, k]``, ids in ``[0, N)``.
+
+    ``N`` is ``probe.index.num_neurons`` and ``1 <= k <= N``. Call it before a
+    jitted :func:`synthesize` (where the table is traced and its ids cannot
+    be checked): a JAX gather would clamp a bad id silently.
+
+    Args:
+      probe: the probe the ids index.
+      table: numpy or concrete JAX array of neuron ids, one row per class.
+
+    Returns:
+      The table as a numpy array (its dtype kept).
+
+    Raises:
+      InputError: another type or shape, or an id out of range (the message
+        names the expected and the actual shape, or the bad id and where it is);
+        a traced table.
+    """
+    if _is_traced(table):
+        raise InputTypeError(
+            "check_table needs a concrete table: call it on the host, outside jit; got a traced value"
+        )
+    _check_table_layout(probe, table)
+    table = np.asarray(table)
+    _check_ids("table", table, probe.index.num_neurons)
+    return table
+
+
+def _objective(probe: Probe, params: Any, x: jax.Array, sets: jax.Array) -> jax.Array:
+    _, flat = probe.flat(params, x)
+    return jnp.mean(jnp.take_along_axis(flat, sets, axis=1), axis=1)
 
 
 def objective(probe: Probe, params: Any, x: jax.Array, sets: jax.Array) -> jax.Array:
@@ -95,28 +240,50 @@ def objective(probe: Probe, params: Any, x: jax.Array, sets: jax.Array) -> jax.A
       probe: the model's probe.
       params: its parameters.
       x: ``float32[batch, *input_shape]``.
-      sets: ``int[batch, k]`` neuron ids.
+      sets: ``int[batch, k]`` neuron ids (checked to lie in ``[0, neurons)`` when concrete).
     """
-    _, flat = probe.flat(params, x)
-    return jnp.mean(jnp.take_along_axis(flat, sets, axis=1), axis=1)
+    batch = check_inputs(probe, x)
+    shape, dtype = _shape_dtype(sets)
+    if not _is_int(dtype) or len(shape) != 2 or shape[0] != batch or shape[1] < 1:
+        raise InputError(f"sets must be int[batch, k] = int[{batch}, k]; got {dtype}{list(shape)}")
+    if not _is_traced(sets):
+        _check_ids("sets", sets, probe.index.num_neurons)
+    return _objective(probe, params, x, sets)
 
 
 def _check_config(mode, d, step_size, steps, direction, lo, hi):
     if mode not in MODES:
         raise InputError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-    if not d > 0:
-        raise InputError(f"d (the maximum L-inf distance) must be > 0; got {d}")
-    if not step_size > 0:
-        raise InputError(f"step_size must be > 0; got {step_size}")
-    if not lo < hi:
-        raise InputError(f"the input range must have lo < hi; got [{lo}, {hi}]")
-    if mode == "pgd":
-        if int(steps) != steps or steps < 1:
-            raise InputError(f"steps must be a positive integer; got {steps!r}")
-        if not (callable(getattr(direction, "update", None)) or direction in DIRECTIONS):
-            raise InputError(
-                f"direction must be one of {', '.join(DIRECTIONS)} or an optax optimiser; got {direction!r}"
-            )
+    lo_f, hi_f = check_finite("lo", lo), check_finite("hi", hi)
+    if not lo_f < hi_f:
+        raise InputError(f"the input range must have lo < hi; got [{lo_f:g}, {hi_f:g}]")
+    d_f, span = check_finite("d", d), hi_f - lo_f
+    # a d beyond the whole range means nothing (equal up to rounding is the whole range)
+    if not d_f > 0 or (d_f > span and not math.isclose(d_f, span)):
+        raise InputError(
+            f"d (the maximum L-inf distance) must lie in (0, hi - lo] = (0, {span:g}]; got {d_f:g}"
+        )
+    check_finite("step_size", step_size, lo=0.0, lo_open=True)
+    check_int("steps", steps, lo=1)
+    if mode == "pgd" and not (
+        callable(getattr(direction, "update", None)) or direction in DIRECTIONS
+    ):
+        raise InputError(
+            f"direction must be one of {', '.join(DIRECTIONS)} or an optax optimiser; got {direction!r}"
+        )
+
+
+def _pgd_update(g, state: SynthesisState, optimizer, direction, step_size):
+    """One pgd step's move before the projection, and the optimiser's next state."""
+    if optimizer is not None:
+        return optimizer.update(-g, state.opt_state, state.x)  # ascent
+    if direction == "sign":
+        return step_size * jnp.sign(g), state.opt_state
+    if direction == "l2":
+        axes = tuple(range(1, g.ndim))
+        norm = jnp.sqrt(jnp.sum(g * g, axis=axes, keepdims=True))
+        return step_size * g / jnp.where(norm == 0, 1.0, norm), state.opt_state
+    return step_size * g, state.opt_state
 
 
 def make_synthesizer(
@@ -136,25 +303,28 @@ def make_synthesizer(
     Args:
       probe: the model's probe; its values define the objective.
       mode: ``"deepfault"`` (one clipped step, as the original) or ``"pgd"``.
-      d: maximum L-inf distance from the original (> 0).
+      d: maximum L-inf distance from the original, finite, in ``(0, hi - lo]``.
       step_size: gradient multiplier (deepfault), or the step of ``raw`` /
-        ``sign`` / ``l2`` directions (pgd); ignored by an optax optimiser,
-        which carries its own learning rate.
-      steps: pgd steps.
+        ``sign`` / ``l2`` directions (pgd); finite and > 0; ignored by an optax
+        optimiser, which carries its own learning rate.
+      steps: pgd steps, an integer >= 1 (checked in either mode).
       direction: pgd direction: ``"raw"``, ``"sign"``, ``"l2"`` (per input),
         or an ``optax.GradientTransformation``.
-      lo, hi: valid input range.
+      lo, hi: valid input range (finite, lo < hi).
       stop_when_misclassified: pgd: freeze each input once the model
         misclassifies it.
 
     Returns:
       A :class:`Synthesizer`.
+
+    Raises:
+      InputError: an option that is not finite or out of its range, named with its value.
     """
     _check_config(mode, d, step_size, steps, direction, lo, hi)
     optimizer = direction if callable(getattr(direction, "update", None)) else None
 
     def grad(params, x, sets):
-        return jax.grad(lambda z: jnp.sum(objective(probe, params, z, sets)))(x)
+        return jax.grad(lambda z: jnp.sum(_objective(probe, params, z, sets)))(x)
 
     def project(x, x0):
         return optax.projections.projection_box(x, jnp.maximum(x0 - d, lo), jnp.minimum(x0 + d, hi))
@@ -176,17 +346,7 @@ def make_synthesizer(
 
     def pgd_step(params, state, labels, sets):
         g = grad(params, state.x, sets)
-        axes = tuple(range(1, g.ndim))
-        opt_state = state.opt_state
-        if optimizer is not None:
-            update, opt_state = optimizer.update(-g, state.opt_state, state.x)  # ascent
-        elif direction == "sign":
-            update = step_size * jnp.sign(g)
-        elif direction == "l2":
-            norm = jnp.sqrt(jnp.sum(g * g, axis=axes, keepdims=True))
-            update = step_size * g / jnp.where(norm == 0, 1.0, norm)
-        else:
-            update = step_size * g
+        update, opt_state = _pgd_update(g, state, optimizer, direction, step_size)
         moved = project(state.x + update, state.x0)
         keep = state.done.reshape((-1,) + (1,) * (g.ndim - 1))
         x = jnp.where(keep, state.x, moved)
@@ -197,8 +357,8 @@ def make_synthesizer(
         return SynthesisState(x, state.x0, opt_state, done, state.step + 1)
 
     if mode == "deepfault":
-        return Synthesizer(init, deepfault_step, 1)
-    return Synthesizer(init, pgd_step, int(steps))
+        return Synthesizer(init, deepfault_step, 1, probe)
+    return Synthesizer(init, pgd_step, int(steps), probe)
 
 
 def synthesize(
@@ -222,7 +382,20 @@ def synthesize(
     Returns:
       ``float32[batch, *input_shape]`` synthesized inputs, each within ``d``
       (L-inf) of its original and inside ``[lo, hi]``.
+
+    Raises:
+      InputError: ``x`` not ``[batch, *probe.input_shape]``, ``labels`` not
+        ``int[batch]`` in ``[0, classes)``, ``table`` not ``int[classes, k]`` with
+        ``1 <= k <= neurons`` and ids in ``[0, neurons)``. Under ``jit`` the
+        values of ``labels`` and ``table`` are traced and only their shapes and
+        types are checked: check them on the host first (:func:`check_table`,
+        :func:`check_labels`).
     """
+    prb = synthesizer.probe
+    check_labels(prb, labels, batch=check_inputs(prb, x))
+    _check_table_layout(prb, table)
+    if not _is_traced(table):
+        _check_ids("table", table, prb.index.num_neurons)
     sets = jnp.asarray(table)[labels]
     state = synthesizer.init(params, x)
     if synthesizer.num_steps <= _MAX_UNROLL:

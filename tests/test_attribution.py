@@ -362,7 +362,7 @@ def test_attribution_measures_follow_their_formulas():
             mean_f = act_fail[i, j] / n_fail[i, 0] if n_fail[i, 0] else 0.0
             mean_p = act_pass[i, j] / n_pass[i, 0] if n_pass[i, 0] else 0.0
             got = [
-                float(measures.get_measure(m)(*args)[i, j])
+                float(measures.get_measure(m)(attribution.AttributionSums(*args))[i, j])
                 for m in ("gradxact", "actdiff", "linear_ablation")
             ]
             np.testing.assert_allclose(got, [want_g, mean_f - mean_p, fixes[i, j] - breaks[i, j]],

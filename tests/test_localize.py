@@ -10,6 +10,7 @@ import pytest
 from scipy.stats import chisquare
 
 from deepfault_jax import cli, localize, measures, probe, spectrum, spectrum_io
+from deepfault_jax.errors import InputError, InputTypeError
 
 
 @pytest.fixture(scope="module")
@@ -49,18 +50,93 @@ def test_top_k_refuses_bad_k(k):
 def test_top_k_refuses_nan_and_non_integer_k():
     with pytest.raises(ValueError, match="must not be NaN"):
         localize.top_k_neurons(np.array([0.0, np.nan]), 1)
-    with pytest.raises(TypeError, match="k must be an integer; got 1.5"):
+    with pytest.raises(InputError, match="k must be an integer; got 1.5"):
         localize.top_k_neurons(np.zeros(3), 1.5)
+
+
+@pytest.mark.parametrize(
+    ("k", "error"),
+    [
+        (3.5, InputError),
+        (True, InputTypeError),
+        (None, InputTypeError),
+        ("3", InputTypeError),
+        (float("nan"), InputError),
+        (float("inf"), InputError),
+        (np.float64(2.5), InputError),
+    ],
+)
+def test_k_must_be_an_integer_everywhere(spec, k, error):
+    with pytest.raises(error, match="k must be an integer"):
+        localize.top_k_neurons(np.zeros(7), k)
+    with pytest.raises(error, match="k must be an integer"):
+        localize.suspicious_neurons(spec, "ochiai", k)
+    with pytest.raises(error, match="k must be an integer"):
+        localize.random_neurons(jax.random.key(0), spec.index, k)
+
+
+def test_integral_k_of_other_types_is_accepted(spec):
+    for k in (3.0, np.int64(3), np.int32(3)):
+        np.testing.assert_array_equal(
+            localize.top_k_neurons(np.arange(7.0), k), localize.top_k_neurons(np.arange(7.0), 3)
+        )
+        assert localize.random_neurons(jax.random.key(0), spec.index, k).shape == (3,)
+
+
+def test_allowed_ids_are_integers_distinct_and_in_range():
+    score = np.array([0.5, 1.0, 0.5, np.inf, 1.0, 0.0, 0.5])
+    # floats used to be truncated (0.5 -> 0, 2.7 -> 2) without a word
+    with pytest.raises(InputTypeError, match="allowed ids must be integers; got float64"):
+        localize.top_k_neurons(score, 1, allowed=np.array([0.5, 2.7]))
+    # a repeated id used to come back twice in the top k
+    with pytest.raises(InputError, match=r"allowed ids must be distinct; got 1 repeated"):
+        localize.top_k_neurons(score, 2, allowed=np.array([1, 1, 4]))
+    with pytest.raises(InputError, match=r"allowed ids must lie in \[0, 7\); got range \[0, 7\]"):
+        localize.top_k_neurons(score, 1, allowed=np.array([0, 7]))
+    with pytest.raises(InputError, match=r"allowed ids must lie in \[0, 7\); got range \[-1, 2\]"):
+        localize.top_k_neurons(score, 1, allowed=[-1, 2])
+    with pytest.raises(InputError, match=r"allowed must be a \[neurons\] list of ids; got shape"):
+        localize.top_k_neurons(score, 1, allowed=np.array([[0, 2]]))
+
+
+def test_unsorted_allowed_ids_still_break_ties_by_lower_id():
+    score = np.array([0.5, 1.0, 0.5, np.inf, 1.0, 0.0, 0.5])
+    np.testing.assert_array_equal(localize.top_k_neurons(score, 2, allowed=[6, 2, 0]), [0, 2])
+    np.testing.assert_array_equal(
+        localize.top_k_neurons(score, 3, allowed=[6, 2, 0]),
+        localize.top_k_neurons(score, 3, allowed=[0, 2, 6]),
+    )
+
+
+def test_scores_need_a_neuron_axis():
+    with pytest.raises(InputError, match=r"scores must be \[neurons\] or \[classes, neurons\]"):
+        localize.top_k_neurons(np.float32(1.0), 1)
+    with pytest.raises(InputError, match=r"scores must be \[neurons\] or \[classes, neurons\]"):
+        localize.top_k_neurons(np.zeros((2, 3, 4)), 1)
+
+
+def test_random_neurons_refuses_exclusions_outside_the_neurons(spec):
+    key = jax.random.key(0)
+    # an id past the neurons, or a negative one, used to be ignored; a float truncated
+    with pytest.raises(InputError, match=r"exclude ids must lie in \[0, 20\); got range \[3, 20\]"):
+        localize.random_neurons(key, spec.index, 2, exclude=[3, 20])
+    with pytest.raises(InputError, match=r"exclude ids must lie in \[0, 20\); got range \[-1, 3\]"):
+        localize.random_neurons(key, spec.index, 2, exclude=np.array([[-1, 3]]))
+    with pytest.raises(InputTypeError, match="exclude ids must be integers; got float64"):
+        localize.random_neurons(key, spec.index, 2, exclude=[4.5])
+    base = localize.random_neurons(key, spec.index, 2, exclude=np.array([], np.int64))
+    np.testing.assert_array_equal(base, localize.random_neurons(key, spec.index, 2))
+    np.testing.assert_array_equal(base, localize.random_neurons(key, spec.index, 2, exclude=[]))
 
 
 def test_scores_per_class_and_pooled(spec):
     per_class = localize.suspiciousness(spec, "ochiai")
     pooled = localize.suspiciousness(spec, "ochiai", pooled=True)
     assert per_class.shape == (3, 20) and pooled.shape == (20,)
-    np.testing.assert_allclose(pooled, measures.ochiai(*spec.pooled()))
-    np.testing.assert_allclose(per_class[1], measures.ochiai(*spec.for_class(1)))
-    np.testing.assert_allclose(
-        localize.suspiciousness(spec, "dstar", star=2), measures.dstar(*spec.counts(), star=2)
+    np.testing.assert_array_equal(pooled, measures.ochiai(spec.pooled()))
+    np.testing.assert_array_equal(per_class[1], measures.ochiai(spec.for_class(1)))
+    np.testing.assert_array_equal(
+        localize.suspiciousness(spec, "dstar", star=2), measures.dstar(spec.counts(), star=2)
     )
 
 
@@ -173,6 +249,9 @@ def test_localize_one_class_and_layers(capsys, spec, spec_file):
         (["--k", "21"], "k must lie in [1, 20]"),
         (["--class", "3"], "--class must lie in [0, 3); got 3"),
         (["--star", "2"], "--star is a parameter of dstar"),
+        (["--measure", "dstar", "--star", "inf"], "dstar's star must be a finite number; got inf"),
+        (["--measure", "dstar", "--star", "nan"], "dstar's star must be a finite number; got nan"),
+        (["--measure", "dstar", "--star", "0"], "dstar's star must lie in (0, inf]; got 0"),
         (["--layers", "x"], "unknown layer 'x'"),
         (["--class", "1", "--pooled"], "not allowed with argument"),
     ],

@@ -12,7 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import measure_loops, original_scores
 
-from deepfault_jax import localize, measures
+from deepfault_jax import localize, measures, probe
+from deepfault_jax.attribution import Attribution, AttributionSums
+from deepfault_jax.errors import InputError, InputTypeError
+from deepfault_jax.spectrum import Counts, Spectrum
 
 NAMES = measures.measure_names(family="counts")
 EXTREMES = [0, 1, 2, 3, 10, 11, 1000, 2**20, 2**31 - 1]
@@ -38,7 +41,7 @@ def test_at_least_fifteen_measures_with_documented_edge_cases():
 def test_every_combination_of_small_counts_under_jit(name):
     grid = np.array(list(itertools.product(range(4), repeat=4)), np.int32).T  # 256 combinations
     fn = jax.jit(measures.get_measure(name))
-    got = fn(*grid)
+    got = fn(Counts(*grid))
     assert got.shape == (256,) and got.dtype == np.float32
     _assert_close(got, measure_loops(name, *grid))
 
@@ -52,7 +55,7 @@ def test_every_combination_of_small_counts_under_jit(name):
 )
 def test_measures_match_float64_reference(name, counts):
     a_s, a_f, n_s, n_f = counts.astype(np.int32)
-    got = jax.jit(measures.get_measure(name))(a_s, a_f, n_s, n_f)
+    got = jax.jit(measures.get_measure(name))(Counts(a_s, a_f, n_s, n_f))
     assert got.shape == (2, 7)
     want = measure_loops(name, a_s, a_f, n_s, n_f)
     # differences of huge counts (wong2, wong3, op2) lose float32 precision: compare
@@ -72,7 +75,8 @@ def test_measures_match_float64_reference(name, counts):
 def test_dstar_star_parameter(star):
     grid = np.array(list(itertools.product([0, 1, 5, 40], repeat=4)), np.int32).T
     _assert_close(
-        measures.get_measure("dstar", star=star)(*grid), measure_loops("dstar", *grid, star=star)
+        measures.get_measure("dstar", star=star)(Counts(*grid)),
+        measure_loops("dstar", *grid, star=star),
     )
 
 
@@ -87,7 +91,7 @@ def test_rankings_match_the_original_where_it_is_defined(name):
     a_f[20:30] = 25
     n_s, n_f = 60 - a_s, 25 - a_f
     original, defined = original_scores(name, a_s, a_f, n_s, n_f)
-    ours = np.asarray(measures.get_measure(name)(a_s, a_f, n_s, n_f), np.float64)
+    ours = np.asarray(measures.get_measure(name)(Counts(a_s, a_f, n_s, n_f)), np.float64)
     np.testing.assert_allclose(
         ours[defined & np.isfinite(original)], original[defined & np.isfinite(original)], rtol=1e-6
     )
@@ -110,12 +114,137 @@ def test_get_errors_and_case():
     assert measures.get_measure("DStar") is measures.dstar
     assert measures.get_measure("russell-rao") is measures.russell_rao
     with pytest.raises(
-        ValueError, match="unknown measure 'naive'; expected one of tarantula, ochiai, dstar, "
+        InputError, match="unknown measure 'naive'; expected one of tarantula, ochiai, dstar, "
     ):
         measures.get_measure("naive")
     with pytest.raises(
-        ValueError, match=r"measure 'ochiai' takes parameters \[none\]; got \['star'\]"
+        InputError, match=r"measure 'ochiai' takes parameters \[none\]; got \['star'\]"
     ):
         measures.get_measure("ochiai", star=2)
-    with pytest.raises(ValueError, match="star must be > 0; got -1"):
+    with pytest.raises(
+        InputError, match=r"measure 'dstar' takes parameters \[star\]; got \['stars'\]"
+    ):
+        measures.get_measure("dstar", stars=2)
+    with pytest.raises(InputError, match=r"measure 'gradxact' takes parameters \[none\]"):
+        measures.get_measure("gradxact", star=2)
+    with pytest.raises(InputError, match=r"dstar's star must lie in \(0, inf\]; got -1"):
         measures.get_measure("dstar", star=-1)
+
+
+# --------------------------------------------------------------------------- the two families
+
+
+def _spectrum_with_attribution(seed=0):
+    rng = np.random.default_rng(seed)
+    c, n = 3, 7
+    n_pass, n_fail = rng.integers(1, 30, c), rng.integers(0, 9, c)
+    a_pass = (rng.random((c, n)) * n_pass[:, None]).astype(np.int32)
+    a_fail = (rng.random((c, n)) * n_fail[:, None]).astype(np.int32)
+    floats = [rng.normal(size=(c, n)).astype(np.float32) for _ in range(4)]
+    ints = [rng.integers(0, 4, (c, n)).astype(np.int32) for _ in range(2)]
+    return Spectrum(
+        *(jax.numpy.asarray(a, jax.numpy.int32) for a in (a_pass, a_fail, n_pass, n_fail)),
+        probe.NeuronIndex(("dense_0", "dense_1"), (3, 4)),
+        0.0,
+        Attribution(*(jax.numpy.asarray(a) for a in floats + ints)),
+    )
+
+
+def test_every_measure_takes_the_namedtuple_of_its_registered_family():
+    import typing
+
+    assert measures.FAMILIES == {"counts": Counts, "attribution": AttributionSums}
+    spec = _spectrum_with_attribution()
+    inputs = {"counts": spec.counts(), "attribution": spec.attribution_sums()}
+    assert set(measures.measure_names()) == set(NAMES) | set(
+        measures.measure_names(family="attribution")
+    )
+    for name in measures.measure_names():
+        family = measures.measure_kind(name)
+        fn = measures.get_measure(name)
+        assert measures.measure_kind(fn) == family, name
+        first = next(iter(typing.get_type_hints(fn)))
+        assert typing.get_type_hints(fn)[first] is measures.FAMILIES[family], name
+        assert fn(inputs[family]).shape == (3, 7), name
+        other = inputs["attribution" if family == "counts" else "counts"]
+        with pytest.raises(
+            InputTypeError, match=f"{name} takes an? {type(inputs[family]).__name__}"
+        ):
+            fn(other)
+        with pytest.raises(TypeError):
+            fn(*inputs[family])  # the old call shape: one argument per array
+
+
+def test_suspiciousness_dispatches_on_the_family_for_names_and_functions():
+    spec = _spectrum_with_attribution(1)
+    for name in measures.measure_names():
+        fn = measures.get_measure(name)
+        family = measures.measure_kind(name)
+        for pooled in (False, True):
+            if family == "counts":
+                want = fn(spec.pooled() if pooled else spec.counts())
+            else:
+                want = fn(spec.attribution_sums(pooled=pooled))
+            for measure in (name, fn):
+                got = localize.suspiciousness(spec, measure, pooled=pooled)
+                np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    bound = measures.get_measure("dstar", star=2)
+    assert measures.measure_kind(bound) == "counts"
+    np.testing.assert_array_equal(
+        np.asarray(localize.suspiciousness(spec, bound)),
+        np.asarray(localize.suspiciousness(spec, "dstar", star=2)),
+    )
+    # an unregistered function is a count measure
+    np.testing.assert_array_equal(
+        np.asarray(localize.suspiciousness(spec, lambda c: c.a_f, pooled=True)),
+        np.asarray(spec.pooled().a_f),
+    )
+
+
+def test_suspiciousness_refuses_parameters_beside_a_function():
+    # they used to be dropped silently: dstar with star=3, not the star asked for
+    spec = _spectrum_with_attribution()
+    with pytest.raises(InputError, match=r"parameters .*star.* a measure given by name"):
+        localize.suspiciousness(spec, measures.dstar, star=2)
+
+
+def test_measure_parameters_lists_the_hyperparameters_and_defaults():
+    assert measures.measure_parameters("DStar") == {"star": 3.0}
+    assert measures.measure_parameters("ochiai") == {}
+    assert measures.measure_parameters("linear-ablation") == {}
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        (float("inf"), InputError, "dstar's star must be a finite number; got inf"),
+        (float("-inf"), InputError, "dstar's star must be a finite number; got -inf"),
+        (float("nan"), InputError, "dstar's star must be a finite number; got nan"),
+        (np.float32("inf"), InputError, "dstar's star must be a finite number; got inf"),
+        (0, InputError, r"dstar's star must lie in \(0, inf\]; got 0"),
+        (True, InputTypeError, "dstar's star must be a number; got bool True"),
+        ("2", InputTypeError, "dstar's star must be a number; got str '2'"),
+    ],
+)
+def test_hyperparameters_must_be_finite_at_get_measure(value, error, message):
+    with pytest.raises(error, match=message):
+        measures.get_measure("dstar", star=value)
+    spec = _spectrum_with_attribution()
+    with pytest.raises(error, match=message):
+        localize.suspiciousness(spec, "dstar", star=value)
+
+
+def test_star_keeps_its_type_so_scores_stay_bit_identical():
+    grid = Counts(*np.array(list(itertools.product([0, 1, 5, 40, 5000], repeat=4)), np.int32).T)
+    for star in (2, 2.0, np.float32(0.5), 3):
+        got = measures.get_measure("dstar", star=star)(grid)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(measures.dstar(grid, star=star)))
+
+
+def test_registering_a_name_twice_is_refused():
+    with pytest.raises(InputError, match="measure 'ochiai' is registered already"):
+
+        @measures.count_measure
+        def ochiai(counts: Counts) -> jax.Array:
+            """A second Ochiai."""
+            return counts.a_f
