@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepfault_jax.errors import check_finite
+
 __all__ = [
     "MAX_BATCH",
     "batch_counts",
@@ -53,6 +55,9 @@ def batch_counts(
     Returns:
       ``(a_pass[classes, neurons], a_fail[classes, neurons], n_pass[classes],
       n_fail[classes])`` as int32.
+
+    Raises:
+      InputError: ``threshold`` is not a finite number.
     """
     counts, _ = counts_and_nonfinite(logits, activations, labels, mask, threshold)
     return counts
@@ -60,7 +65,14 @@ def batch_counts(
 
 def counts_and_nonfinite(logits, activations, labels, mask, threshold):
     """:func:`batch_counts`, and the number of non-finite values seen (logits of
-    counted rows, activations of any row), found at the cost of small arrays."""
+    counted rows, activations of any row), found at the cost of small arrays.
+
+    Raises:
+      InputError: a concrete ``threshold`` that is not a finite number (no
+        value is ``> nan``: every neuron would count as inactive).
+    """
+    if not isinstance(threshold, jax.core.Tracer):
+        check_finite("threshold", threshold)
     num_classes = logits.shape[-1]
     parts = [activations] if isinstance(activations, jax.Array | np.ndarray) else list(activations)
     weights, _ = slot_weights(logits, labels, mask)

@@ -36,7 +36,7 @@ from deepfault_jax.attribution import (
     attribution_mode,
     zero_attribution,
 )
-from deepfault_jax.errors import InputError
+from deepfault_jax.errors import InputError, check_finite, check_int
 from deepfault_jax.kernels import batch_counts
 from deepfault_jax.probe import NeuronIndex
 
@@ -178,20 +178,33 @@ def init_spectrum(
 ) -> Spectrum:
     """An all-zero spectrum for ``index`` and ``num_classes`` classes.
 
-    ``attribution``: False for counts only; True (``"margin"``) or
-    ``"all-classes"`` for zero :class:`Attribution` sums of that kind.
+    Args:
+      index: the neuron layout.
+      num_classes: classes (rows), an integer >= 2.
+      threshold: active means ``> threshold``; a finite number.
+      attribution: False for counts only; True (``"margin"``) or
+        ``"all-classes"`` for zero :class:`Attribution` sums of that kind.
+
+    Returns:
+      The spectrum.
+
+    Raises:
+      InputError: ``num_classes`` is not an integer >= 2, ``threshold`` is
+        not a finite number (a NaN threshold would count no neuron active),
+        or ``attribution`` names no mode.
     """
     mode = attribution_mode(attribution)
-    if int(num_classes) < 2:
+    c, n = check_int("num_classes", num_classes), index.num_neurons
+    if c < 2:
         raise InputError(f"num_classes must be >= 2; got {num_classes}")
-    c, n = int(num_classes), index.num_neurons
+    threshold = check_finite("threshold", threshold)
     return Spectrum(
         jnp.zeros((c, n), jnp.int32),
         jnp.zeros((c, n), jnp.int32),
         jnp.zeros((c,), jnp.int32),
         jnp.zeros((c,), jnp.int32),
         index,
-        float(threshold),
+        threshold,
         zero_attribution(c, n, mode) if mode else None,
     )
 

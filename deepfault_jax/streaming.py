@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from deepfault_jax.attribution import attribution_batch
 from deepfault_jax.data import Batch, iterate_batches
-from deepfault_jax.errors import InputError, InputTypeError
+from deepfault_jax.errors import InputError, InputTypeError, check_finite, check_int
 from deepfault_jax.kernels import MAX_BATCH, counts_and_nonfinite
 from deepfault_jax.probe import Probe
 from deepfault_jax.progress import Progress, notify
@@ -142,6 +143,82 @@ def _check_batch(batch: Batch, probe: Probe, num_classes: int) -> None:
         )
 
 
+def _check_rows(rows: int, counted: int) -> int:
+    """The inputs counted after a batch of ``rows`` (all processes), or an error when
+    the batch is too large for exact counts or the counts would pass int32."""
+    if rows > MAX_BATCH:
+        raise InputError(f"batch must hold at most {MAX_BATCH} rows for exact counts; got {rows}")
+    if counted + rows > MAX_COUNT:
+        raise InputError(
+            f"counts would pass the int32 limit {MAX_COUNT}: {counted} inputs counted, "
+            f"{rows} more in this batch; split the data and merge the spectra in int64"
+        )
+    return counted + rows
+
+
+def _local_devices(mesh: Mesh) -> int:
+    """The devices of ``mesh`` that belong to this process."""
+    return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
+def _starting_spectrum(
+    probe: Probe, num_classes: Any, threshold: Any, attribution: bool | str, spectrum: Any
+) -> Spectrum:
+    """The spectrum :func:`accumulate_spectrum` starts from, checked against the probe."""
+    if num_classes is None:
+        num_classes = probe.num_classes
+    num_classes = check_int("num_classes", num_classes)
+    if num_classes != probe.num_classes:
+        raise InputError(
+            f"num_classes must match the model's {probe.num_classes} logits; got {num_classes}"
+        )
+    threshold = check_finite("threshold", threshold)
+    if spectrum is None:
+        return init_spectrum(
+            probe.index, num_classes=num_classes, threshold=threshold, attribution=attribution
+        )
+    if not isinstance(spectrum, Spectrum):
+        raise InputTypeError(f"spectrum must be a Spectrum or None; got {type(spectrum).__name__}")
+    if spectrum.index != probe.index or spectrum.num_classes != num_classes:
+        check_same_layout(
+            init_spectrum(probe.index, num_classes=num_classes, threshold=spectrum.threshold),
+            spectrum,
+            "continue",
+        )
+    return spectrum
+
+
+def _stepper(probe: Probe, params: Any, spectrum: Spectrum, mesh: Mesh | None):
+    """The running state ``(spectrum, non-finite count)`` placed for the run, a function
+    ``step(state, batch) -> state``, and the number of processes feeding each batch."""
+    if mesh is None:
+
+        def step(state, batch: Batch):
+            return _step(*state, params, batch.x, batch.y, batch.mask, probe=probe)
+
+        # a private copy: the step donates it
+        return (jax.tree.map(jnp.array, spectrum), jnp.zeros((), jnp.int32)), step, 1
+    local_devices = _local_devices(mesh)
+    sharded = _sharded_step(probe, mesh)
+    data_sharding = NamedSharding(mesh, P("data"))
+    placed_params = _replicate(params, mesh)
+
+    def step(state, batch: Batch):
+        if len(batch.y) % local_devices:
+            raise InputError(
+                f"batch size must be a multiple of the {local_devices} local devices of the mesh; "
+                f"got {len(batch.y)}"
+            )
+        x, y, mask = (
+            jax.make_array_from_process_local_data(data_sharding, np.asarray(a))
+            for a in (batch.x, batch.y, batch.mask)
+        )
+        return sharded(*state, placed_params, x, y, mask)
+
+    state = (_replicate(spectrum, mesh), _replicate(np.zeros((), np.int32), mesh))
+    return state, step, len({d.process_index for d in mesh.devices.flat})
+
+
 def accumulate_spectrum(
     probe: Probe,
     params: Any,
@@ -173,7 +250,8 @@ def accumulate_spectrum(
         several processes, each process passes its own rows, and every
         process must pass the same number of batches.
       num_classes: classes (default: the probe's number of logits).
-      threshold: active means ``> threshold``; ignored when ``spectrum`` is given.
+      threshold: active means ``> threshold``, a finite number; ignored (but
+        still checked) when ``spectrum`` is given.
       attribution: also gather the :class:`Attribution` sums (needs a probe
         with gates): True or ``"margin"`` (two cotangents per input), or
         ``"all-classes"`` (one per class; see :class:`Attribution`); ignored
@@ -188,73 +266,32 @@ def accumulate_spectrum(
 
     Returns:
       The spectrum, as arrays on this process.
+
+    Raises:
+      InputError: ``num_classes`` or ``total`` is not an integer, or
+        ``num_classes`` differs from the probe's; ``threshold`` is not
+        finite; ``spectrum`` has another layout; a batch has another input
+        shape, labels out of range, too many rows, or gives non-finite values;
+        the counts would pass the int32 limit.
     """
-    num_classes = probe.num_classes if num_classes is None else int(num_classes)
-    if num_classes != probe.num_classes:
-        raise InputError(
-            f"num_classes must match the model's {probe.num_classes} logits; got {num_classes}"
-        )
-    if spectrum is None:
-        spectrum = init_spectrum(
-            probe.index, num_classes=num_classes, threshold=threshold, attribution=attribution
-        )
-    elif spectrum.index != probe.index or spectrum.num_classes != num_classes:
-        check_same_layout(
-            init_spectrum(probe.index, num_classes=num_classes, threshold=spectrum.threshold),
-            spectrum,
-            "continue",
-        )
+    spectrum = _starting_spectrum(probe, num_classes, threshold, attribution, spectrum)
+    if total is not None:
+        total = check_int("total", total, lo=0)
     if spectrum.attribution is not None:
         probe.require_gates(f"attribution={spectrum.attribution.linearised!r}")
-    counted = spectrum.num_inputs
-    processes = 1
-    if mesh is not None:
-        processes = len({d.process_index for d in mesh.devices.flat})
-        local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-        step = _sharded_step(probe, mesh)
-        data_sharding = NamedSharding(mesh, P("data"))
-        spectrum = _replicate(spectrum, mesh)
-        params = _replicate(params, mesh)
-        nonfinite = _replicate(np.zeros((), np.int32), mesh)
-    else:
-        spectrum = jax.tree.map(jnp.array, spectrum)  # a private copy: the step donates it
-        nonfinite = jnp.zeros((), jnp.int32)
-    done = 0
+    state, step, processes = _stepper(probe, params, spectrum, mesh)
+    counted, done = spectrum.num_inputs, 0
     for batch in batches:
-        _check_batch(batch, probe, num_classes)
-        rows = len(batch.y) * processes
-        if rows > MAX_BATCH:
-            raise InputError(
-                f"batch must hold at most {MAX_BATCH} rows for exact counts; got {rows}"
-            )
-        if counted + rows > MAX_COUNT:
-            raise InputError(
-                f"counts would pass the int32 limit {MAX_COUNT}: {counted} inputs counted, "
-                f"{rows} more in this batch; split the data and merge the spectra in int64"
-            )
-        counted += rows
-        if mesh is None:
-            spectrum, nonfinite = _step(
-                spectrum, nonfinite, params, batch.x, batch.y, batch.mask, probe=probe
-            )
-        else:
-            if len(batch.y) % local_devices:
-                raise InputError(
-                    f"batch size must be a multiple of the {local_devices} local devices of the mesh; "
-                    f"got {len(batch.y)}"
-                )
-            x, y, mask = (
-                jax.make_array_from_process_local_data(data_sharding, np.asarray(a))
-                for a in (batch.x, batch.y, batch.mask)
-            )
-            spectrum, nonfinite = step(spectrum, nonfinite, params, x, y, mask)
+        _check_batch(batch, probe, spectrum.num_classes)
+        counted = _check_rows(len(batch.y) * processes, counted)
+        state = step(state, batch)
         done += 1
         notify(progress, "spectrum", done, total)
         if on_batch is not None:
-            _check_finite(nonfinite)  # never hand on (or save) counts of non-finite values
-            on_batch(done, spectrum)
-    _check_finite(nonfinite)
-    return _to_local(spectrum) if mesh is not None else spectrum
+            _check_finite(state[1])  # never hand on (or save) counts of non-finite values
+            on_batch(done, state[0])
+    _check_finite(state[1])
+    return _to_local(state[0]) if mesh is not None else state[0]
 
 
 def _check_finite(nonfinite: jax.Array) -> None:
@@ -266,6 +303,9 @@ def _check_finite(nonfinite: jax.Array) -> None:
         )
 
 
+# --------------------------------------------------------------------------- resume files
+
+
 def _fingerprint(x: np.ndarray, y: np.ndarray) -> str:
     """A cheap identity of a data set: shapes, every label, and a strided sample of inputs."""
     h = hashlib.sha256()
@@ -275,6 +315,168 @@ def _fingerprint(x: np.ndarray, y: np.ndarray) -> str:
     step = max(1, flat.shape[1] // 64)
     h.update(np.ascontiguousarray(flat[:, ::step]).tobytes())
     return h.hexdigest()[:32]
+
+
+def _params_digest(params: Any) -> str:
+    """The identity of a model's parameters: every leaf's path, shape, dtype and bytes,
+    in the pytree's (fixed) order."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        a = np.asarray(leaf)
+        h.update(repr((jax.tree_util.keystr(path), a.shape, str(a.dtype))).encode())
+        h.update(repr(leaf).encode() if a.dtype == object else np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:32]
+
+
+def _run_identity(probe: Probe, params: Any, x: np.ndarray, y: np.ndarray, spectrum: Spectrum):
+    """Everything a resume file's counts depend on, but the batch size (counts are
+    order-free): one JSON value per part, stored in the file's metadata."""
+    index = probe.index
+    return {
+        "data_fingerprint": _fingerprint(x, y),
+        "params_digest": _params_digest(params),
+        "layers": [[n, s] for n, s in zip(index.layer_names, index.layer_sizes, strict=True)],
+        "input_shape": list(probe.input_shape),
+        "num_classes": probe.num_classes,
+        "values": probe.values,
+        "conv_reduce": probe.conv_reduce,
+        "threshold": spectrum.threshold,
+        "attribution": None if spectrum.attribution is None else spectrum.attribution.linearised,
+    }
+
+
+def _resume_metadata(identity: dict, position: int, rows: int) -> dict:
+    return {**identity, "position": position, "complete": position == rows}
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _check_identity(where: str, meta: dict, identity: dict) -> None:
+    """Raises naming the first part of ``identity`` the resume file's ``meta`` differs in."""
+    for key, ours in identity.items():
+        theirs = meta[key]
+        if _same(theirs, ours):
+            continue
+        if key == "data_fingerprint":
+            raise InputError(
+                f"{where}: it was computed on other data "
+                f"(expected fingerprint {ours}, got {theirs})"
+            )
+        if key == "params_digest":
+            raise InputError(
+                f"{where}: it was computed with other parameters (digest {theirs} vs {ours})"
+            )
+        raise InputError(f"{where}: it was computed with {key} {theirs!r}, this run uses {ours!r}")
+
+
+def _check_position(where: str, meta: dict, rows: int, saved: Spectrum) -> int:
+    """The resume file's position, checked against the data, its counts and ``complete``."""
+    try:
+        position = check_int("position", meta["position"], lo=0, hi=rows)
+    except InputError as e:
+        raise type(e)(f"{where}: {e}") from None
+    complete = meta["complete"]
+    if not isinstance(complete, bool):
+        raise InputError(
+            f"{where}: complete must be true or false; got {type(complete).__name__} {complete!r}"
+        )
+    if saved.num_inputs != position:
+        raise InputError(
+            f"{where}: its counts cover {saved.num_inputs} inputs, its position says {position}"
+        )
+    if complete != (position == rows):
+        raise InputError(f"{where}: complete is {complete} at position {position} of {rows}")
+    return position
+
+
+def _resume(path: Path, fresh: Spectrum, identity: dict, rows: int) -> tuple[Spectrum, int]:
+    """The spectrum and position saved in the resume file ``path``, after checking that
+    it belongs to this run (``fresh`` is the run's empty spectrum)."""
+    saved, meta = load_spectrum(path, with_metadata=True)
+    where = f"cannot resume from {path}"
+    keys = ("position", "complete", *identity)
+    missing = [k for k in keys if k not in meta]
+    if len(missing) == len(keys):
+        raise InputError(
+            f"{where}: it is not a resume file (its metadata lacks {missing}); expected the "
+            "progress file of an interrupted run, or delete it to start over"
+        )
+    if missing:
+        raise InputError(
+            f"{where}: its metadata lacks {missing} (written by another version of "
+            "deepfault-jax?); delete it to start over"
+        )
+    check_same_layout(fresh, saved, "resume")
+    check_same_attribution(fresh, saved, f"resume from {path}")
+    _check_identity(where, meta, identity)
+    return saved, _check_position(where, meta, rows, saved)
+
+
+# --------------------------------------------------------------------------- whole data sets
+
+
+def _positive_int(name: str, value: Any) -> int:
+    try:
+        return check_int(name, value, lo=1)
+    except InputError as e:
+        raise type(e)(f"{name} must be a positive integer; got {value!r}") from None
+
+
+def _check_data(probe: Probe, x: np.ndarray, y: np.ndarray) -> None:
+    if x.shape[1:] != probe.input_shape:
+        raise InputError(
+            f"x must have shape [n, {', '.join(map(str, probe.input_shape))}]; got {list(x.shape)}"
+        )
+    if y.ndim != 1:
+        raise InputError(f"y must have shape [n]; got {list(y.shape)}")
+    if len(x) != len(y):
+        raise InputError(f"x and y must have the same length; got {len(x)} and {len(y)}")
+
+
+def _clamp_batch(batch_size: int, rows: int, mesh: Mesh | None, multi: bool) -> tuple[int, int]:
+    """The batch size, no larger than the data needs, and the rows of the largest process.
+
+    A batch never holds more than the (largest process's) rows, rounded up to a
+    multiple of the local device count; counts are order-free, so the clamped
+    size gives the same spectrum.
+    """
+    local = 1 if mesh is None else _local_devices(mesh)
+    if multi:
+        from jax.experimental import multihost_utils
+
+        both = np.asarray(multihost_utils.process_allgather(np.array([rows, local]))).reshape(-1, 2)
+        rows, local = int(both[:, 0].max()), int(np.lcm.reduce(both[:, 1]))
+    cap = max(1, -(-rows // local)) * local
+    return min(batch_size, cap), rows
+
+
+def _saver(
+    path: Path | None,
+    identity: dict | None,
+    rows: int,
+    start: int,
+    batch_size: int,
+    every: int,
+    mesh: Mesh | None,
+    callback: Callable[[int, Spectrum], None] | None,
+) -> Callable[[int, Spectrum], None] | None:
+    """The ``on_batch`` of :func:`compute_spectrum`: saves the resume file, calls back."""
+    if path is None and callback is None:
+        return None
+
+    def after_batch(done: int, current: Spectrum) -> None:
+        if path is not None and done % every == 0:
+            position = min(rows, start + done * batch_size)
+            local = _to_local(current) if mesh is not None else current
+            save_spectrum(path, local, metadata=_resume_metadata(identity, position, rows))
+        if callback is not None:
+            callback(done, current)
+
+    return after_batch
 
 
 def compute_spectrum(
@@ -299,15 +501,20 @@ def compute_spectrum(
       params: its parameters.
       x: ``float32[n, *input_shape]``; with a multi-process mesh, this process's rows.
       y: ``int[n]`` true classes.
-      batch_size: rows per step (per process); a multiple of the local device count.
-      threshold: active means ``> threshold``.
+      batch_size: rows per step (per process); a multiple of the local device
+        count. A size beyond the data is clamped to the rows (rounded up to a
+        multiple of the local device count): the same spectrum, less memory.
+      threshold: active means ``> threshold``, a finite number.
       attribution: also gather the :class:`Attribution` sums (as in :func:`accumulate_spectrum`).
       mesh: as in :func:`accumulate_spectrum`.
       checkpoint_path: if given, the spectrum and position are saved there
         (atomically) every ``checkpoint_every`` batches; a run started again
-        with the same path, data and probe layout continues from it and ends
-        bit-identical to an uninterrupted run. Single-process only.
-      checkpoint_every: batches between saves.
+        with the same path continues from it and ends bit-identical to an
+        uninterrupted run, with any batch size. The file records what its
+        counts depend on (the data, the parameters, the probe's layers, values
+        and conv reduction, the threshold, the attribution mode) and a run
+        that differs in any of them refuses it. Single-process only.
+      checkpoint_every: batches between saves, a positive integer.
       progress: as in :func:`accumulate_spectrum`.
       callback: called after each batch (after any save) with (batches done
         in this call, spectrum); an exception it raises stops the run, and a
@@ -315,75 +522,41 @@ def compute_spectrum(
 
     Returns:
       The spectrum.
+
+    Raises:
+      InputError: ``x`` or ``y`` of the wrong shape; ``batch_size`` or
+        ``checkpoint_every`` not a positive integer; a non-finite
+        ``threshold``; a resume file that is damaged, crafted, or from
+        another run (the message names the part that differs); and the
+        errors of :func:`accumulate_spectrum`.
     """
     x, y = np.asarray(x), np.asarray(y)
-    if len(x) != len(y):
-        raise InputError(f"x and y must have the same length; got {len(x)} and {len(y)}")
-    if int(batch_size) != batch_size or batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer; got {batch_size!r}")
-    if x.shape[1:] != probe.input_shape:
-        raise InputError(
-            f"x must have shape [n, {', '.join(map(str, probe.input_shape))}]; got {list(x.shape)}"
-        )
+    _check_data(probe, x, y)
+    batch_size = _positive_int("batch_size", batch_size)
+    checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
     spectrum = init_spectrum(
         probe.index, num_classes=probe.num_classes, threshold=threshold, attribution=attribution
     )
     multi = mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1
-    start = 0
-    fingerprint = None
+    if checkpoint_path is not None and multi:
+        raise InputError("checkpoint_path is for single-process runs; got a multi-process mesh")
+    batch_size, rows = _clamp_batch(batch_size, len(x), mesh, multi)
+    start, identity = 0, None
     if checkpoint_path is not None:
-        if multi:
-            raise InputError("checkpoint_path is for single-process runs; got a multi-process mesh")
-        if int(checkpoint_every) < 1:
-            raise InputError(f"checkpoint_every must be >= 1; got {checkpoint_every}")
         checkpoint_path = Path(checkpoint_path)
-        fingerprint = _fingerprint(x, y)
+        identity = _run_identity(probe, params, x, y, spectrum)
         if checkpoint_path.exists():
-            saved, meta = load_spectrum(checkpoint_path, with_metadata=True)
-            check_same_layout(spectrum, saved, "resume")
-            check_same_attribution(spectrum, saved, f"resume from {checkpoint_path}")
-            if meta.get("data_fingerprint") != fingerprint:
-                raise InputError(
-                    f"cannot resume from {checkpoint_path}: it was computed on other data "
-                    f"(expected fingerprint {fingerprint}, got {meta.get('data_fingerprint')})"
-                )
-            spectrum, start = saved, int(meta["position"])
-    n_batches = -(-(len(x) - start) // batch_size)
-    if multi:
-        from jax.experimental import multihost_utils
-
-        n_batches = int(np.max(multihost_utils.process_allgather(np.array([n_batches]))))
+            spectrum, start = _resume(checkpoint_path, spectrum, identity, len(x))
+    n_batches = -(-(rows - start) // batch_size)
     batches = (
         _padded_batches(x[start:], y[start:], batch_size, n_batches) if n_batches else iter(())
     )
-
-    def after_batch(done: int, current: Spectrum) -> None:
-        if checkpoint_path is not None and done % checkpoint_every == 0:
-            position = min(len(x), start + done * batch_size)
-            meta = {
-                "position": position,
-                "data_fingerprint": fingerprint,
-                "complete": position == len(x),
-            }
-            save_spectrum(
-                checkpoint_path, _to_local(current) if mesh is not None else current, metadata=meta
-            )
-        if callback is not None:
-            callback(done, current)
-
-    result = accumulate_spectrum(
-        probe,
-        params,
-        batches,
-        spectrum=spectrum,
-        mesh=mesh,
-        progress=progress,
-        total=n_batches,
-        on_batch=after_batch if checkpoint_path is not None or callback is not None else None,
-    )
+    on_batch = _saver(checkpoint_path, identity, len(x), start, batch_size, checkpoint_every,
+                      mesh, callback)  # fmt: skip
+    result = accumulate_spectrum(probe, params, batches, spectrum=spectrum, mesh=mesh,
+                                 progress=progress, total=n_batches, on_batch=on_batch)  # fmt: skip
     if checkpoint_path is not None:
-        meta = {"position": len(x), "data_fingerprint": fingerprint, "complete": True}
-        save_spectrum(checkpoint_path, result, metadata=meta)
+        save_spectrum(checkpoint_path, result, metadata=_resume_metadata(identity, len(x), len(x)))
     return result
 
 
