@@ -1,31 +1,55 @@
 """The ``deepfault-jax`` command line.
 
 Exit codes: 0 success; 2 bad input or usage (one line on stderr naming the
-expected and the actual value, no traceback); 1 an internal error.
-Every command takes ``--json``: one JSON object on stdout with the result;
-progress bars and messages go to stderr.
+expected and the actual value, no traceback); 1 an internal error; 130
+interrupted. Every option value is checked as the command line is read, before
+any work. Every command takes ``--json``: one JSON object on stdout with the
+result; progress bars and messages go to stderr.
+
+One vocabulary: ``--activation relu|leaky_relu`` is the model's nonlinearity;
+``--values pre|post`` says which neuron values are counted (before or after it).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import os
 import sys
 import tempfile
+import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from deepfault_jax.errors import InputError, parse_int_list, parse_names
+from deepfault_jax import data, errors, measures, pipeline, probe, spectrum_io, zoo
+from deepfault_jax.attribution import LINEARISED
+from deepfault_jax.errors import InputError
+from deepfault_jax.faultbench import FaultbenchConfig, default_methods
+from deepfault_jax.faults import FAULT_KINDS
+from deepfault_jax.spectrum import layer_summary
+from deepfault_jax.streaming import compute_spectrum, data_mesh
+from deepfault_jax.synthesis import DIRECTIONS, MODES
 
 __all__ = ["main"]
+
+_RUN = pipeline.RunConfig()  # the defaults of run, and of spectrum's model and probe options
+_BENCH = FaultbenchConfig()  # the defaults of faultbench
+_TRAIN = {n: p.default for n, p in inspect.signature(zoo.train).parameters.items()}
+_SPECTRUM = {n: p.default for n, p in inspect.signature(compute_spectrum).parameters.items()}
+_UNSET = object()
+_DATASET_HELP = "data set: digits, fashion-mnist, idx:DIR, tfds:NAME[:SPLIT] or npz:PATH"
+_CONV_REDUCE_HELP = {"mean": "spatial mean (the paper's)", "max": "spatial max",
+                     "none": "every position its own neuron"}  # fmt: skip
 
 
 class UsageError(InputError):
     """Bad command-line usage (exit code 2); ``prog`` names the (sub)command."""
 
-    def __init__(self, message: str, prog: str = "deepfault-jax"):
+    def __init__(self, message: str, prog: str | None = None):
         super().__init__(message)
         self.prog = prog
 
@@ -34,42 +58,165 @@ class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line and exit code 2, raised not printed."""
 
     def error(self, message: str):  # noqa: D401 - argparse's signature
+        # "argument --d: --d must be ..." -> "--d must be ..." (the option's type names it)
+        head, sep, rest = message.partition(": ")
+        option = head.removeprefix("argument ")
+        if sep and head != option and rest.startswith((f"{option} ", f"{option}:")):
+            message = rest
         raise UsageError(message, self.prog)
 
 
-def _one_line(text: str) -> str:
+def _one_line(text: Any) -> str:
     return " ".join(str(text).split())
 
 
 def _emit(args: argparse.Namespace, result: dict, human: Sequence[str]) -> None:
-    if args.json:
-        json.dump(result, sys.stdout, sort_keys=True)
-        sys.stdout.write("\n")
-    else:
-        for line in human:
-            print(line)
-    sys.stdout.flush()
+    """Prints the result: one JSON object with ``--json``, else the ``human`` lines."""
+    print(json.dumps(result, sort_keys=True) if args.json else "\n".join(human), flush=True)
 
 
-def _check_out_dir(path: str) -> Path:
-    """Fails early (before any long work) when ``path`` cannot hold an output directory."""
-    out = Path(path).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out must be a directory path; got existing file {str(out)!r}")
-    _check_writable(out, out if out.is_dir() else out.parent)
-    return out
+# --------------------------------------------------------------------------- option values
+# Each kind below is ``kind(option, text) -> value``, raising InputError naming the option;
+# :func:`_add` makes it the option's argparse ``type``.
 
 
-def _check_writable(out: Path, directory: Path) -> None:
-    """Creates ``directory`` and writes a temporary file there, or raises a UsageError naming ``out``."""
+def _int(*, lo: int | None = None, seed: bool = False) -> Callable[[str, Any], int]:
+    """An integer ``>= lo``, or a PRNG seed: an integer in ``[0, 2**63 - 1]``."""
+
+    def kind(option: str, text: Any) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise InputError(f"{option} must be an integer; got {text!r}") from None
+        if seed:
+            return errors.check_seed(value, name=option)
+        return errors.check_int(option, value, lo=lo)
+
+    return kind
+
+
+def _float(*, finite: bool = True, **bounds: Any) -> Callable[[str, str], float]:
+    """A finite number within :func:`~deepfault_jax.errors.check_finite`'s ``bounds`` (any
+    number with ``finite=False``: a library function checks it)."""
+
+    def kind(option: str, text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise InputError(f"{option} must be a number; got {text!r}") from None
+        return errors.check_finite(option, value, **bounds) if finite else value
+
+    return kind
+
+
+def _listed(item=None, *, choices=(), what="", check=None, all_means: Any = _UNSET) -> Callable:
+    """A comma-separated list of distinct values: integers checked by the kind ``item``, or
+    names among ``choices`` (each a ``what``) or passing ``check`` (which raises InputError);
+    with ``all_means``, the word ``all`` stands for it."""
+
+    def kind(option: str, text: str) -> Any:
+        if all_means is not _UNSET and text.strip() == "all":
+            return all_means
+        if item is not None:
+            values = tuple(item(option, v) for v in errors.parse_int_list(text, option))
+        else:
+            values = errors.parse_names(text, option)
+            for name in values:
+                try:
+                    if choices and name not in choices:
+                        expected = ", ".join(choices)
+                        raise InputError(f"unknown {what} {name!r}; expected one of {expected}")
+                    if check is not None:
+                        check(name)
+                except InputError as e:
+                    raise InputError(f"{option}: {e}") from None
+        twice = [v for i, v in enumerate(values) if v in values[:i]]
+        if twice:
+            raise InputError(f"{option} must list distinct values; got {text!r} ({twice[0]} twice)")
+        return values
+
+    return kind
+
+
+def _add(p, flag: str, default: Any, help: str, kind=None, *, shown: Any = _UNSET, **kw) -> None:
+    """Adds option ``flag``: its value read by ``kind``; its help ends with its default."""
+    if kind is not None:
+
+        def parse(text: str) -> Any:
+            try:
+                return kind(flag, text)
+            except InputError as e:
+                raise argparse.ArgumentTypeError(_one_line(e)) from None
+
+        kw["type"] = parse
+    shown = _shown(default) if shown is _UNSET else shown
+    p.add_argument(flag, default=default, help=f"{help} (default: {shown})", **kw)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _config_from(cls: type, args: argparse.Namespace) -> Any:
+    """A config dataclass from the options named like its fields (the rest keep their defaults)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    return cls(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+
+
+# --------------------------------------------------------------------------- output paths
+
+
+def _check_writable(out: Path) -> None:
+    """Fails early when ``out`` cannot be created: the nearest existing directory above it
+    must take a new file (nothing is created here; the writers create the directories)."""
+    absolute = out.absolute()
+    base = next((p for p in absolute.parents if p.exists()), Path(absolute.anchor))
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
+        if not base.is_dir():
+            raise NotADirectoryError(0, f"{str(base)!r} is not a directory")
+        with tempfile.TemporaryFile(dir=base):
             pass
     except OSError as e:
         raise UsageError(
             f"--out must be a writable location; got {str(out)!r} ({e.strerror or e})"
         ) from None
+
+
+def _check_out_dir(path: str, owned: Callable[[Path], bool] | None = None, what="") -> Path:
+    """Fails early (before any long work) when ``path`` cannot hold an output directory, or
+    is a non-empty directory that ``owned`` does not recognise as holding ``what``."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out must be a directory path; got existing file {str(out)!r}")
+    if owned is not None and out.is_dir() and any(out.iterdir()) and not owned(out):
+        raise UsageError(f"--out {str(out)!r} is not empty and does not hold {what}; it is "
+                         "kept: choose an empty or new directory")  # fmt: skip
+    _check_writable(out)
+    return out
+
+
+def _is_checkpoint(directory: Path) -> bool:
+    try:
+        meta = json.loads((directory / "model.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == zoo.CHECKPOINT_FORMAT
+
+
+def _check_spectrum_path(path: Path, what: str) -> None:
+    """Refuses a ``path`` that exists and is not a spectrum file: it is never replaced."""
+    if path.is_dir():
+        raise UsageError(f"{what} must be a file path; got existing directory {str(path)!r}")
+    if path.exists():
+        try:
+            spectrum_io.load_spectrum(path)
+        except InputError:
+            raise UsageError(
+                f"{what} {str(path)!r} exists and is not a deepfault-jax spectrum file; "
+                "it is kept: remove it or choose another path"
+            ) from None
 
 
 class _Bars:
@@ -98,223 +245,135 @@ def _progress(args: argparse.Namespace) -> _Bars | None:
     return None if args.no_progress else _Bars()
 
 
-def _slug(spec: str) -> str:
-    keep = "".join(c if c.isalnum() or c in "-_." else "-" for c in spec)
-    return keep.strip("-") or "data"
-
-
 # --------------------------------------------------------------------------- commands
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     import jax
 
-    from deepfault_jax import data, zoo
-
-    if args.epochs is not None and args.epochs < 1:
-        raise UsageError(f"--epochs must be >= 1; got {args.epochs}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1; got {args.batch_size}")
-    if not args.learning_rate > 0:
-        raise UsageError(f"--learning-rate must be > 0; got {args.learning_rate}")
-    out_arg = args.out or os.path.join(
-        "runs", f"{args.model}-{_slug(args.dataset)}-seed{args.seed}"
-    )
-    out = _check_out_dir(out_arg)
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in args.dataset).strip("-")
+    out_arg = args.out or os.path.join("runs", f"{args.model}-{slug}-seed{args.seed}")
+    out = _check_out_dir(out_arg, _is_checkpoint, "a deepfault-jax checkpoint")
     dataset = data.load_dataset(args.dataset)
-    model = zoo.create_model(
-        args.model,
-        input_shape=dataset.input_shape,
-        num_classes=dataset.num_classes,
-        activation=args.activation,
-    )
+    model = zoo.create_model(args.model, input_shape=dataset.input_shape,
+                             num_classes=dataset.num_classes, activation=args.activation)  # fmt: skip
     epochs = zoo.default_epochs(dataset) if args.epochs is None else args.epochs
     summary = dataset.summary()
     if not args.json:
         h, w, c = dataset.input_shape
-        print(
-            f"training {model.name} ({model.activation}) on {dataset.name}: "
-            f"{summary['num_train']} train / {summary['num_test']} test images of {h}x{w}x{c}, "
-            f"{dataset.num_classes} classes; {epochs} epochs, seed {args.seed}",
-            flush=True,
-        )
-    result = zoo.train(
-        jax.random.key(args.seed),
-        model,
-        dataset,
-        epochs=epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        progress=not args.no_progress,
-    )
-    checkpoint = zoo.save_checkpoint(
-        out,
-        model,
-        result.params,
-        metadata={
-            "dataset": dataset.name,
-            "seed": args.seed,
-            "epochs": epochs,
-            "batch_size": args.batch_size,
-            "learning_rate": args.learning_rate,
-            "test_accuracy": result.test_accuracy,
-        },
-    )
+        print(f"training {model.name} ({model.activation}) on {dataset.name}: "
+              f"{summary['num_train']} train / {summary['num_test']} test images of {h}x{w}x{c}, "
+              f"{dataset.num_classes} classes; {epochs} epochs, seed {args.seed}", flush=True)  # fmt: skip
+    settings = {"seed": args.seed, "epochs": epochs, "batch_size": args.batch_size,
+                "learning_rate": args.learning_rate}  # fmt: skip
+    result = zoo.train(jax.random.key(args.seed), model, dataset, epochs=epochs,
+                       batch_size=args.batch_size, learning_rate=args.learning_rate,
+                       progress=not args.no_progress)  # fmt: skip
+    metadata = {"dataset": dataset.name, **settings, "test_accuracy": result.test_accuracy}
+    checkpoint = zoo.save_checkpoint(out, model, result.params, metadata=metadata)
     report = {
-        "model": model.name,
-        "activation": model.activation,
-        "dataset": dataset.name,
-        "seed": args.seed,
-        "epochs": epochs,
-        "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate,
-        "num_train": summary["num_train"],
-        "num_test": summary["num_test"],
-        "input_shape": summary["input_shape"],
-        "num_classes": summary["num_classes"],
-        "test_accuracy": result.test_accuracy,
-        "train_seconds": round(result.seconds, 3),
-        "history": result.history,
-        "checkpoint": str(checkpoint),
-    }
+        "model": model.name, "activation": model.activation, "dataset": dataset.name, **settings,
+        **{k: summary[k] for k in ("num_train", "num_test", "input_shape", "num_classes")},
+        "test_accuracy": result.test_accuracy, "train_seconds": round(result.seconds, 3),
+        "history": result.history, "checkpoint": str(checkpoint),
+    }  # fmt: skip
     n_test = summary["num_test"]
-    correct = round(result.test_accuracy * n_test)
-    _emit(
-        args,
-        report,
-        [
-            f"test accuracy {result.test_accuracy:.4f} ({correct}/{n_test}) "
-            f"after {epochs} epochs in {result.seconds:.1f} s",
-            f"checkpoint {checkpoint}",
-        ],
-    )
+    human = [f"test accuracy {result.test_accuracy:.4f} ({round(result.test_accuracy * n_test)}/"
+             f"{n_test}) after {epochs} epochs in {result.seconds:.1f} s",
+             f"checkpoint {checkpoint}"]  # fmt: skip
+    _emit(args, report, human)
     return 0
 
 
-def _split_list(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise UsageError(f"--layers must name at least one layer; got {text!r}")
-    return items
+def _spectrum_model(args: argparse.Namespace, dataset: data.Dataset) -> tuple:
+    """``(model, params, source)`` of the spectrum command: its --checkpoint, or the zoo
+    model (its probe options checked on an untrained copy first, before any training)."""
+    if args.checkpoint:
+        model, params, _ = zoo.load_checkpoint(args.checkpoint, input_shape=dataset.input_shape)
+        if model.num_classes != dataset.num_classes:
+            raise InputError(f"checkpoint {args.checkpoint} has {model.num_classes} classes; "
+                             f"data set {dataset.name!r} has {dataset.num_classes}")  # fmt: skip
+        return model, params, str(Path(args.checkpoint).expanduser().absolute())
+    import jax
+
+    untrained = zoo.create_model(args.model, input_shape=dataset.input_shape,
+                                 num_classes=dataset.num_classes, activation=args.activation)  # fmt: skip
+    _spectrum_probe(args, untrained, zoo.init_params(jax.random.key(0), untrained))
+    model, params, _ = zoo.load_or_train(args.model, dataset, seed=args.seed,
+                                         activation=args.activation, progress=not args.no_progress)  # fmt: skip
+    return model, params, f"zoo:{args.model}:{args.activation}:seed{args.seed}"
 
 
-def _check_out_file(path: str, suffix: str) -> Path:
-    """Fails early when ``path`` cannot be written (its directory is created)."""
-    out = Path(path).expanduser()
-    if out.suffix != suffix:
-        raise UsageError(f"--out must end in {suffix}; got {str(out)!r}")
-    if out.is_dir():
-        raise UsageError(f"--out must be a file path; got existing directory {str(out)!r}")
-    _check_writable(out, out.parent)
-    return out
+def _spectrum_probe(args: argparse.Namespace, model: zoo.Model, params: Any) -> probe.Probe:
+    return probe.model_probe(model, params, layers=list(args.layers) if args.layers else None,
+                             conv_reduce=args.conv_reduce, values=args.values)  # fmt: skip
 
 
 def _cmd_spectrum(args: argparse.Namespace) -> int:
-    import time
-
-    from deepfault_jax import data, probe, spectrum_io, streaming, zoo
-    from deepfault_jax import spectrum as spectrum_lib
-
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1; got {args.batch_size}")
-    if args.devices < 1:
-        raise UsageError(f"--devices must be >= 1; got {args.devices}")
-    mesh = streaming.data_mesh(devices=args.devices) if args.devices > 1 else None
+    mesh = data_mesh(devices=args.devices) if args.devices > 1 else None
     if args.batch_size % args.devices:
         raise UsageError(
             f"--batch-size must be a multiple of --devices ({args.devices}); got {args.batch_size}"
         )
-    if args.save_every is not None and args.save_every < 1:
-        raise UsageError(f"--save-every must be >= 1; got {args.save_every}")
-    out = _check_out_file(args.out, ".npz")
-    dataset = data.load_dataset(args.dataset)
-    if args.checkpoint:
-        model, params, meta = zoo.load_checkpoint(args.checkpoint, input_shape=dataset.input_shape)
-        if model.num_classes != dataset.num_classes:
-            raise InputError(
-                f"checkpoint {args.checkpoint} has {model.num_classes} classes; "
-                f"data set {dataset.name!r} has {dataset.num_classes}"
-            )
-        source = str(Path(args.checkpoint).expanduser().absolute())
-    else:
-        model, params, meta = zoo.load_or_train(
-            args.model, dataset, seed=args.seed, progress=not args.no_progress
-        )
-        source = f"zoo:{args.model}:seed{args.seed}"
-    prb = probe.model_probe(
-        model,
-        params,
-        layers=_split_list(args.layers),
-        conv_reduce=args.conv_reduce,
-        values=args.activation,
-    )
-    x, y = dataset.split(args.split)
+    out = Path(args.out).expanduser()
+    if out.suffix != ".npz":
+        raise UsageError(f"--out must end in .npz; got {str(out)!r}")
+    _check_spectrum_path(out, "--out")
+    _check_writable(out)
     partial = out.with_name(out.stem + ".partial.npz") if args.save_every else None
+    if partial is not None:
+        _check_spectrum_path(partial, "--save-every's progress file")
+    dataset = data.load_dataset(args.dataset)
+    model, params, source = _spectrum_model(args, dataset)
+    x, y = dataset.split(args.split)
     start = time.perf_counter()
-    spec = streaming.compute_spectrum(
-        prb,
-        params,
-        x,
-        y,
-        batch_size=args.batch_size,
-        threshold=args.threshold,
-        attribution=args.attribution,
-        mesh=mesh,
-        checkpoint_path=partial,
-        checkpoint_every=args.save_every or 1,
-        progress=_progress(args),
-    )
+    spec = compute_spectrum(
+        _spectrum_probe(args, model, params), params, x, y, batch_size=args.batch_size,
+        threshold=args.threshold, attribution=args.attribution, mesh=mesh,
+        checkpoint_path=partial, checkpoint_every=args.save_every or 1, progress=_progress(args),
+    )  # fmt: skip
     seconds = time.perf_counter() - start
-    layers = spectrum_lib.layer_summary(spec)
     n_pass, n_fail = int(spec.n_pass.sum()), int(spec.n_fail.sum())
     metadata = {
-        "model": model.name,
-        "model_source": source,
-        "dataset": dataset.name,
-        "split": args.split,
-        "threshold": args.threshold,
-        "conv_reduce": args.conv_reduce,
-        "activation": args.activation,
-        "attribution": args.attribution or None,
-        "num_inputs": n_pass + n_fail,
-        "num_pass": n_pass,
-        "num_fail": n_fail,
-        "versions": zoo.package_versions(),
-    }
+        "model": model.name, "model_source": source, "activation": model.activation,
+        "dataset": dataset.name, "split": args.split, "threshold": args.threshold,
+        "conv_reduce": args.conv_reduce, "values": args.values,
+        "attribution": args.attribution or None, "num_inputs": n_pass + n_fail,
+        "num_pass": n_pass, "num_fail": n_fail, "versions": zoo.package_versions(),
+    }  # fmt: skip
     spectrum_io.save_spectrum(out, spec, metadata=metadata)
     if partial is not None:
         partial.unlink(missing_ok=True)
     report = {
         **{k: v for k, v in metadata.items() if k != "versions"},
-        "accuracy": n_pass / (n_pass + n_fail),
-        "num_classes": spec.num_classes,
-        "num_neurons": spec.index.num_neurons,
-        "layers": layers,
-        "devices": args.devices,
-        "batch_size": args.batch_size,
-        "seconds": round(seconds, 3),
+        "accuracy": n_pass / (n_pass + n_fail), "num_classes": spec.num_classes,
+        "num_neurons": spec.index.num_neurons, "layers": layer_summary(spec),
+        "devices": args.devices, "batch_size": args.batch_size, "seconds": round(seconds, 3),
         "spectrum": str(out.absolute()),
-    }
+    }  # fmt: skip
+    _emit(args, report, _spectrum_lines(report, out))
+    return 0
+
+
+def _spectrum_lines(r: dict, out: Path) -> list[str]:
+    """The spectrum command's summary for people: counts, options, a row per layer."""
 
     def share(v):
         return "-" if v is None else f"{v:.3f}"
 
     human = [
-        f"spectrum of {model.name} on {dataset.name} ({args.split}): {n_pass + n_fail} inputs, "
-        f"{n_pass} passing, {n_fail} failing (accuracy {report['accuracy']:.4f}); "
-        f"threshold {args.threshold:g}, {args.activation}-activation, conv_reduce {args.conv_reduce}",
+        f"spectrum of {r['model']} on {r['dataset']} ({r['split']}): {r['num_inputs']} inputs, "
+        f"{r['num_pass']} passing, {r['num_fail']} failing (accuracy {r['accuracy']:.4f}); "
+        f"threshold {r['threshold']:g}, {r['values']}-activation values, "
+        f"conv_reduce {r['conv_reduce']}",
         f"{'layer':<16} {'neurons':>8} {'active|fail':>12} {'active|pass':>12}",
     ]
     human += [
-        f"{r['layer']:<16} {r['neurons']:>8} {share(r['active_share_fail']):>12} "
-        f"{share(r['active_share_pass']):>12}"
-        for r in layers
+        f"{row['layer']:<16} {row['neurons']:>8} {share(row['active_share_fail']):>12} "
+        f"{share(row['active_share_pass']):>12}"
+        for row in r["layers"]
     ]
-    human.append(f"wrote {out} in {seconds:.2f} s")
-    _emit(args, report, human)
-    return 0
+    return [*human, f"wrote {out} in {r['seconds']:.2f} s"]
 
 
 def _json_score(value: float):
@@ -323,7 +382,7 @@ def _json_score(value: float):
 
 
 def _cmd_localize(args: argparse.Namespace) -> int:
-    from deepfault_jax import localize, measures, spectrum_io
+    from deepfault_jax import localize
 
     params = {}
     if args.star is not None:
@@ -332,27 +391,21 @@ def _cmd_localize(args: argparse.Namespace) -> int:
         params["star"] = args.star
     measures.get_measure(args.measure, **params)  # unknown names fail before the file is read
     spec = spectrum_io.load_spectrum(args.spectrum)
-    layers = _split_list(args.layers)
-    pooled = args.class_index is None
-    if not pooled and not 0 <= args.class_index < spec.num_classes:
-        raise UsageError(f"--class must lie in [0, {spec.num_classes}); got {args.class_index}")
+    pooled, c = args.class_index is None, args.class_index
+    if not pooled and not 0 <= c < spec.num_classes:
+        raise UsageError(f"--class must lie in [0, {spec.num_classes}); got {c}")
     score_all = localize.suspiciousness(spec, args.measure, pooled=pooled, **params)
-    score = score_all if pooled else score_all[args.class_index]
-    ids = localize.top_k_neurons(score, args.k, allowed=localize.allowed_neurons(spec.index, layers))
-    rows = localize.ranking_table(
-        spec, score, ids, class_index=None if pooled else args.class_index
-    )
+    score = score_all if pooled else score_all[c]
+    allowed = localize.allowed_neurons(spec.index, args.layers)
+    ids = localize.top_k_neurons(score, args.k, allowed=allowed)
+    rows = localize.ranking_table(spec, score, ids, class_index=None if pooled else c)
     report = {
-        "spectrum": str(Path(args.spectrum).absolute()),
-        "measure": args.measure.lower(),
-        "params": params,
-        "k": args.k,
-        "class": None if pooled else args.class_index,
-        "pooled": pooled,
-        "layers": list(layers) if layers else list(spec.index.layer_names),
+        "spectrum": str(Path(args.spectrum).absolute()), "measure": args.measure.lower(),
+        "params": params, "k": args.k, "class": None if pooled else c, "pooled": pooled,
+        "layers": list(args.layers or spec.index.layer_names),
         "neurons": [{**r, "score": _json_score(r["score"])} for r in rows],
-    }
-    scope = "all classes pooled" if pooled else f"class {args.class_index}"
+    }  # fmt: skip
+    scope = "all classes pooled" if pooled else f"class {c}"
     human = [
         f"top {args.k} neurons by {args.measure.lower()} ({scope}) of {args.spectrum}",
         f"{'rank':>4} {'id':>6} {'layer':<14} {'unit':>5} {'A_s':>7} {'A_f':>7} {'N_s':>7} "
@@ -368,87 +421,52 @@ def _cmd_localize(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from deepfault_jax import pipeline
-
-    classes = None
-    if args.classes != "all":
-        classes = parse_int_list(args.classes, "--classes")
-    config = pipeline.RunConfig(
-        model=args.model,
-        activation=args.activation,
-        dataset=args.dataset,
-        checkpoint=args.checkpoint,
-        measures=parse_names(args.measures, "--measures"),
-        k=parse_int_list(args.k, "--k"),
-        classes=classes,
-        mode=args.mode,
-        d=args.d,
-        step_size=args.step_size,
-        steps=args.steps,
-        direction=args.direction,
-        stop_when_misclassified=args.stop_when_misclassified,
-        inputs_per_class=args.inputs_per_class,
-        random_repeats=args.random_repeats,
-        seed=args.seed,
-        layers=tuple(_split_list(args.layers)) if args.layers else None,
-        conv_reduce=args.conv_reduce,
-        values=args.values,
-        star=args.star,
-    )
+    config = _config_from(pipeline.RunConfig, args)
     config.validate()
     out = _check_out_dir(args.out)
     result = pipeline.run(config, out, progress=_progress(args))
+    _emit(args, result.to_json(), _run_lines(result, out))
+    return 0
+
+
+def _run_lines(result, out: Path) -> list[str]:
+    """The run's table for people: misclassification per measure and k beside random."""
+    from deepfault_jax import pipeline
 
     def pct(v):
         return f"{100 * v:5.1f}%"
 
+    config = result.config
     human = [
-        f"DeepFault on {result['dataset']['name']} with {result['model']['name']} "
-        f"(test accuracy {result['model']['test_accuracy']:.4f}), mode {config.mode}, d {config.d}: "
-        f"{result['selection']['inputs']} correctly classified inputs synthesized",
+        f"DeepFault on {result.dataset['name']} with {result.model['name']} "
+        f"(test accuracy {result.model['test_accuracy']:.4f}), mode {config.mode}, d {config.d}: "
+        f"{result.selection.rows.size} correctly classified inputs synthesized",
         f"{'measure':<12} {'k':>3} {'misclassified':>13} {'random':>16} {'L-inf':>6} {'act. rose':>9}",
     ]
-    for r in result["results"]:
-        rnd = r["random"]["misclassification_rate"]
+    for r in result.results:
+        rnd = r.random["misclassification_rate"]
         human.append(
-            f"{r['measure']:<12} {r['k']:>3} {pct(r['misclassification_rate']):>13} "
-            f"{pct(rnd['mean'])} +- {pct(rnd['std']).strip():>6} {r['linf']:>6.3f} "
-            f"{pct(r['activation_rose']):>9}"
+            f"{r.measure:<12} {r.k:>3} {pct(r.metrics['misclassification_rate']):>13} "
+            f"{pct(rnd['mean'])} +- {pct(rnd['std']).strip():>6} {r.metrics['linf']:>6.3f} "
+            f"{pct(r.metrics['activation_rose']):>9}"
         )
-    for s in result["selection"]["skipped_classes"]:
+    for s in result.selection.skipped:
         human.append(f"class {s['class']} skipped: {s['reason']}")
-    human.append(
-        f"wrote {out}/report.md, report.json, synthesized.npz, figures in {result['seconds']:.1f} s"
-    )
-    _emit(args, result, human)
-    return 0
+    human.append(f"wrote {out}/{', '.join(pipeline.RUN_FILES)} in {result.seconds:.1f} s")
+    return human
 
 
 def _cmd_faultbench(args: argparse.Namespace) -> int:
-    from deepfault_jax import faultbench as faultbench_lib
-    from deepfault_jax import faults, pipeline
     from deepfault_jax import report as report_lib
 
-    kinds = (
-        faults.FAULT_KINDS if args.kinds == "all" else parse_names(args.kinds, "--kinds")
-    )
-    seeds = parse_int_list(args.seeds, "--seeds")
-    config = faultbench_lib.FaultbenchConfig(
-        models=parse_names(args.models, "--models"),
-        dataset=args.dataset,
-        kinds=tuple(kinds),
-        faults=parse_int_list(args.faults, "--faults"),
-        seeds=seeds,
-        inputs=args.inputs,
-        min_drop=args.min_drop,
-        methods=parse_names(args.methods, "--methods") if args.methods else None,
-        layers=tuple(_split_list(args.layers)) if args.layers else None,
-        conv_reduce=args.conv_reduce,
-        values=args.values,
-        model_seed=args.model_seed,
-    )
+    config = _config_from(FaultbenchConfig, args)
     config.validate()
     out = _check_out_dir(args.out)
+    neurons = config.probed_neurons(data.load_dataset(config.dataset))  # untrained: cheap
+    smallest = min(neurons, key=neurons.__getitem__)
+    if max(config.faults) > neurons[smallest]:
+        raise UsageError(f"--faults must be <= {neurons[smallest]}, the probed neurons of "
+                         f"{smallest}; got {max(config.faults)}")  # fmt: skip
     result = pipeline.faultbench(config, out, progress=_progress(args))
     human = [
         f"planted-fault benchmark on {result['dataset']['name']} "
@@ -460,9 +478,8 @@ def _cmd_faultbench(args: argparse.Namespace) -> int:
             human += report_lib.faultbench_table(result, model, count)
     human += [f"skipped: {s['model']} {s['kind']} x{s['faults']} seed {s['seed']}: {s['reason']}"
               for s in result["skipped"]]  # fmt: skip
-    human.append(
-        f"wrote {out}/faultbench.md, faultbench.json, faultbench.png in {result['seconds']:.1f} s"
-    )
+    files = ", ".join(pipeline.FAULTBENCH_FILES)
+    human.append(f"wrote {out}/{files} in {result['seconds']:.1f} s")
     _emit(args, result, human)
     return 0
 
@@ -470,35 +487,19 @@ def _cmd_faultbench(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     import jax
 
-    from deepfault_jax import data, zoo
-
-    versions = zoo.package_versions()
-    devices = [
-        {"id": d.id, "platform": d.platform, "kind": d.device_kind, "process": d.process_index}
-        for d in jax.devices()
-    ]
-    datasets = data.available_datasets()
-    report = {
-        "versions": versions,
-        "backend": jax.default_backend(),
-        "devices": devices,
-        "datasets": datasets,
-        "dataset_specs": list(data.DATASET_SPECS),
-        "models": list(zoo.MODEL_NAMES),
-    }
-    human = ["versions:"]
-    human += [f"  {k:<20} {v}" for k, v in versions.items()]
-    human.append(f"devices ({jax.default_backend()}):")
-    human += [f"  {d['id']}: {d['platform']} {d['kind']}" for d in devices]
-    human.append("data sets:")
-    human += [
-        f"  {name:<14} {'yes' if d['available'] else 'no ':<4} {d['detail']}"
-        for name, d in datasets.items()
-    ]
-    human.append(
-        "  also: idx:DIR (MNIST-format directory), npz:PATH (x_train, y_train, x_test, y_test)"
-    )
-    human.append(f"models: {', '.join(zoo.MODEL_NAMES)}")
+    versions, datasets = zoo.package_versions(), data.available_datasets()
+    devices = [{"id": d.id, "platform": d.platform, "kind": d.device_kind,
+                "process": d.process_index} for d in jax.devices()]  # fmt: skip
+    report = {"versions": versions, "backend": jax.default_backend(), "devices": devices,
+              "datasets": datasets, "dataset_specs": list(data.DATASET_SPECS),
+              "models": list(zoo.MODEL_NAMES)}  # fmt: skip
+    human = ["versions:", *(f"  {k:<20} {v}" for k, v in versions.items())]
+    human += [f"devices ({jax.default_backend()}):"]
+    human += [f"  {d['id']}: {d['platform']} {d['kind']}" for d in devices] + ["data sets:"]
+    human += [f"  {name:<14} {'yes' if d['available'] else 'no ':<4} {d['detail']}"
+              for name, d in datasets.items()]  # fmt: skip
+    human += ["  also: idx:DIR (MNIST-format directory), npz:PATH (x_train, y_train, x_test, "
+              "y_test)", f"models: {', '.join(zoo.MODEL_NAMES)}"]  # fmt: skip
     _emit(args, report, human)
     return 0
 
@@ -506,218 +507,238 @@ def _cmd_info(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+def _output_options(p, *, help: str, default=None, metavar="DIR", required=False) -> None:
+    """--out, --no-progress and --json."""
+    p.add_argument("--out", metavar=metavar, default=default, required=required, help=help)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def _model_options(p, *, checkpoint: bool, seed_help: str) -> None:
+    """The model: --model (or --checkpoint), --activation, --dataset and --seed."""
+    group = p.add_mutually_exclusive_group() if checkpoint else p
+    cached = ", trained on the data set on first use and cached" if checkpoint else ""
+    _add(group, "--model", _RUN.model, f"zoo model{cached}: {', '.join(zoo.MODEL_NAMES)}",
+         choices=zoo.MODEL_NAMES, metavar="NAME")  # fmt: skip
+    if checkpoint:
+        group.add_argument("--checkpoint", metavar="DIR",
+                           help="a checkpoint from `deepfault-jax train`, instead of --model")  # fmt: skip
+    own = "; a --checkpoint has its own" if checkpoint else ""
+    _add(p, "--activation", _RUN.activation, f"the model's hidden nonlinearity{own}",
+         choices=tuple(zoo.ACTIVATIONS))  # fmt: skip
+    _add(p, "--dataset", _RUN.dataset, _DATASET_HELP, metavar="SPEC")
+    _add(p, "--seed", _RUN.seed, f"{seed_help}, in [0, 2**63 - 1]", _int(seed=True), metavar="N")
+
+
+def _probe_options(p, defaults, *, conv_reductions=probe.CONV_REDUCTIONS, threshold=True):
+    """Which neurons and values are counted: --layers, --conv-reduce, --values, --threshold."""
+    _add(p, "--layers", defaults.layers, "layers to probe", _listed(), metavar="A,B,...",
+         shown="every hidden Dense/Conv")  # fmt: skip
+    kinds = "; ".join(f"{r}: {_CONV_REDUCE_HELP.get(r, r)}" for r in conv_reductions)
+    _add(p, "--conv-reduce", defaults.conv_reduce, f"a conv channel's value: {kinds}",
+         choices=tuple(conv_reductions))  # fmt: skip
+    _add(p, "--values", defaults.values, "count neuron values before (pre) or after (post) "
+         "the activation function", choices=probe.VALUES)  # fmt: skip
+    if threshold:
+        _add(p, "--threshold", defaults.threshold, "a neuron is active when its value is > T",
+             _float(), metavar="T")  # fmt: skip
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a zoo model and save a checkpoint",
+                       description="Train a zoo model with optax Adam and save an orbax "
+                       "checkpoint with a model.json describing it.")  # fmt: skip
+    _model_options(p, checkpoint=False, seed_help="seed of initialisation and shuffling")
+    _add(
+        p, "--epochs", None, "epochs", _int(lo=1), shown="40 below 10,000 training images, else 10"
+    )
+    _add(p, "--batch-size", _TRAIN["batch_size"], "images per step", _int(lo=1), metavar="B")
+    _add(
+        p,
+        "--learning-rate",
+        _TRAIN["learning_rate"],
+        "Adam step",
+        _float(lo=0.0, lo_open=True),
+        metavar="LR",
+    )
+    _output_options(p, help="checkpoint directory (default: runs/MODEL-DATASET-seedN)")
+    p.set_defaults(func=_cmd_train)
+
+
+def _spectrum_parser(sub) -> None:
+    p = sub.add_parser("spectrum", help="compute the hit spectrum of a model on a data set",
+                       description="Compute the all-class hit spectrum (DeepFault's A_s, A_f, "
+                       "N_s, N_f for every class and neuron) in one streaming jitted pass and "
+                       "write it as .npz.")  # fmt: skip
+    _model_options(p, checkpoint=True, seed_help="training seed of a --model")
+    _add(p, "--split", "test", "the data set's split", choices=("train", "test"))
+    _probe_options(p, _RUN)
+    _add(p, "--batch-size", _SPECTRUM["batch_size"], "inputs per step", _int(lo=1), metavar="B")
+    linearised = LINEARISED
+    _add(p, "--attribution", False, "also gather the attribution sums (activation, gradient x "
+         "activation, linearised ablation) that the measures gradxact, actdiff and "
+         "linear_ablation read; the linearised ablation from the margin to the strongest rival "
+         f"class ({linearised[0]}, when no value is given) or from all classes' logits", nargs="?",
+         const=linearised[0], choices=linearised, metavar="|".join(linearised), shown="off")  # fmt: skip
+    _add(p, "--devices", 1, "split each batch over N local devices with shard_map",
+         _int(lo=1), metavar="N")  # fmt: skip
+    _add(p, "--save-every", None, "save progress to OUT.partial.npz every N batches; the "
+         "same command started again resumes from it", _int(lo=1), metavar="N", shown="never")  # fmt: skip
+    _output_options(p, metavar="FILE.npz", required=True, help="spectrum file to write (an "
+                    "earlier spectrum there is replaced; any other file is kept)")  # fmt: skip
+    p.set_defaults(func=_cmd_spectrum)
+
+
+def _localize_parser(sub) -> None:
+    p = sub.add_parser("localize", help="rank neurons of a spectrum by a suspiciousness measure",
+                       description="Score every neuron of a spectrum with a suspiciousness "
+                       "measure and list the top k (ties: lower neuron id first).")  # fmt: skip
+    p.add_argument("--spectrum", metavar="FILE.npz", required=True,
+                   help="from `deepfault-jax spectrum`")  # fmt: skip
+    _add(p, "--measure", "tarantula", f"one of {', '.join(measures.measure_names())}",
+         metavar="NAME")  # fmt: skip
+    _add(p, "--star", None, "DStar's exponent", _float(finite=False), shown=_RUN.star)
+    _add(p, "--k", 10, "neurons to list, at most the spectrum's", _int())  # localize checks both
+    scope = p.add_mutually_exclusive_group()
+    _add(scope, "--class", None, "rank by the counts of inputs of true class C", _int(lo=0),
+         dest="class_index", metavar="C", shown="--pooled")  # fmt: skip
+    scope.add_argument("--pooled", action="store_true",
+                       help="rank by the counts of all classes together (the default)")  # fmt: skip
+    _add(p, "--layers", None, "only neurons of these layers", _listed(), metavar="A,B,...",
+         shown="all")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=_cmd_localize)
+
+
+def _run_parser(sub) -> None:
+    p = sub.add_parser("run", help="the whole DeepFault job: spectrum, suspicious neurons, "
+                       "synthesis, evaluation", description="Train (or load the cached) model, "
+                       "compute the test split's spectrum, find each class's suspicious neurons "
+                       "per measure and k, synthesize inputs from correctly classified ones, "
+                       "evaluate them against a random-neuron baseline, and write "
+                       f"{', '.join(pipeline.RUN_FILES)} into --out.")  # fmt: skip
+    _model_options(p, checkpoint=True, seed_help="training, selection and baseline seed")
+    _add(p, "--measures", _RUN.measures, "suspiciousness measures: count measures and the "
+         "attribution measures gradxact, actdiff, linear_ablation",
+         _listed(check=measures.get_measure), metavar="A,B,...")  # fmt: skip
+    _add(p, "--star", _RUN.star, "DStar's exponent", _float(lo=0.0, lo_open=True), metavar="S")
+    _add(p, "--k", _RUN.k, "suspicious set sizes", _listed(_int(lo=1)), metavar="K1,K2,...")
+    _add(p, "--classes", _RUN.classes, "classes to synthesize from",
+         _listed(_int(lo=0), all_means=None), metavar="all|C1,C2,...", shown="all")  # fmt: skip
+    _add(p, "--mode", _RUN.mode, "one clipped step as the original (deepfault), or projected "
+         "gradient ascent (pgd)", choices=MODES)  # fmt: skip
+    _add(p, "--d", _RUN.d, "maximum L-inf distance, in (0, 1]",
+         _float(lo=0.0, hi=1.0, lo_open=True))  # fmt: skip
+    _add(p, "--step-size", _RUN.step_size, "gradient multiplier", _float(lo=0.0, lo_open=True),
+         shown="1 for deepfault, 2.5 d / steps for pgd")  # fmt: skip
+    _add(p, "--steps", _RUN.steps, "pgd steps", _int(lo=1), metavar="T")
+    _add(p, "--direction", _RUN.direction, "pgd direction",
+         choices=(*DIRECTIONS, "adam"))  # fmt: skip
+    p.add_argument("--stop-when-misclassified", action="store_true",
+                   help="pgd: stop each input once the model misclassifies it")  # fmt: skip
+    _add(p, "--inputs-per-class", _RUN.inputs_per_class,
+         "correctly classified originals per class, at most", _int(lo=1))  # fmt: skip
+    _add(p, "--random-repeats", _RUN.random_repeats, "random-neuron baselines per k", _int(lo=1))
+    _probe_options(p, _RUN)
+    _output_options(p, default="runs/deepfault", help="output directory (default: runs/deepfault)")
+    p.set_defaults(func=_cmd_run)
+
+
+def _faultbench_parser(sub) -> None:
+    p = sub.add_parser("faultbench", help="plant known faults in trained models and score "
+                       "every localizer on them", description="Plant faulty neurons of "
+                       "documented kinds in trained zoo models (each lowering the accuracy by at "
+                       "least --min-drop), localize them with every method (count measures, "
+                       "attribution measures, exact ablation) and report top-5/top-10 recall and "
+                       "mean rank against the random ranking, as "
+                       f"{', '.join(pipeline.FAULTBENCH_FILES)}.")  # fmt: skip
+    _add(p, "--models", _BENCH.models, "zoo models, trained on first use and cached: "
+         f"{', '.join(zoo.MODEL_NAMES)}", _listed(choices=zoo.MODEL_NAMES, what="model"),
+         metavar="A,B,...")  # fmt: skip
+    _add(p, "--dataset", _BENCH.dataset, _DATASET_HELP, metavar="SPEC")
+    kinds = FAULT_KINDS
+    _add(p, "--kinds", _BENCH.kinds, f"fault kinds: {', '.join(kinds)}",
+         _listed(choices=kinds, what="fault kind", all_means=kinds), metavar="all|A,B,...",
+         shown="all" if _BENCH.kinds == kinds else _UNSET)  # fmt: skip
+    _add(p, "--faults", _BENCH.faults, "faults planted together per trial (at most the "
+         "probed neurons of each model)", _listed(_int(lo=1)), metavar="N1,N2,...")  # fmt: skip
+    _add(p, "--seeds", _BENCH.seeds, "trial seeds, each in [0, 2**63 - 1]",
+         _listed(_int(seed=True)), metavar="S1,S2,...")  # fmt: skip
+    _add(p, "--inputs", _BENCH.inputs, "test inputs to plant and localize on",
+         _int(lo=FaultbenchConfig.MIN_INPUTS), metavar="N")  # fmt: skip
+    _add(p, "--min-drop", _BENCH.min_drop, "accuracy drop each fault must cause, in (0, 1)",
+         _float(lo=0.0, hi=1.0, lo_open=True, hi_open=True), metavar="D")  # fmt: skip
+    _add(p, "--methods", _BENCH.methods, "methods", _listed(check=FaultbenchConfig.check_method),
+         metavar="M/pooled,M/per-class,...", shown=", ".join(default_methods()))  # fmt: skip
+    _probe_options(p, _BENCH, conv_reductions=FaultbenchConfig.CONV_REDUCTIONS, threshold=False)
+    _add(p, "--model-seed", _BENCH.model_seed, "training seed, in [0, 2**63 - 1]",
+         _int(seed=True), metavar="N")  # fmt: skip
+    _output_options(
+        p, default="runs/faultbench", help="output directory (default: runs/faultbench)"
+    )
+    p.set_defaults(func=_cmd_faultbench)
+
+
+def _info_parser(sub) -> None:
+    p = sub.add_parser("info", help="versions, devices and the data sets available here",
+                       description="Show package versions, JAX devices, and which data sets "
+                       "can be loaded here.")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=_cmd_info)
+
+
 def _parser() -> argparse.ArgumentParser:
     from deepfault_jax import __version__
-    from deepfault_jax.measures import measure_names as _measure_names
-    from deepfault_jax.zoo import MODEL_NAMES as model_names
 
-    measure_names = _measure_names()
-
-    dataset_help = (
-        "data set: digits, fashion-mnist, idx:DIR, tfds:NAME[:SPLIT] or npz:PATH (default: digits)"
-    )
-    parser = _Parser(
-        prog="deepfault-jax",
-        description="DeepFault fault localization for deep neural networks, in JAX.",
-    )
+    parser = _Parser(prog="deepfault-jax",
+                     description="DeepFault fault localization for deep neural networks, in JAX.")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"deepfault-jax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-
-    def probe_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--layers", metavar="A,B,...", default=None,
-                       help="layers to probe (default: every hidden Dense/Conv)")  # fmt: skip
-        p.add_argument("--conv-reduce", default="mean", choices=("mean", "max", "none"),
-                       help="conv channel value: spatial mean (the paper's), max, or none "
-                       "(every position a neuron) (default: mean)")  # fmt: skip
-
-    def model_source(p: argparse.ArgumentParser) -> None:
-        src = p.add_mutually_exclusive_group()
-        src.add_argument("--model", default="mlp-3x50", choices=model_names, metavar="NAME",
-                         help="zoo model, trained on the data set on first use and cached "
-                         "(default: mlp-3x50)")  # fmt: skip
-        src.add_argument(
-            "--checkpoint", metavar="DIR", help="a checkpoint from `deepfault-jax train`"
-        )
-        p.add_argument("--dataset", default="digits", metavar="SPEC", help=dataset_help)
-
-    p = sub.add_parser(
-        "train",
-        help="train a zoo model and save a checkpoint",
-        description="Train a zoo model with optax Adam and save an orbax checkpoint "
-        "with a model.json describing it.",
-    )
-    p.add_argument("--model", default="mlp-3x50", choices=model_names, metavar="NAME",
-                   help=f"architecture: {', '.join(model_names)} (default: mlp-3x50)")  # fmt: skip
-    p.add_argument("--dataset", default="digits", metavar="SPEC", help=dataset_help)
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="epochs (default: 40 below 10,000 training images, else 10)")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
-    p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam step (default: 1e-3)")
-    p.add_argument("--activation", default="relu", choices=("relu", "leaky_relu"),
-                   help="hidden activation (default: relu)")  # fmt: skip
-    p.add_argument("--out", metavar="DIR", default=None,
-                   help="checkpoint directory (default: runs/MODEL-DATASET-seedN)")  # fmt: skip
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    common(p)
-    p.set_defaults(func=_cmd_train)
-
-    p = sub.add_parser(
-        "spectrum",
-        help="compute the hit spectrum of a model on a data set",
-        description="Compute the all-class hit spectrum (DeepFault's A_s, A_f, N_s, N_f for every "
-        "class and neuron) in one streaming jitted pass and write it as .npz.",
-    )
-    model_source(p)
-    p.add_argument("--split", default="test", choices=("train", "test"), help="(default: test)")
-    p.add_argument("--seed", type=int, default=0, help="training seed of a --model (default: 0)")
-    p.add_argument("--threshold", type=float, default=0.0,
-                   help="a neuron is active when its value is > T (default: 0)")  # fmt: skip
-    probe_options(p)
-    p.add_argument("--activation", default="pre", choices=("pre", "post"),
-                   help="probe values before or after the activation function (default: pre)")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=512, help="inputs per step (default: 512)")
-    p.add_argument("--attribution", nargs="?", const="margin", default=False,
-                   choices=("margin", "all-classes"), metavar="margin|all-classes",
-                   help="also gather the attribution sums (activation, gradient x activation, "
-                   "linearised ablation) that the measures gradxact, actdiff and "
-                   "linear_ablation read; the linearised ablation from the margin to the "
-                   "strongest rival class (the default) or from all classes' logits")  # fmt: skip
-    p.add_argument("--devices", type=int, default=1,
-                   help="split each batch over N local devices with shard_map (default: 1)")  # fmt: skip
-    p.add_argument("--save-every", type=int, default=None, metavar="N",
-                   help="save progress to OUT.partial.npz every N batches; the same command "
-                   "started again resumes from it")  # fmt: skip
-    p.add_argument("--out", metavar="FILE.npz", required=True, help="spectrum file to write")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    common(p)
-    p.set_defaults(func=_cmd_spectrum)
-
-    p = sub.add_parser(
-        "localize",
-        help="rank neurons of a spectrum by a suspiciousness measure",
-        description="Score every neuron of a spectrum with a suspiciousness measure and list "
-        "the top k (ties: lower neuron id first).",
-    )
-    p.add_argument(
-        "--spectrum", metavar="FILE.npz", required=True, help="from `deepfault-jax spectrum`"
-    )
-    p.add_argument("--measure", default="tarantula", metavar="NAME",
-                   help=f"one of {', '.join(measure_names)} (default: tarantula)")  # fmt: skip
-    p.add_argument("--star", type=float, default=None, help="DStar's exponent (default: 3)")
-    p.add_argument("--k", type=int, default=10, help="neurons to list (default: 10)")
-    scope = p.add_mutually_exclusive_group()
-    scope.add_argument("--class", dest="class_index", type=int, default=None, metavar="C",
-                       help="rank by the counts of inputs of true class C")  # fmt: skip
-    scope.add_argument("--pooled", action="store_true",
-                       help="rank by the counts of all classes together (the default)")  # fmt: skip
-    p.add_argument("--layers", metavar="A,B,...", default=None, help="only neurons of these layers")
-    common(p)
-    p.set_defaults(func=_cmd_localize)
-
-    p = sub.add_parser(
-        "run",
-        help="the whole DeepFault job: spectrum, suspicious neurons, synthesis, evaluation",
-        description="Train (or load the cached) model, compute the test split's spectrum, find "
-        "each class's suspicious neurons per measure and k, synthesize inputs from correctly "
-        "classified ones, evaluate them against a random-neuron baseline, and write report.json, "
-        "report.md, synthesized.npz, spectrum.npz and PNG figures into --out.",
-    )
-    model_source(p)
-    p.add_argument("--activation", default="relu", choices=("relu", "leaky_relu"),
-                   help="hidden activation of a --model (default: relu)")  # fmt: skip
-    p.add_argument("--measures", default="tarantula,ochiai,dstar", metavar="A,B,...",
-                   help="suspiciousness measures: count measures and the attribution measures "
-                   "gradxact, actdiff, linear_ablation (default: tarantula,ochiai,dstar)")  # fmt: skip
-    p.add_argument("--star", type=float, default=3.0, help="DStar's exponent (default: 3)")
-    p.add_argument("--k", default="1,5,10", metavar="K1,K2,...",
-                   help="suspicious set sizes (default: 1,5,10)")  # fmt: skip
-    p.add_argument("--classes", default="all", metavar="all|C1,C2,...",
-                   help="classes to synthesize from (default: all)")  # fmt: skip
-    p.add_argument("--mode", default="deepfault", choices=("deepfault", "pgd"),
-                   help="one clipped step as the original, or projected gradient ascent")  # fmt: skip
-    p.add_argument("--d", type=float, default=0.1, help="maximum L-inf distance (default: 0.1)")
-    p.add_argument("--step-size", type=float, default=None,
-                   help="gradient multiplier (default: 1 for deepfault, 2.5 d / steps for pgd)")  # fmt: skip
-    p.add_argument("--steps", type=int, default=10, help="pgd steps (default: 10)")
-    p.add_argument("--direction", default="sign", choices=("raw", "sign", "l2", "adam"),
-                   help="pgd direction (default: sign)")  # fmt: skip
-    p.add_argument("--stop-when-misclassified", action="store_true",
-                   help="pgd: stop each input once the model misclassifies it")  # fmt: skip
-    p.add_argument("--inputs-per-class", type=int, default=20,
-                   help="correctly classified originals per class, at most (default: 20)")  # fmt: skip
-    p.add_argument("--random-repeats", type=int, default=3,
-                   help="random-neuron baselines per k (default: 3)")  # fmt: skip
-    probe_options(p)
-    p.add_argument("--values", default="pre", choices=("pre", "post"),
-                   help="neuron values before or after the activation (default: pre)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="training, selection and baseline seed")
-    p.add_argument("--out", metavar="DIR", default="runs/deepfault",
-                   help="output directory (default: runs/deepfault)")  # fmt: skip
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    common(p)
-    p.set_defaults(func=_cmd_run)
-
-    p = sub.add_parser(
-        "faultbench",
-        help="plant known faults in trained models and score every localizer on them",
-        description="Plant faulty neurons of documented kinds in trained zoo models (each "
-        "lowering the accuracy by at least --min-drop), localize them with every method (count "
-        "measures, attribution measures, exact ablation) and report top-5/top-10 recall and mean "
-        "rank against the random ranking, as faultbench.json, faultbench.md and faultbench.png.",
-    )
-    p.add_argument("--models", default="mlp-3x50", metavar="A,B,...",
-                   help="zoo models, trained on first use and cached (default: mlp-3x50)")  # fmt: skip
-    p.add_argument("--dataset", default="digits", metavar="SPEC", help=dataset_help)
-    p.add_argument("--kinds", default="all", metavar="all|A,B,...",
-                   help="fault kinds: push_last, push_early, always_on, corrupt_in (default: all)")  # fmt: skip
-    p.add_argument("--faults", default="1,3", metavar="N1,N2,...",
-                   help="faults planted together per trial (default: 1,3)")  # fmt: skip
-    p.add_argument("--seeds", default="0,1,2,3,4", metavar="S1,S2,...",
-                   help="trial seeds (default: 0,1,2,3,4)")  # fmt: skip
-    p.add_argument("--inputs", type=int, default=2000,
-                   help="test inputs to plant and localize on (default: 2000)")  # fmt: skip
-    p.add_argument("--min-drop", type=float, default=0.02,
-                   help="accuracy drop each fault must cause (default: 0.02)")  # fmt: skip
-    p.add_argument("--methods", default=None, metavar="M/pooled,M/per-class,...",
-                   help="methods (default: tarantula, ochiai, dstar, gradxact, actdiff, "
-                   "linear_ablation, each pooled and per-class, and ablation/pooled, "
-                   "ablation_loss/pooled)")  # fmt: skip
-    probe_options(p)
-    p.add_argument("--values", default="pre", choices=("pre", "post"),
-                   help="neuron values before or after the activation (default: pre)")  # fmt: skip
-    p.add_argument("--model-seed", type=int, default=0, help="training seed (default: 0)")
-    p.add_argument("--out", metavar="DIR", default="runs/faultbench",
-                   help="output directory (default: runs/faultbench)")  # fmt: skip
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    common(p)
-    p.set_defaults(func=_cmd_faultbench)
-
-    p = sub.add_parser(
-        "info",
-        help="versions, devices and the data sets available here",
-        description="Show package versions, JAX devices, and which data sets can be loaded here.",
-    )
-    common(p)
-    p.set_defaults(func=_cmd_info)
+    for build in (_train_parser, _spectrum_parser, _localize_parser, _run_parser,
+                  _faultbench_parser, _info_parser):  # fmt: skip
+        build(sub)
     return parser
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _check_backend() -> None:
+    """Fails with one line, before any work, when ``JAX_PLATFORMS`` names no backend that
+    works here (``cuda`` without a GPU, a typo like ``cpux``); names the ones that do."""
+    import jax
+
+    try:
+        jax.devices()
+    except (RuntimeError, AssertionError) as e:  # jax asserts when no platform found a device
+        platforms = os.environ.get("JAX_PLATFORMS", "")
+        if not platforms:
+            raise
+        reason = _one_line(str(e).split(" (set JAX_PLATFORMS")[0]) or "no such device here"
+        from jax.extend.backend import backends
+
+        jax.config.update("jax_platforms", "")  # to say what works here
+        available = ", ".join(sorted(backends()))
+        raise InputError(
+            f"JAX_PLATFORMS={platforms!r} names no usable backend ({reason}); "
+            f"available here: {available}; unset JAX_PLATFORMS or set it to one of those"
+        ) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit code (also used as the console script)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = "deepfault-jax"
     try:
         args = _parser().parse_args(argv)
+        command = f"deepfault-jax {args.command}"
+        _check_backend()
         return args.func(args)
     except SystemExit as e:  # --help and --version
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     except InputError as e:
-        prog = getattr(e, "prog", "deepfault-jax")
-        sys.stderr.write(f"{prog}: error: {_one_line(e)}\n")
+        sys.stderr.write(f"{getattr(e, 'prog', None) or command}: error: {_one_line(e)}\n")
         return 2
     except BrokenPipeError:  # `... --json | head`: the reader left; not an error of ours
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit

@@ -258,15 +258,20 @@ class FaultbenchConfig:
       methods: localization methods (``NAME/pooled`` or ``NAME/per-class``;
         ``ablation/pooled`` and ``ablation_loss/pooled`` for exact ablation).
       layers: probed layers (None: every hidden Dense/Conv).
-      conv_reduce: ``"mean"`` or ``"max"``.
+      conv_reduce: one of :attr:`CONV_REDUCTIONS` (faults are planted in whole channels).
       values: ``"pre"`` or ``"post"`` activation values.
       model_seed: training seed of the models.
       batch_size: inputs per compiled step.
     """
 
+    #: The conv reductions a fault can be planted under (not ``"none"``: whole channels).
+    CONV_REDUCTIONS = ("mean", "max")
+    #: The fewest test inputs a benchmark runs on.
+    MIN_INPUTS = 10
+
     models: tuple[str, ...] = ("mlp-3x50",)
     dataset: str = "digits"
-    kinds: tuple[str, ...] = ("push_last", "push_early", "always_on", "corrupt_in")
+    kinds: tuple[str, ...] = FAULT_KINDS
     faults: tuple[int, ...] = (1, 3)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     inputs: int = 2000
@@ -278,8 +283,19 @@ class FaultbenchConfig:
     model_seed: int = 0
     batch_size: int = 500
 
-    def validate(self) -> None:
-        """Raises ValueError for a configuration that cannot run (before any work)."""
+    def validate(self, *, dataset: data.Dataset | None = None) -> None:
+        """Raises :class:`InputError` for a configuration that cannot run (before any work).
+
+        Args:
+          dataset: the loaded data set, to check also what depends on it: the
+            probed layers exist, and no fault count exceeds the probed neurons of
+            a model (built untrained, so nothing is trained here).
+        """
+        from deepfault_jax.errors import check_finite, check_int, check_seed
+        from deepfault_jax.probe import VALUES
+
+        if not self.models or not self.kinds or not self.faults or not self.seeds:
+            raise InputError("models, kinds, faults and seeds must each list at least one value")
         for name in self.models:
             if name not in zoo.MODEL_NAMES:
                 raise InputError(
@@ -290,27 +306,66 @@ class FaultbenchConfig:
                 raise InputError(
                     f"unknown fault kind {kind!r}; expected one of {', '.join(FAULT_KINDS)}"
                 )
-        if not self.models or not self.kinds or not self.faults or not self.seeds:
-            raise InputError("models, kinds, faults and seeds must each list at least one value")
-        if any(int(f) != f or f < 1 for f in self.faults):
-            raise InputError(f"faults must be positive integers; got {list(self.faults)}")
-        if self.inputs < 10:
-            raise InputError(f"inputs must be >= 10; got {self.inputs}")
-        if not 0 < self.min_drop < 1:
-            raise InputError(f"min_drop must lie in (0, 1); got {self.min_drop}")
-        if self.conv_reduce not in ("mean", "max"):
+        for field in ("models", "kinds", "faults", "seeds"):
+            values = getattr(self, field)
+            if len(set(values)) != len(values):
+                raise InputError(f"{field} must list distinct values; got {list(values)}")
+        for count in self.faults:
+            check_int("faults", count, lo=1)
+        for seed in self.seeds:
+            check_seed(seed, name="seeds")
+        check_seed(self.model_seed, name="model_seed")
+        check_int("inputs", self.inputs, lo=self.MIN_INPUTS)
+        check_int("batch_size", self.batch_size, lo=1)
+        check_finite("min_drop", self.min_drop, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+        if self.conv_reduce not in self.CONV_REDUCTIONS:
             raise InputError(
-                f"conv_reduce must be 'mean' or 'max' (faults are planted in whole channels); "
-                f"got {self.conv_reduce!r}"
+                f"conv_reduce must be one of {', '.join(self.CONV_REDUCTIONS)} (faults are "
+                f"planted in whole channels); got {self.conv_reduce!r}"
             )
+        if self.values not in VALUES:
+            raise InputError(f"values must be one of {', '.join(VALUES)}; got {self.values!r}")
         for method in self.resolved_methods():
-            name, _, scope = method.partition("/")
-            if scope not in ("pooled", "per-class"):
-                raise InputError(f"a method must be NAME/pooled or NAME/per-class; got {method!r}")
-            if name not in ("ablation", "ablation_loss"):
-                measures.get_measure(name)
-            elif scope != "pooled":
-                raise InputError(f"exact ablation is ranked pooled only; got {method!r}")
+            self.check_method(method)
+        if dataset is not None:
+            neurons = self.probed_neurons(dataset)
+            smallest = min(neurons, key=neurons.__getitem__)
+            if max(self.faults) > neurons[smallest]:
+                raise InputError(
+                    f"faults must be <= {neurons[smallest]}, the probed neurons of {smallest}; "
+                    f"got {max(self.faults)}"
+                )
+
+    @staticmethod
+    def check_method(method: str) -> None:
+        """Raises :class:`InputError` unless ``method`` is ``NAME/pooled`` or ``NAME/per-class``
+        of a known measure, or ``ablation/pooled`` or ``ablation_loss/pooled``."""
+        name, _, scope = method.partition("/")
+        if scope not in ("pooled", "per-class"):
+            raise InputError(f"a method must be NAME/pooled or NAME/per-class; got {method!r}")
+        if name not in ("ablation", "ablation_loss"):
+            measures.get_measure(name)
+        elif scope != "pooled":
+            raise InputError(f"exact ablation is ranked pooled only; got {method!r}")
+
+    def probed_neurons(self, dataset: data.Dataset) -> dict[str, int]:
+        """How many neurons the probe of each model has on ``dataset``.
+
+        Counted on untrained copies (:func:`zoo.init_params`: cheap, nothing is
+        trained or cached); raises :class:`InputError` for a layer a model lacks.
+        """
+        counts = {}
+        for name in self.models:
+            model = zoo.create_model(
+                name, input_shape=dataset.input_shape, num_classes=dataset.num_classes
+            )
+            prb = model_probe(
+                model, zoo.init_params(jax.random.key(0), model),
+                layers=list(self.layers) if self.layers else None,
+                conv_reduce=self.conv_reduce, values=self.values,
+            )  # fmt: skip
+            counts[name] = prb.index.num_neurons
+        return counts
 
     def resolved_methods(self) -> tuple[str, ...]:
         """The methods in use (default: every method of :func:`faults.default_methods`)."""

@@ -131,9 +131,9 @@ def test_read_only_out_is_exit_2(capsys, tmp_path):
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
-        (["train", "--epochs", "0"], "--epochs must be >= 1; got 0"),
-        (["train", "--batch-size", "-3"], "--batch-size must be >= 1; got -3"),
-        (["train", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
+        (["train", "--epochs", "0"], "--epochs must lie in [1, inf]; got 0"),
+        (["train", "--batch-size", "-3"], "--batch-size must lie in [1, inf]; got -3"),
+        (["train", "--seed", "x"], "--seed must be an integer; got 'x'"),
         (["train", "--activation", "tanh"], "invalid choice: 'tanh'"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         ([], "the following arguments are required: COMMAND"),
@@ -233,16 +233,27 @@ def test_spectrum_same_npz_for_1_and_4_devices(capsys, tmp_path, digits_checkpoi
 def test_spectrum_human_summary_and_options(capsys, tmp_path, digits_checkpoint):
     out = tmp_path / "s.npz"
     code, stdout, _ = run_cli(capsys, "spectrum", "--checkpoint", str(digits_checkpoint),
-                              "--layers", "conv_1", "--conv-reduce", "max", "--activation", "post",
+                              "--layers", "conv_1", "--conv-reduce", "max", "--values", "post",
                               "--threshold", "0.25", "--split", "train", "--out", str(out))  # fmt: skip
     assert code == 0
     assert "spectrum of lenet1 on digits (train): 1348 inputs" in stdout
-    assert "threshold 0.25, post-activation, conv_reduce max" in stdout
+    assert "threshold 0.25, post-activation values, conv_reduce max" in stdout
     assert "conv_1" in stdout and "conv_0" not in stdout
 
     s, meta = spectrum_io.load_spectrum(out, with_metadata=True)
     assert s.threshold == 0.25 and s.index.layer_names == ("conv_1",)
     assert meta["conv_reduce"] == "max" and meta["split"] == "train" and meta["model"] == "lenet1"
+    # one vocabulary: "values" counts pre|post values; "activation" is the model's nonlinearity
+    assert meta["values"] == "post" and meta["activation"] == "relu"
+
+
+def test_spectrum_json_names_values_and_activation(capsys, tmp_path, digits_checkpoint):
+    code, stdout, err = run_cli(capsys, "spectrum", "--checkpoint", str(digits_checkpoint),
+                                "--values", "post", "--out", str(tmp_path / "s.npz"), "--json")  # fmt: skip
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert (report["values"], report["activation"]) == ("post", "relu")
+    assert report["model_source"] == str(digits_checkpoint.absolute())
 
 
 def test_spectrum_save_every_leaves_no_partial(capsys, tmp_path, digits_checkpoint):
@@ -265,7 +276,7 @@ def test_spectrum_with_zoo_model_trains_once_and_caches(capsys, tmp_path, monkey
         code, stdout, err = run_cli(capsys, "spectrum", "--model", "mlp-3x50", "--no-progress",
                                     "--out", str(tmp_path / "s.npz"), "--json")  # fmt: skip
         assert code == 0, err
-    assert json.loads(stdout)["model_source"] == "zoo:mlp-3x50:seed0"
+    assert json.loads(stdout)["model_source"] == "zoo:mlp-3x50:relu:seed0"
     cached = list((tmp_path / "cache" / "models").iterdir())
     assert [p.name for p in cached] == ["mlp-3x50-relu-digits-seed0"]
     assert json.loads(stdout)["accuracy"] >= 0.95
@@ -302,3 +313,21 @@ def test_spectrum_checkpoint_for_other_input_shape(capsys, tmp_path, digits_chec
     code, out, err = run_cli(capsys, "spectrum", "--checkpoint", str(digits_checkpoint),
                              "--out", str(tmp_path / "s.txt"))  # fmt: skip
     assert_usage_error(code, out, err, "--out must end in .npz; got")
+
+
+# --------------------------------------------------------------------------- run
+
+
+def test_run_last_line_names_every_file_written(capsys, tmp_path, digits_checkpoint):
+    from deepfault_jax import pipeline
+
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, "run", "--checkpoint", str(digits_checkpoint),
+                                "--measures", "ochiai", "--k", "1", "--inputs-per-class", "2",
+                                "--random-repeats", "1", "--no-progress", "--out", str(out))  # fmt: skip
+    assert code == 0, err
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith(f"wrote {out}/")
+    for name in pipeline.RUN_FILES:
+        assert name in last and (out / name).is_file(), name
+    assert sorted(p.name for p in out.iterdir()) == sorted(pipeline.RUN_FILES)

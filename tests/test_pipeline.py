@@ -172,7 +172,10 @@ def test_class_without_correct_inputs_is_reported(tmp_path):
         ({"seed": 2**64}, r"seed must lie in \[0, 9223372036854775807\]"),
         ({"k": (1, 0)}, r"k must lie in \[1, inf\]; got 0"),
         ({"k": (1, 1)}, r"k must list distinct positive integers; got \[1, 1\]"),
-        ({"layers": ("logits",)}, r"layers must be hidden layers of mlp-3x50 \(dense_0, dense_1, dense_2\); got 'logits'"),
+        (
+            {"layers": ("logits",)},
+            r"layers must be hidden layers of mlp-3x50 \(dense_0, dense_1, dense_2\); got 'logits'",
+        ),
         ({"measures": ("tarantula", "nope")}, "unknown measure 'nope'"),
         (
             {"layers": ("dense_2",), "k": (51,)},
@@ -239,7 +242,7 @@ def test_run_command(capsys, tmp_path):
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
-        (["--d", "0"], "must be > 0; got 0.0"),
+        (["--d", "0"], "--d must lie in (0, 1]; got 0"),
         (["--k", "1,x"], "--k must be comma-separated integers; got '1,x'"),
         (["--k", "1000"], "k must be <= 150"),
         (["--mode", "fgsm"], "invalid choice: 'fgsm'"),
