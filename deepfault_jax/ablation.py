@@ -82,6 +82,26 @@ def _ablate_chunk(params, x, y, mask, base, ids, *, probe: Probe):
     return jax.vmap(one)(ids)
 
 
+def _checked_data(probe: Probe, x, y) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` (float32, finite) and ``y`` (integer labels of the probe's classes) as arrays."""
+    x, y = np.asarray(x, np.float32), np.asarray(y)
+    if x.shape[1:] != probe.input_shape or len(x) != len(y) or not len(x):
+        raise InputError(
+            f"x must be [n >= 1, {', '.join(map(str, probe.input_shape))}] with one label each; "
+            f"got x {list(x.shape)} and y {list(y.shape)}"
+        )
+    nonfinite = int(np.count_nonzero(~np.isfinite(x)))
+    if nonfinite:
+        raise InputError(f"x must be finite; got {nonfinite} NaN or infinite values")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise InputTypeError(f"labels must be integers; got dtype {y.dtype}")
+    if y.min() < 0 or y.max() >= probe.num_classes:
+        raise InputError(
+            f"labels must lie in [0, {probe.num_classes}); got range [{y.min()}, {y.max()}]"
+        )
+    return x, y
+
+
 def exact_ablation(
     probe: Probe,
     params: Any,
@@ -104,7 +124,7 @@ def exact_ablation(
     Args:
       probe: a probe with gates.
       params: the model's parameters.
-      x: ``float32[n, *input_shape]`` inputs.
+      x: ``float32[n, *input_shape]`` inputs, finite (NaN or infinite values are refused).
       y: ``int[n]`` true classes.
       neurons: ids to ablate (default: all); the others are left 0.
       batch_size: inputs per step.
@@ -117,18 +137,7 @@ def exact_ablation(
     from tqdm.auto import tqdm
 
     probe.require_gates("exact ablation")
-    x, y = np.asarray(x, np.float32), np.asarray(y)
-    if x.shape[1:] != probe.input_shape or len(x) != len(y) or not len(x):
-        raise InputError(
-            f"x must be [n >= 1, {', '.join(map(str, probe.input_shape))}] with one label each; "
-            f"got x {list(x.shape)} and y {list(y.shape)}"
-        )
-    if not np.issubdtype(y.dtype, np.integer):
-        raise InputTypeError(f"labels must be integers; got dtype {y.dtype}")
-    if y.min() < 0 or y.max() >= probe.num_classes:
-        raise InputError(
-            f"labels must lie in [0, {probe.num_classes}); got range [{y.min()}, {y.max()}]"
-        )
+    x, y = _checked_data(probe, x, y)
     n = probe.index.num_neurons
     ids = np.arange(n) if neurons is None else np.unique(np.asarray(neurons, np.int64))
     if ids.size == 0 or ids.min() < 0 or ids.max() >= n:

@@ -153,6 +153,11 @@ class _Params:
 _CHUNK = 512  # inputs per jitted step in the helpers below
 
 
+# The caches below are keyed on a zoo Model, which compares by its name, input shape,
+# classes and activation (what determines its computation); they hold compiled functions
+# and shapes, never parameter arrays.
+
+
 @functools.lru_cache(maxsize=16)
 def _extremes_fn(model: Model, layers: tuple[str, ...], channels: tuple[int, ...]) -> Callable:
     """``jit((params, x) -> {layer: (max, min)})``: each layer's output (pre-activation) per
@@ -160,7 +165,11 @@ def _extremes_fn(model: Model, layers: tuple[str, ...], channels: tuple[int, ...
     (model, layers); ``channels`` are the layers' units or channels."""
     from deepfault_jax.probe import model_probe
 
-    every = model_probe(model, _init_like(model), layers=list(layers), conv_reduce="none")
+    # fresh parameters serve the probe's shapes (an NNX probe runs its model once); the
+    # probe keeps none of them
+    template = zoo.init_params(jax.random.key(0), model)
+    every = model_probe(model, template, layers=list(layers), conv_reduce="none")
+    del template
 
     @jax.jit
     def extremes(params, x):
@@ -175,19 +184,18 @@ def _extremes_fn(model: Model, layers: tuple[str, ...], channels: tuple[int, ...
 
 
 @functools.lru_cache(maxsize=16)
-def _init_like(model: Model) -> Any:
-    """Parameters of the model's shapes (a template: probes and NNX states need one)."""
-    from deepfault_jax.zoo import init_params
-
-    return init_params(jax.random.key(0), model)
+def _abstract_params(model: Model) -> Any:
+    """The model's parameters as shapes and dtypes (``jax.ShapeDtypeStruct`` leaves): the
+    template an NNX state is filled from."""
+    return jax.eval_shape(lambda: zoo.init_params(jax.random.key(0), model))
 
 
 def _as_model_params(model: Model, tree: dict) -> Any:
     """A plain dict of layers -> arrays as the model's parameters (an NNX state for NNX)."""
     if not model.is_nnx:
         return tree
-    state = jax.tree.map(lambda a: a, _init_like(model))  # a copy to fill
-    nnx.replace_by_pure_dict(state, tree)
+    state = jax.tree.map(lambda a: a, _abstract_params(model))  # a copy to fill
+    nnx.replace_by_pure_dict(state, tree)  # fills every leaf
     return state
 
 
@@ -257,6 +265,82 @@ def _apply(kind, p: _Params, layer, unit, strength, *, direction, key, lift):
     return q
 
 
+def _checked_inputs(kind: str, probe: Probe, count, min_drop, tries, x, y):
+    """``x`` and ``y`` as arrays, once the options of :func:`plant_faults` are checked."""
+    if kind not in FAULT_KINDS:
+        raise InputError(f"kind must be one of {', '.join(FAULT_KINDS)}; got {kind!r}")
+    if probe.conv_reduce == "none":
+        raise InputError(
+            "faults are planted in units and channels: conv_reduce must be 'mean' or 'max'; "
+            "got 'none'"
+        )
+    if int(count) != count or count < 1:
+        raise InputError(f"count must be a positive integer; got {count!r}")
+    if not 0 < min_drop < 1:
+        raise InputError(f"min_drop must lie in (0, 1); got {min_drop}")
+    if int(tries) != tries or tries < 1:
+        raise InputError(f"tries must be a positive integer; got {tries!r}")
+    x = np.asarray(x, np.float32)
+    y = np.asarray(y)
+    if x.shape[1:] != probe.input_shape or y.shape != (len(x),) or not len(x):
+        raise InputError(
+            f"x must be [n >= 1, {', '.join(map(str, probe.input_shape))}] with one label each; "
+            f"got x {list(x.shape)} and y {list(y.shape)}"
+        )
+    return x, y
+
+
+def _fault_layers(kind: str, probe: Probe, p: _Params) -> list[str]:
+    """The probed layers a fault of ``kind`` may go into."""
+    names = list(probe.index.layer_names)
+    for name in names:
+        if name not in p.tree or name == p.layers[-1]:
+            raise InputError(
+                f"faults need probed zoo layers (one of {', '.join(p.layers[:-1])}); got {name!r}"
+            )
+    if kind == "push_last":
+        return [names[-1]]
+    if kind == "push_early":
+        if len(names) < 2:
+            raise InputError(
+                f"push_early needs two or more probed layers; got {names} (use push_last)"
+            )
+        return names[:-1]
+    return names
+
+
+def _next_candidate(cursor: int, order, candidates, used, kind: str, values) -> int:
+    """The first position from ``cursor`` on in ``order`` of a candidate not yet used (for a
+    push: one active on at least ``_MIN_ACTIVE`` of the inputs); ``len(order)``: none left."""
+    while cursor < len(order):
+        layer, unit = candidates[order[cursor]]
+        if (layer, unit) not in used and (
+            not kind.startswith("push") or np.mean(values["max"][layer][:, unit] > 0) >= _MIN_ACTIVE
+        ):
+            break
+        cursor += 1
+    return cursor
+
+
+def _wrong_class(key: jax.Array, values, y: np.ndarray, layer: str, unit: int, classes: int):
+    """A class the neuron's active inputs do not belong to, mostly (drawn with ``key``)."""
+    active = values["max"][layer][:, unit] > 0
+    share = np.bincount(y[active], minlength=classes) / max(active.sum(), 1)
+    options = np.flatnonzero(share < np.median(share) + 1e-12)
+    return int(options[int(jax.random.randint(key, (), 0, options.size))])
+
+
+def _climb(kind, model, p: _Params, layer, unit, x, y, accuracy, min_drop, **how):
+    """The first strength of the ladder whose fault drops the accuracy by ``min_drop``:
+    ``(strength, faulty parameters, their accuracy)``, or None."""
+    for strength in _LADDERS[kind]:
+        q = _apply(kind, p, layer, unit, strength, **how)
+        acc = zoo.accuracy(model, q.build(), x, y)
+        if accuracy - acc >= min_drop:
+            return strength, q, acc
+    return None
+
+
 def plant_faults(
     key: jax.Array,
     model: Model,
@@ -291,101 +375,41 @@ def plant_faults(
       ``(faulty params, planted faults, notes)``; fewer faults than ``count``
       when some could not reach ``min_drop`` (the notes say why).
     """
-    if kind not in FAULT_KINDS:
-        raise InputError(f"kind must be one of {', '.join(FAULT_KINDS)}; got {kind!r}")
-    if probe.conv_reduce == "none":
-        raise InputError(
-            "faults are planted in units and channels: conv_reduce must be 'mean' or 'max'; "
-            "got 'none'"
-        )
-    if int(count) != count or count < 1:
-        raise InputError(f"count must be a positive integer; got {count!r}")
-    if not 0 < min_drop < 1:
-        raise InputError(f"min_drop must lie in (0, 1); got {min_drop}")
-    if int(tries) != tries or tries < 1:
-        raise InputError(f"tries must be a positive integer; got {tries!r}")
-    x = np.asarray(x, np.float32)
-    y = np.asarray(y)
-    if x.shape[1:] != probe.input_shape or y.shape != (len(x),) or not len(x):
-        raise InputError(
-            f"x must be [n >= 1, {', '.join(map(str, probe.input_shape))}] with one label each; "
-            f"got x {list(x.shape)} and y {list(y.shape)}"
-        )
+    x, y = _checked_inputs(kind, probe, count, min_drop, tries, x, y)
     p = _Params(model, params)
-    names = list(probe.index.layer_names)
-    for name in names:
-        if name not in p.tree or name == p.layers[-1]:
-            raise InputError(
-                f"faults need probed zoo layers (one of {', '.join(p.layers[:-1])}); got {name!r}"
-            )
-    if kind == "push_last":
-        pool = [names[-1]]
-    elif kind == "push_early":
-        pool = names[:-1]
-        if not pool:
-            raise InputError(
-                f"push_early needs two or more probed layers; got {names} (use push_last)"
-            )
-    else:
-        pool = names
-    candidates = [(layer, u) for layer in pool for u in range(p.kernel(layer).shape[-1])]
+    candidates = [(layer, u) for layer in _fault_layers(kind, probe, p)
+                  for u in range(p.kernel(layer).shape[-1])]  # fmt: skip
     values = _raw_values(model, params, probe, x)
     order = np.asarray(jax.random.permutation(jax.random.fold_in(key, 0), len(candidates)))
-
-    def active_enough(layer: str, unit: int) -> bool:
-        return float(np.mean(values["max"][layer][:, unit] > 0)) >= _MIN_ACTIVE
-
     accuracy = zoo.accuracy(model, p.build(), x, y)
     planted: list[PlantedFault] = []
     notes: list[str] = []
-    used: set[tuple[str, int]] = set()
-    cursor = 0
+    used, cursor = set(), 0  # (layer, unit)s tried; the position in order
     for f in range(int(count)):
         done = False
         for _ in range(tries):
-            while cursor < len(order) and (
-                candidates[order[cursor]] in used
-                or (kind.startswith("push") and not active_enough(*candidates[order[cursor]]))
-            ):
-                cursor += 1
+            cursor = _next_candidate(cursor, order, candidates, used, kind, values)
             if cursor >= len(order):
                 break
             layer, unit = candidates[order[cursor]]
             cursor += 1
             fkey = jax.random.fold_in(key, 1000 + cursor)
-            target = None
-            direction = None
+            target = direction = None
             if kind.startswith("push"):
-                # a wrong class: one the neuron's active inputs do not belong to, mostly
-                active = values["max"][layer][:, unit] > 0
-                share = np.bincount(y[active], minlength=probe.num_classes) / max(active.sum(), 1)
-                options = np.flatnonzero(share < np.median(share) + 1e-12)
-                target = int(options[int(jax.random.randint(fkey, (), 0, options.size))])
+                target = _wrong_class(fkey, values, y, layer, unit, probe.num_classes)
                 direction = _push_direction(p, layer, unit, target, x)
             lift = max(0.0, -float(values["min"][layer][:, unit].min())) * 1.05 + 1e-3
-            for strength in _LADDERS[kind]:
-                q = _apply(kind, p, layer, unit, strength, direction=direction, key=fkey,
-                           lift=lift)  # fmt: skip
-                acc = zoo.accuracy(model, q.build(), x, y)
-                if accuracy - acc >= min_drop:
-                    planted.append(
-                        PlantedFault(
-                            kind,
-                            layer,
-                            int(unit),
-                            probe.index.neuron_id(layer, unit),
-                            float(strength),
-                            target,
-                            float(accuracy - acc),
-                        )  # fmt: skip
-                    )
-                    p, accuracy, done = q, acc, True
-                    used.add((layer, unit))
-                    values = _raw_values(model, p.build(), probe, x)  # for the next fault
-                    break
-            if done:
-                break
+            found = _climb(kind, model, p, layer, unit, x, y, accuracy, min_drop,
+                           direction=direction, key=fkey, lift=lift)  # fmt: skip
             used.add((layer, unit))
+            if found is not None:
+                strength, p, acc = found
+                neuron = probe.index.neuron_id(layer, unit)
+                planted.append(PlantedFault(kind, layer, int(unit), neuron, float(strength),
+                                            target, float(accuracy - acc)))  # fmt: skip
+                accuracy, done = acc, True
+                values = _raw_values(model, p.build(), probe, x)  # for the next fault
+                break
             notes.append(
                 f"{kind} on {layer}:{unit} dropped accuracy by less than {min_drop} at strength "
                 f"{_LADDERS[kind][-1]}; not planted"

@@ -36,9 +36,10 @@ order) to ``(layer, unit)`` and back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -47,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepfault_jax.cpu_layers import fast_layers
+from deepfault_jax.cpu_layers import linen_capture, linen_gated
 from deepfault_jax.errors import InputError
 
 __all__ = [
@@ -64,7 +65,6 @@ __all__ = [
 CONV_REDUCTIONS = ("mean", "max", "none")
 #: Which neuron values are counted: the layer's output, or after the activation.
 VALUES = ("pre", "post")
-_LINEN_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv)
 _NNX_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv)
 
 LayerSelection = Sequence[str] | Callable[[str], bool] | None
@@ -164,8 +164,11 @@ class Probe:
     """A model seen through its neurons: ``probe(params, x) -> (logits, activations)``.
 
     Build one with :func:`model_probe`, :func:`linen_probe`, :func:`nnx_probe`
-    or :func:`function_probe`. A probe is hashable (by identity), so it can be
-    a static argument of ``jax.jit``.
+    or :func:`function_probe`; it holds no parameters. It is hashable, so it
+    can be a static argument of ``jax.jit``: two probes are equal when they
+    compute the same thing (the same linen module, NNX graph definition, or
+    ``fn`` and ``gated_fn`` objects, input shape, layers and options), so steps
+    compiled for one serve both. One made without a ``key`` equals only itself.
 
     Attributes:
       fn: ``(params, x[batch, *input_shape]) -> (logits[batch, classes],
@@ -179,6 +182,8 @@ class Probe:
         layer's output multiplied by ``gates[layer]`` (``float32[batch or 1,
         units]``); the activations are the values before the gate. None when
         the model cannot be gated (sown values).
+      key: hashable, what determines ``fn`` and ``gated`` (probes compare and hash by
+        it), or None (by identity); set it to None when replacing ``fn`` or ``gated``.
     """
 
     fn: Callable[[Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -188,6 +193,15 @@ class Probe:
     conv_reduce: str = "mean"
     values: str = "pre"
     gated: Callable[..., tuple[jax.Array, dict[str, jax.Array]]] | None = None
+    key: Hashable | None = dataclasses.field(default=None, repr=False)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Probe):
+            return NotImplemented
+        return self is other or (self.key is not None and self.key == other.key)
+
+    def __hash__(self) -> int:
+        return object.__hash__(self) if self.key is None else hash(self.key)
 
     def require_gates(self, what: str) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
         """``gated``, or a ValueError saying that ``what`` needs a gateable probe."""
@@ -279,22 +293,66 @@ def _gate_for(gate: jax.Array, value: jax.Array, conv_reduce: str) -> jax.Array:
     return gate.reshape((gate.shape[0],) + (1,) * (value.ndim - 2) + (value.shape[-1],))
 
 
+def _neurons(chosen: tuple[str, ...], conv_reduce: str, activation_fn) -> Callable:
+    """``raw -> {layer: float32[batch, units]}``: the chosen layers' values, through
+    ``activation_fn`` (None: as they are) and reduced."""
+
+    def neurons(raw):
+        acts = {}
+        for name in chosen:
+            value = raw[name] if activation_fn is None else activation_fn(raw[name])
+            acts[name] = _reduce(value, conv_reduce).astype(jnp.float32)
+        return acts
+
+    return neurons
+
+
+def _gated_fn(raw_gated: Callable, index: NeuronIndex, conv_reduce: str, neurons) -> Callable:
+    """``(params, x, gates) -> (logits, activations)`` from ``raw_gated`` (see :func:`_finish`)."""
+    chosen = index.layer_names
+    sizes = dict(zip(chosen, index.layer_sizes, strict=True))
+
+    def gated(params, x, gates):
+        unknown = sorted(set(gates) - set(chosen))
+        if unknown:
+            raise InputError(f"gates must name probed layers ({', '.join(chosen)}); got {unknown}")
+        for name, gate in gates.items():
+            if jnp.ndim(gate) != 2 or jnp.shape(gate)[-1] != sizes[name]:
+                raise InputError(
+                    f"gate of {name!r} must have shape [batch or 1, {sizes[name]}]; "
+                    f"got {list(jnp.shape(gate))}"
+                )
+        seen: dict[str, jax.Array] = {}
+
+        def edit(name, value):
+            if name not in sizes:
+                return value
+            if name in seen:
+                raise InputError(f"cannot gate layer {name!r}: the model calls it twice")
+            seen[name] = value
+            if name not in gates:
+                return value
+            return value * _gate_for(gates[name], value, conv_reduce)
+
+        logits = raw_gated(params, x, edit)
+        missing = [name for name in chosen if name not in seen]
+        if missing:
+            raise InputError(f"cannot gate layers {missing}: the model did not call them")
+        return logits, neurons(seen)
+
+    return gated
+
+
 def _finish(
-    raw_fn: Callable[[Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]],
-    params: Any,
-    input_shape: Sequence[int],
-    layers: LayerSelection,
-    default_exclude: Callable[[list[str]], list[str]],
-    conv_reduce: str,
-    values: str,
-    activation_fn: Callable[[jax.Array], jax.Array] | None,
-    raw_gated: Callable[..., jax.Array] | None = None,
+    raw_fn, params, input_shape, layers, default, conv_reduce, values, activation_fn, raw_gated, key
 ) -> Probe:
     """Selects layers, applies activation and reduction, and resolves the layout.
 
-    ``raw_gated(params, x, edit) -> logits`` runs the model calling
-    ``edit(name, value)`` on each layer's output and using what it returns; it
-    gives the probe its gates.
+    ``raw_fn(params, x) -> (logits, {name: value})`` runs the model; ``default(names)``
+    chooses the layers when ``layers`` is None; ``raw_gated(params, x, edit) -> logits`` (or
+    None) runs it calling ``edit(name, value)`` on each layer's output and using what it
+    returns (the gates). ``key`` names what determines both; with the shape, the layers and
+    the options it becomes the probe's key. ``params`` give shapes: no function kept uses them.
     """
     input_shape = tuple(int(d) for d in input_shape)
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
@@ -302,63 +360,26 @@ def _finish(
     available = list(raw_shapes)
     if not available:
         raise InputError("the model exposes no layer to probe; got none")
-    chosen = _select(available, layers, default_exclude(available))
-    post = values == "post"
-
-    def neurons(raw):
-        acts = {}
-        for name in chosen:
-            value = raw[name]
-            if post:
-                value = activation_fn(value)
-            acts[name] = _reduce(value, conv_reduce).astype(jnp.float32)
-        return acts
+    chosen = tuple(_select(available, layers, default(available)))
+    activation = activation_fn if values == "post" else None
+    neurons = _neurons(chosen, conv_reduce, activation)
 
     def fn(params, x):
         logits, raw = raw_fn(params, x)
         return logits, neurons(raw)
 
     _, shapes = jax.eval_shape(fn, params, x)
-    index = NeuronIndex(tuple(chosen), tuple(int(shapes[n].shape[-1]) for n in chosen))
+    index = NeuronIndex(chosen, tuple(int(shapes[n].shape[-1]) for n in chosen))
     if len(logits_shape.shape) != 2:
         raise InputError(f"logits must have shape [batch, classes]; got {logits_shape.shape}")
-    gated = None
-    if raw_gated is not None:
-        sizes = dict(zip(index.layer_names, index.layer_sizes, strict=True))
-
-        def gated(params, x, gates):
-            unknown = sorted(set(gates) - set(chosen))
-            if unknown:
-                raise InputError(
-                    f"gates must name probed layers ({', '.join(chosen)}); got {unknown}"
-                )
-            for name, gate in gates.items():
-                if jnp.ndim(gate) != 2 or jnp.shape(gate)[-1] != sizes[name]:
-                    raise InputError(
-                        f"gate of {name!r} must have shape [batch or 1, {sizes[name]}]; "
-                        f"got {list(jnp.shape(gate))}"
-                    )
-            seen: dict[str, jax.Array] = {}
-
-            def edit(name, value):
-                if name not in sizes:
-                    return value
-                if name in seen:
-                    raise InputError(f"cannot gate layer {name!r}: the model calls it twice")
-                seen[name] = value
-                if name not in gates:
-                    return value
-                return value * _gate_for(gates[name], value, conv_reduce)
-
-            logits = raw_gated(params, x, edit)
-            missing = [name for name in chosen if name not in seen]
-            if missing:
-                raise InputError(f"cannot gate layers {missing}: the model did not call them")
-            return logits, neurons(seen)
-
-    return Probe(
-        fn, index, input_shape, int(logits_shape.shape[-1]), conv_reduce, values, gated
-    )
+    gated = None if raw_gated is None else _gated_fn(raw_gated, index, conv_reduce, neurons)
+    full_key = (key, input_shape, chosen, conv_reduce, values, activation)
+    try:
+        hash(full_key)
+    except TypeError:  # an unhashable piece (a callable object): compared by identity
+        full_key = None
+    classes = int(logits_shape.shape[-1])
+    return Probe(fn, index, input_shape, classes, conv_reduce, values, gated, full_key)
 
 
 # --------------------------------------------------------------------------- constructors
@@ -401,61 +422,76 @@ def linen_probe(
         XLA's CPU backend; the tests check the values are bit-identical).
 
     Returns:
-      A :class:`Probe`. ``fn`` takes the same ``params``.
+      A :class:`Probe`. ``fn`` takes the same ``params``. Probes of equal
+      modules (linen modules compare by their fields) with the same options are equal.
     """
     _check_options(conv_reduce, values, activation_fn)
+    fast_conv, fast_dense, sown = bool(fast_conv), bool(fast_dense), bool(sown)
+    raw_fn = linen_capture(module, sown, fast_conv, fast_dense)
+    raw_gated = None if sown else linen_gated(module, fast_conv, fast_dense)
+    default = (lambda a: a) if sown else (lambda a: a[:-1])
+    key = ("linen", module, sown, fast_conv, fast_dense)
+    return _finish(raw_fn, params, input_shape, layers, default, conv_reduce, values,
+                   activation_fn, raw_gated, key)  # fmt: skip
 
-    def capture_filter(mdl: nn.Module, method_name: str) -> bool:
-        return method_name == "__call__" and isinstance(mdl, _LINEN_LAYERS)
 
-    def raw_fn(params, x):
-        with fast_layers(fast_conv, fast_dense):
-            logits, state = module.apply(
-                {"params": params},
-                x,
-                capture_intermediates=False if sown else capture_filter,
-                mutable=["intermediates"],
-            )
-        found: dict[str, jax.Array] = {}
+def _nnx_capture(graphdef: Any, layer_paths: frozenset[str]) -> Callable:
+    """``(state, x) -> (logits, {name: value})``: the output of each layer in ``layer_paths``,
+    ordered by name (numbers compared as numbers)."""
 
-        def walk(tree, path):
-            for key, value in tree.items():
-                if isinstance(value, Mapping):
-                    walk(value, (*path, key))
-                elif isinstance(value, tuple):
-                    # a sown name or a captured method: one value per call
-                    base = "/".join(path) if key == "__call__" else "/".join((*path, key))
-                    for j, v in enumerate(value):
-                        found[base if len(value) == 1 else f"{base}#{j}"] = v
+    def capture(state, x):
+        model = nnx.merge(graphdef, state)
+        logits, inter = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(x)
+        found = {}
+        for path, var in nnx.to_flat_state(inter):
+            if path[-1] != "__call__":
+                continue
+            name = "/".join(map(str, path[:-1]))
+            if name in layer_paths:
+                value = var.get_value()
+                found[name] = value[0] if isinstance(value, tuple) else value
+        return logits, dict(sorted(found.items(), key=lambda kv: _natural_key(kv[0])))
 
-        walk(state.get("intermediates", {}), ())
-        return logits, found
+    return capture
 
-    def default(available: list[str]) -> list[str]:
-        return available if sown else available[:-1]
 
-    def raw_gated(params, x, edit):
-        def gate(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            if context.method_name == "__call__" and isinstance(context.module, _LINEN_LAYERS):
-                out = edit("/".join(context.module.path), out)
-            return out
+def _nnx_outputs(capture: Callable, state: Any, input_shape: Sequence[int]) -> set[str]:
+    """The layers whose output is the model's output (on a fixed input): the output layer."""
+    shape = (1, *(int(d) for d in input_shape))
+    probe_x = jnp.linspace(0.0, 1.0, math.prod(shape), dtype=jnp.float32).reshape(shape)
+    logits, found = capture(state, probe_x)
+    return {
+        name
+        for name, v in found.items()
+        if v.shape == logits.shape and bool(jnp.array_equal(v, logits))
+    }
 
-        # the gate runs outermost, so it sees what the fast rewrites return
-        with nn.intercept_methods(gate), fast_layers(fast_conv, fast_dense):
-            return module.apply({"params": params}, x)
 
-    return _finish(
-        raw_fn,
-        params,
-        input_shape,
-        layers,
-        default,
-        conv_reduce,
-        values,
-        activation_fn,
-        None if sown else raw_gated,
-    )
+def _nnx_gated(graphdef: Any, layer_paths: frozenset[str]) -> Callable:
+    """``(state, x, edit) -> logits`` with each layer in ``layer_paths`` passed through ``edit``."""
+
+    def raw_gated(state, x, edit):
+        model = nnx.merge(graphdef, state)
+        for name in sorted(layer_paths, key=_natural_key):
+            *parents, last = name.split("/")
+            owner = model
+            for part in parents:
+                owner = owner[int(part)] if part.isdigit() else getattr(owner, part)
+            layer = owner[int(last)] if last.isdigit() else getattr(owner, last)
+            wrapped = functools.partial(_edited_call, edit, name, layer)
+            if last.isdigit():
+                owner[int(last)] = wrapped
+            else:
+                # a plain attribute write: this model copy lives only inside this call
+                object.__setattr__(owner, last, wrapped)
+        return model(x)
+
+    return raw_gated
+
+
+def _edited_call(edit, name: str, layer, *args, **kwargs):
+    """Calls an NNX layer and passes its output through ``edit(name, value)``."""
+    return edit(name, layer(*args, **kwargs))
 
 
 def nnx_probe(
@@ -481,80 +517,21 @@ def nnx_probe(
       conv_reduce, values, activation_fn: as in :func:`linen_probe`.
 
     Returns:
-      A :class:`Probe` whose ``fn`` takes the NNX state as ``params``.
+      A :class:`Probe` whose ``fn`` takes the NNX state as ``params``. It
+      keeps the graph definition, never the state; probes of equal graph
+      definitions with the same options are equal.
     """
     _check_options(conv_reduce, values, activation_fn)
-    template = nnx.merge(graphdef, state)
-    layer_paths = {
+    layer_paths = frozenset(
         "/".join(map(str, path))
-        for path, mod in nnx.iter_modules(template)
+        for path, mod in nnx.iter_modules(nnx.merge(graphdef, state))
         if isinstance(mod, _NNX_LAYERS)
-    }
-
-    def capture(state, x):
-        model = nnx.merge(graphdef, state)
-        logits, inter = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(x)
-        found = {}
-        for path, var in nnx.to_flat_state(inter):
-            if path[-1] != "__call__":
-                continue
-            name = "/".join(map(str, path[:-1]))
-            if name in layer_paths:
-                value = var.get_value()
-                found[name] = value[0] if isinstance(value, tuple) else value
-        return logits, dict(sorted(found.items(), key=lambda kv: _natural_key(kv[0])))
-
-    # the output layer: the one whose output is the model's output
-    probe_x = jnp.linspace(0.0, 1.0, math.prod(input_shape), dtype=jnp.float32).reshape(
-        (1, *input_shape)
     )
-    logits, found = capture(state, probe_x)
-    outputs = {
-        name
-        for name, v in found.items()
-        if v.shape == logits.shape and bool(jnp.array_equal(v, logits))
-    }
-
-    def default(available: list[str]) -> list[str]:
-        return [name for name in available if name not in outputs]
-
-    def raw_gated(state, x, edit):
-        model = nnx.merge(graphdef, state)
-        for name in sorted(layer_paths, key=_natural_key):
-            *parents, last = name.split("/")
-            owner = model
-            for part in parents:
-                owner = owner[int(part)] if part.isdigit() else getattr(owner, part)
-            layer = owner[int(last)] if last.isdigit() else getattr(owner, last)
-            wrapped = _EditedLayer(layer, name, edit)
-            if last.isdigit():
-                owner[int(last)] = wrapped
-            else:
-                # a plain attribute write: this model copy lives only inside this call
-                object.__setattr__(owner, last, wrapped)
-        return model(x)
-
-    return _finish(
-        capture,
-        state,
-        input_shape,
-        layers,
-        default,
-        conv_reduce,
-        values,
-        activation_fn,
-        raw_gated,
-    )
-
-
-class _EditedLayer:
-    """Calls an NNX layer and passes its output through ``edit(name, value)``."""
-
-    def __init__(self, layer, name: str, edit):
-        self.layer, self.name, self.edit = layer, name, edit
-
-    def __call__(self, *args, **kwargs):
-        return self.edit(self.name, self.layer(*args, **kwargs))
+    capture = _nnx_capture(graphdef, layer_paths)
+    outputs = _nnx_outputs(capture, state, input_shape)
+    default = lambda available: [n for n in available if n not in outputs]  # noqa: E731
+    return _finish(capture, state, input_shape, layers, default, conv_reduce, values,
+                   activation_fn, _nnx_gated(graphdef, layer_paths), ("nnx", graphdef))  # fmt: skip
 
 
 def function_probe(
@@ -582,7 +559,8 @@ def function_probe(
       gated_fn: optional ``(params, x, edit) -> logits``: the same model, with
         each named activation ``value`` replaced by ``edit(name, value)``
         before later layers use it. It gives the probe gates (attribution
-        statistics, exact ablation).
+        statistics, exact ablation). Probes of the same ``fn`` and ``gated_fn``
+        objects and options are equal (``fn`` should not read globals that change).
     """
     _check_options(conv_reduce, values, activation_fn)
 
@@ -590,17 +568,8 @@ def function_probe(
         logits, acts = fn(params, x)
         return logits, dict(acts)
 
-    return _finish(
-        raw_fn,
-        params,
-        input_shape,
-        layers,
-        lambda a: a,
-        conv_reduce,
-        values,
-        activation_fn,
-        gated_fn,
-    )
+    return _finish(raw_fn, params, input_shape, layers, lambda a: a, conv_reduce, values,
+                   activation_fn, gated_fn, ("function", fn, gated_fn))  # fmt: skip
 
 
 def model_probe(
@@ -623,23 +592,8 @@ def model_probe(
 
     act = ACTIVATIONS[model.activation]
     if model.is_nnx:
-        return nnx_probe(
-            model.module,
-            params,
-            input_shape=model.input_shape,
-            layers=layers,
-            conv_reduce=conv_reduce,
-            values=values,
-            activation_fn=act,
-        )
-    return linen_probe(
-        model.module,
-        params,
-        input_shape=model.input_shape,
-        layers=layers,
-        conv_reduce=conv_reduce,
-        values=values,
-        activation_fn=act,
-        fast_conv=fast_conv,
-        fast_dense=fast_dense,
-    )
+        return nnx_probe(model.module, params, input_shape=model.input_shape, layers=layers,
+                         conv_reduce=conv_reduce, values=values, activation_fn=act)  # fmt: skip
+    return linen_probe(model.module, params, input_shape=model.input_shape, layers=layers,
+                       conv_reduce=conv_reduce, values=values, activation_fn=act,
+                       fast_conv=fast_conv, fast_dense=fast_dense)  # fmt: skip

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from deepfault_jax import cli, faultbench, faults, probe, synthesis, zoo
+from deepfault_jax import cli, commands, faultbench, faults, probe, synthesis, zoo
 from deepfault_jax.errors import MAX_SEED, InputError
 
 BIG_SEED = str(MAX_SEED + 1)  # 2**63
@@ -364,7 +364,7 @@ def test_plain_value_error_in_a_command_is_an_internal_error(capsys, monkeypatch
     def broken(args):
         raise ValueError("simulated defect")
 
-    monkeypatch.setattr(cli, "_cmd_info", broken)
+    monkeypatch.setattr(commands, "cmd_info", broken)
     code, out, err = run_cli(capsys, "info")
     assert code == 1
     assert "Traceback" in err and "internal error: simulated defect" in err
@@ -374,7 +374,7 @@ def test_keyboard_interrupt_is_exit_130(capsys, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_cmd_info", interrupted)
+    monkeypatch.setattr(commands, "cmd_info", interrupted)
     code, out, err = run_cli(capsys, "info")
     assert code == 130 and err.strip() == "deepfault-jax: interrupted"
 
@@ -383,5 +383,5 @@ def test_input_error_in_a_command_is_exit_2(capsys, monkeypatch):
     def bad(args):
         raise InputError("x must be 1; got 2")
 
-    monkeypatch.setattr(cli, "_cmd_info", bad)
+    monkeypatch.setattr(commands, "cmd_info", bad)
     assert_one_line_error(*run_cli(capsys, "info"), "x must be 1; got 2")
