@@ -247,14 +247,14 @@ def test_faultbench_summary_recomputes_from_trials(tmp_path, model_cache):
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--kinds", "flip"], "unknown fault kind 'flip'"),
-        (["--models", "resnet"], "unknown model 'resnet'"),
-        (["--faults", "0"], "faults must be positive integers"),
-        (["--conv-reduce", "none"], "conv_reduce must be 'mean' or 'max'"),
+        (["--kinds", "flip"], "--kinds: unknown fault kind 'flip'"),
+        (["--models", "resnet"], "--models: unknown model 'resnet'"),
+        (["--faults", "0"], "--faults must lie in [1, inf]; got 0"),
+        (["--conv-reduce", "none"], "invalid choice: 'none' (choose from 'mean', 'max')"),
         (["--methods", "ochiai"], "NAME/pooled or NAME/per-class; got 'ochiai'"),
         (["--methods", "ablation/per-class"], "exact ablation is ranked pooled only"),
         (["--methods", "nope/pooled"], "unknown measure 'nope'"),
-        (["--min-drop", "1.5"], "min_drop must lie in (0, 1)"),
+        (["--min-drop", "1.5"], "--min-drop must lie in (0, 1); got 1.5"),
     ],
 )
 def test_faultbench_bad_input_is_one_line_exit_2(capsys, tmp_path, args, fragment):
