@@ -33,7 +33,9 @@ The public API, by stage of the pipeline; every name is its module's own name
 - planted faults (:mod:`deepfault_jax.faults`, :mod:`deepfault_jax.faultbench`):
   :func:`plant_faults`, :class:`PlantedFault`, :data:`FAULT_KINDS`,
   :class:`FaultbenchConfig`, :func:`run_faultbench`.
-- the whole job (:mod:`deepfault_jax.pipeline`): :class:`RunConfig`, :func:`run`.
+- the whole job (:mod:`deepfault_jax.pipeline`, :mod:`deepfault_jax.report`):
+  :class:`RunConfig`, :func:`run`, and its typed report :class:`RunReport`
+  (:class:`Selection`, :class:`MeasureResult`, :class:`RandomRun`).
 """
 
 from deepfault_jax.ablation import Ablation, ablation_scores, exact_ablation
@@ -71,6 +73,7 @@ from deepfault_jax.probe import (
     model_probe,
     nnx_probe,
 )
+from deepfault_jax.report import MeasureResult, RandomRun, RunReport, Selection
 from deepfault_jax.spectrum import (
     Counts,
     Spectrum,
@@ -173,6 +176,10 @@ __all__ = [
     "plant_faults",
     "run_faultbench",
     # the whole job
+    "MeasureResult",
+    "RandomRun",
     "RunConfig",
+    "RunReport",
+    "Selection",
     "run",
 ]

@@ -50,16 +50,19 @@ from deepfault_jax import (
 )
 from deepfault_jax import faultbench as faultbench_lib
 from deepfault_jax.errors import InputError, check_finite, check_int, check_seed
-from deepfault_jax.files import replace_directory
+from deepfault_jax.files import check_replaceable, replace_directory
 from deepfault_jax.progress import Progress, notify
+from deepfault_jax.report import (
+    REPORT_FORMAT,
+    MeasureResult,
+    RandomRun,
+    RunReport,
+    Selection,
+)
 
 __all__ = [
     "RUN_FILES",
-    "MeasureResult",
-    "RandomRun",
     "RunConfig",
-    "RunReport",
-    "Selection",
     "build_probe",
     "build_report",
     "faultbench",
@@ -81,7 +84,6 @@ RUN_FILES = (
     "misclassification.png",
     "examples.png",
 )
-REPORT_FORMAT = "deepfault-jax-run-report"
 FAULTBENCH_FILES = ("faultbench.json", "faultbench.md", "faultbench.png")
 FAULTBENCH_FORMAT = "deepfault-jax-faultbench"
 
@@ -194,109 +196,6 @@ class RunConfig:
     def needs_attribution(self) -> bool:
         """Whether a measure of the run reads attribution sums (then the spectrum gathers them)."""
         return any(measures.measure_kind(name) == "attribution" for name in self.measures)
-
-
-@dataclasses.dataclass(frozen=True)
-class Selection:
-    """The correctly classified test inputs synthesized from.
-
-    Attributes:
-      rows: ``int64[n]`` test-set rows, sorted within each class.
-      per_class: class -> inputs chosen.
-      skipped: ``{"class", "reason"}`` for each class without any.
-    """
-
-    rows: np.ndarray
-    per_class: dict[int, int]
-    skipped: list[dict]
-
-
-@dataclasses.dataclass(frozen=True)
-class MeasureResult:
-    """Synthesis toward one measure's suspicious sets of size ``k``, beside the random baseline.
-
-    Attributes:
-      measure: the measure's name.
-      k: suspicious neurons per class.
-      metrics: :func:`~deepfault_jax.evaluate.evaluate_synthesis`'s numbers.
-      random: the random baseline of the same k: metric -> ``{"mean", "std"}``
-        over the repeats.
-    """
-
-    measure: str
-    k: int
-    metrics: dict[str, Any]
-    random: dict[str, dict[str, float | None]]
-
-
-@dataclasses.dataclass(frozen=True)
-class RandomRun:
-    """One random baseline: synthesis toward ``k`` random neurons per class (repeat ``repeat``)."""
-
-    k: int
-    repeat: int
-    metrics: dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class RunReport:
-    """What a run found: the typed form of ``report.json`` (:meth:`to_json`).
-
-    Attributes:
-      config: the run's configuration.
-      classes: the classes synthesized from.
-      dataset: the data set's summary.
-      model: name, activation, checkpoint and test accuracy.
-      probe: layers, layer sizes, conv reduction, values and threshold.
-      spectrum: passing and failing inputs and the per-layer summary.
-      synthesis: mode, d, step size, steps and direction in use.
-      selection: the inputs synthesized from.
-      results: one :class:`MeasureResult` per measure and k.
-      random_runs: every :class:`RandomRun`.
-      files: file name -> path written.
-      seconds: wall time of the run.
-      versions: package versions.
-    """
-
-    config: RunConfig
-    classes: tuple[int, ...]
-    dataset: dict
-    model: dict
-    probe: dict
-    spectrum: dict
-    synthesis: dict
-    selection: Selection
-    results: list[MeasureResult]
-    random_runs: list[RandomRun]
-    files: dict[str, str]
-    seconds: float
-    versions: dict[str, str]
-
-    def to_json(self) -> dict:
-        """The content of ``report.json`` (strict JSON: no NaN or infinity)."""
-        sel = self.selection
-        return {
-            "format": REPORT_FORMAT,
-            "config": {**dataclasses.asdict(self.config), "classes": list(self.classes)},
-            "versions": self.versions,
-            "dataset": self.dataset,
-            "model": self.model,
-            "probe": self.probe,
-            "spectrum": self.spectrum,
-            "synthesis": self.synthesis,
-            "selection": {
-                "inputs": int(sel.rows.size),
-                "per_class": sel.per_class,
-                "skipped_classes": sel.skipped,
-            },
-            "results": [
-                {"measure": r.measure, "k": r.k, **r.metrics, "random": r.random}
-                for r in self.results
-            ],
-            "random_runs": [{"k": r.k, "repeat": r.repeat, **r.metrics} for r in self.random_runs],
-            "files": self.files,
-            "seconds": self.seconds,
-        }
 
 
 # --------------------------------------------------------------------------- steps
@@ -506,7 +405,7 @@ def run(config: RunConfig, out_dir: str | Path, *, progress: Progress | None = N
     config.validate()
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, _is_run_dir, "a deepfault-jax run output")
+    check_replaceable(out_dir, owned=_is_run_dir)  # before any work
     dataset = data.load_dataset(config.dataset)
     classes = _check_before_work(config, dataset)
     model, params, model_meta = load_model(config, dataset, progress=progress)
@@ -646,18 +545,6 @@ def _is_faultbench_dir(path: Path) -> bool:
     return _has_json(path, "faultbench.json", FAULTBENCH_FORMAT, {"config", "trials", "summary"})
 
 
-def check_output_dir(path: Path, owned, what: str) -> None:
-    """Refuses, before any work, an output directory that exists and is neither empty nor
-    ``owned`` (holding ``what``): the package never replaces what it did not write."""
-    if path.exists() and not path.is_dir():
-        raise InputError(f"--out must be a directory; got {str(path)!r}, an existing file")
-    if path.is_dir() and any(path.iterdir()) and not owned(path):
-        raise InputError(
-            f"--out {str(path)!r} is not empty and does not hold {what}; "
-            "choose an empty or new directory (nothing was written)"
-        )
-
-
 def faultbench(
     config: faultbench_lib.FaultbenchConfig,
     out_dir: str | Path,
@@ -676,7 +563,7 @@ def faultbench(
     """
     out_dir = Path(out_dir)
     config.validate()
-    check_output_dir(out_dir, _is_faultbench_dir, "faultbench outputs")
+    check_replaceable(out_dir, owned=_is_faultbench_dir)  # before any work
     result = faultbench_lib.run_faultbench(config, progress=progress)
     result = {"format": FAULTBENCH_FORMAT, **result}
     result["files"] = {n: str(out_dir / n) for n in FAULTBENCH_FILES}

@@ -48,8 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepfault_jax.cpu_layers import linen_capture, linen_gated
 from deepfault_jax.errors import InputError
+from deepfault_jax.linen_layers import linen_capture, linen_gated
 
 __all__ = [
     "CONV_REDUCTIONS",

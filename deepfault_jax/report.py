@@ -1,17 +1,25 @@
-"""Outputs of a run: JSON for machines, Markdown for people, PNG figures; all written atomically."""
+"""Outputs of a run: the typed :class:`RunReport`, JSON for machines, Markdown for people, PNG
+figures; all written atomically."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from deepfault_jax.files import write_atomic
 
 __all__ = [
+    "REPORT_FORMAT",
+    "MeasureResult",
+    "RandomRun",
+    "RunReport",
+    "Selection",
     "faultbench_kinds_table",
     "faultbench_markdown",
     "faultbench_overview",
@@ -24,6 +32,111 @@ __all__ = [
     "write_json",
     "write_npz",
 ]
+
+REPORT_FORMAT = "deepfault-jax-run-report"
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The correctly classified test inputs synthesized from.
+
+    Attributes:
+      rows: ``int64[n]`` test-set rows, sorted within each class.
+      per_class: class -> inputs chosen.
+      skipped: ``{"class", "reason"}`` for each class without any.
+    """
+
+    rows: np.ndarray
+    per_class: dict[int, int]
+    skipped: list[dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasureResult:
+    """Synthesis toward one measure's suspicious sets of size ``k``, beside the random baseline.
+
+    Attributes:
+      measure: the measure's name.
+      k: suspicious neurons per class.
+      metrics: :func:`~deepfault_jax.evaluate.evaluate_synthesis`'s numbers.
+      random: the random baseline of the same k: metric -> ``{"mean", "std"}``
+        over the repeats.
+    """
+
+    measure: str
+    k: int
+    metrics: dict[str, Any]
+    random: dict[str, dict[str, float | None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomRun:
+    """One random baseline: synthesis toward ``k`` random neurons per class (repeat ``repeat``)."""
+
+    k: int
+    repeat: int
+    metrics: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunReport:
+    """What a run found: the typed form of ``report.json`` (:meth:`to_json`).
+
+    Attributes:
+      config: the run's configuration.
+      classes: the classes synthesized from.
+      dataset: the data set's summary.
+      model: name, activation, checkpoint and test accuracy.
+      probe: layers, layer sizes, conv reduction, values and threshold.
+      spectrum: passing and failing inputs and the per-layer summary.
+      synthesis: mode, d, step size, steps and direction in use.
+      selection: the inputs synthesized from.
+      results: one :class:`MeasureResult` per measure and k.
+      random_runs: every :class:`RandomRun`.
+      files: file name -> path written.
+      seconds: wall time of the run.
+      versions: package versions.
+    """
+
+    config: Any  # the run's RunConfig (a dataclass)
+    classes: tuple[int, ...]
+    dataset: dict
+    model: dict
+    probe: dict
+    spectrum: dict
+    synthesis: dict
+    selection: Selection
+    results: list[MeasureResult]
+    random_runs: list[RandomRun]
+    files: dict[str, str]
+    seconds: float
+    versions: dict[str, str]
+
+    def to_json(self) -> dict:
+        """The content of ``report.json`` (strict JSON: no NaN or infinity)."""
+        sel = self.selection
+        return {
+            "format": REPORT_FORMAT,
+            "config": {**dataclasses.asdict(self.config), "classes": list(self.classes)},
+            "versions": self.versions,
+            "dataset": self.dataset,
+            "model": self.model,
+            "probe": self.probe,
+            "spectrum": self.spectrum,
+            "synthesis": self.synthesis,
+            "selection": {
+                "inputs": int(sel.rows.size),
+                "per_class": sel.per_class,
+                "skipped_classes": sel.skipped,
+            },
+            "results": [
+                {"measure": r.measure, "k": r.k, **r.metrics, "random": r.random}
+                for r in self.results
+            ],
+            "random_runs": [{"k": r.k, "repeat": r.repeat, **r.metrics} for r in self.random_runs],
+            "files": self.files,
+            "seconds": self.seconds,
+        }
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

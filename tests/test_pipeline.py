@@ -204,7 +204,7 @@ def test_run_never_replaces_a_directory_it_did_not_write(tmp_path):
     user = tmp_path / "mine"
     user.mkdir()
     (user / "notes.txt").write_text("keep me")
-    with pytest.raises(InputError, match="is not empty and does not hold a deepfault-jax run"):
+    with pytest.raises(InputError, match="is not empty and was not written by deepfault-jax"):
         pipeline.run(pipeline.RunConfig(**SMALL), user)
     assert [p.name for p in user.iterdir()] == ["notes.txt"]
     assert (user / "notes.txt").read_text() == "keep me"
