@@ -109,3 +109,12 @@ def prepared_tfds_dir(tmp_path_factory) -> Path:
     data_dir = tmp_path_factory.mktemp("tfds")
     TinyShapes(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
     return data_dir
+
+
+def assert_identical(a, b) -> None:
+    """Two spectra have the same layout and threshold and bit-identical int32 counts."""
+    assert a.index == b.index and a.threshold == b.threshold
+    for name in ("a_pass", "a_fail", "n_pass", "n_fail"):
+        x, y = np.asarray(getattr(a, name)), np.asarray(getattr(b, name))
+        assert x.dtype == y.dtype == np.int32, name
+        np.testing.assert_array_equal(x, y, err_msg=name)

@@ -21,24 +21,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import FORCED_DEVICES
+from conftest import FORCED_DEVICES, assert_identical
 
 from deepfault_jax import data, kernels, metrics, probe, spectrum, spectrum_io, streaming, zoo
 from deepfault_jax.errors import InputError
-from deepfault_jax.spectrum import Spectrum
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _arrays(s: Spectrum):
-    return [np.asarray(a) for a in (s.a_pass, s.a_fail, s.n_pass, s.n_fail)]
-
-
-def assert_identical(a: Spectrum, b: Spectrum):
-    assert a.index == b.index and a.threshold == b.threshold
-    for x, y in zip(_arrays(a), _arrays(b), strict=True):
-        assert x.dtype == y.dtype == np.int32
-        np.testing.assert_array_equal(x, y)
 
 
 @pytest.fixture(scope="module")

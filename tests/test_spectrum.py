@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FORCED_DEVICES, needs_fashion
+from conftest import FORCED_DEVICES, assert_identical, needs_fashion
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,20 +24,10 @@ from deepfault_jax import data, metrics, probe, spectrum, spectrum_io, streaming
 from deepfault_jax.spectrum import Spectrum
 
 
-def _arrays(s: Spectrum):
-    return [np.asarray(a) for a in (s.a_pass, s.a_fail, s.n_pass, s.n_fail)]
-
-
-def assert_identical(a: Spectrum, b: Spectrum):
-    assert a.index == b.index and a.threshold == b.threshold
-    for x, y in zip(_arrays(a), _arrays(b), strict=True):
-        assert x.dtype == y.dtype == np.int32
-        np.testing.assert_array_equal(x, y)
-
-
 def assert_matches_reference(s: Spectrum, logits, acts, labels, threshold=0.0):
     want = spectrum_loops(logits, acts, labels, num_classes=s.num_classes, threshold=threshold)
-    for got, ref in zip(_arrays(s), want, strict=True):
+    got_arrays = [np.asarray(a) for a in (s.a_pass, s.a_fail, s.n_pass, s.n_fail)]
+    for got, ref in zip(got_arrays, want, strict=True):
         np.testing.assert_array_equal(got, ref)
 
 
