@@ -30,9 +30,9 @@ import numpy as np
 
 from deepfault_jax import ablation as ablation_lib
 from deepfault_jax import data, localize, measures, zoo
-from deepfault_jax.errors import InputError
+from deepfault_jax.errors import InputError, check_finite, check_int, check_seed
 from deepfault_jax.faults import FAULT_KINDS, PlantedFault, plant_faults
-from deepfault_jax.probe import Probe, model_probe
+from deepfault_jax.probe import VALUES, Probe, model_probe
 from deepfault_jax.progress import Progress, notify
 from deepfault_jax.spectrum import Spectrum
 from deepfault_jax.streaming import compute_spectrum
@@ -291,9 +291,6 @@ class FaultbenchConfig:
             probed layers exist, and no fault count exceeds the probed neurons of
             a model (built untrained, so nothing is trained here).
         """
-        from deepfault_jax.errors import check_finite, check_int, check_seed
-        from deepfault_jax.probe import VALUES
-
         if not self.models or not self.kinds or not self.faults or not self.seeds:
             raise InputError("models, kinds, faults and seeds must each list at least one value")
         for name in self.models:
@@ -387,6 +384,7 @@ def run_faultbench(config: FaultbenchConfig, *, progress: Progress | None = None
     config.validate()
     start = time.perf_counter()
     dataset = data.load_dataset(config.dataset)
+    config.validate(dataset=dataset)  # layers and fault counts, before any training
     x, y = dataset.x_test[: config.inputs], dataset.y_test[: config.inputs]
     methods = config.resolved_methods()
     trials, models = [], {}
