@@ -28,15 +28,22 @@ classes, activation); parameters are a separate pytree, as everywhere in JAX.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import gc
+import hashlib
 import json
+import logging
 import math
 import os
-import shutil
+import re
+import signal
 import sys
 import tempfile
+import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,7 +56,16 @@ import optax
 from flax import nnx
 
 from deepfault_jax.data import Dataset, iterate_batches, shuffled_batches
-from deepfault_jax.files import current_umask, write_atomic
+from deepfault_jax.errors import (
+    InputError,
+    InputTypeError,
+    check_finite,
+    check_int,
+    check_seed,
+    describe_os_error,
+    env_path,
+)
+from deepfault_jax.files import check_replaceable, replace_directory, write_atomic
 
 __all__ = [
     "ACTIVATIONS",
@@ -61,6 +77,7 @@ __all__ = [
     "default_epochs",
     "accuracy",
     "init_params",
+    "is_checkpoint_dir",
     "load_checkpoint",
     "load_or_train",
     "package_versions",
@@ -76,6 +93,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 CHECKPOINT_FORMAT = "deepfault-jax-checkpoint"
 CHECKPOINT_VERSION = 1
+_CHECKPOINT_ENTRIES = frozenset({"model.json", "params"})
 
 
 # --------------------------------------------------------------------------- linen modules
@@ -246,18 +264,18 @@ def create_model(
       >>> model = create_model("mlp-3x50", input_shape=(8, 8, 1), num_classes=10)
     """
     if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+        raise InputError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
     if activation not in ACTIVATIONS:
-        raise ValueError(
+        raise InputError(
             f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}"
         )
     shape = tuple(int(d) for d in input_shape)
     if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(
+        raise InputError(
             f"input_shape must be (height, width, channels) of positive sizes; got {tuple(input_shape)}"
         )
     if int(num_classes) < 2:
-        raise ValueError(f"num_classes must be >= 2; got {num_classes}")
+        raise InputError(f"num_classes must be >= 2; got {num_classes}")
     num_classes = int(num_classes)
     if name in _NNX_HIDDEN:
         template = NnxMLP(
@@ -279,7 +297,11 @@ def init_params(key: jax.Array, model: Model) -> Any:
     Returns:
       For linen models the ``params`` collection (a dict); for NNX models the
       ``nnx.State`` of its ``nnx.Param`` variables.
+
+    Raises:
+      InputTypeError: ``key`` is not a JAX PRNG key (``jax.random.key(seed)``).
     """
+    _check_key(key)
     if model.is_nnx:
         module = NnxMLP(
             math.prod(model.input_shape),
@@ -338,7 +360,7 @@ def accuracy(
 
 def _check_input_shape(model: Model, x: np.ndarray) -> None:
     if tuple(x.shape[1:]) != model.input_shape:
-        raise ValueError(
+        raise InputError(
             f"{model.name} expects images of shape {model.input_shape}; got {tuple(x.shape[1:])}"
         )
 
@@ -366,6 +388,137 @@ class TrainResult:
     seconds: float
 
 
+def _check_key(key: Any) -> None:
+    """Refuses anything but a JAX PRNG key: a typed key (``jax.random.key``) or a raw
+    ``uint32`` one (``jax.random.PRNGKey``)."""
+    dtype = getattr(key, "dtype", None)
+    if isinstance(key, (jax.Array, np.ndarray)) and (
+        jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or dtype == np.uint32
+    ):
+        return
+    raise InputTypeError(
+        f"key must be a JAX PRNG key such as jax.random.key(0); got {type(key).__name__} {key!r}"
+    )
+
+
+def _check_train_options(
+    model: Model, dataset: Dataset, *, epochs: Any, batch_size: Any, learning_rate: Any
+) -> tuple[int, int, float]:
+    """``(epochs, batch_size, learning_rate)`` checked, or :class:`InputError`."""
+    if model.input_shape != dataset.input_shape or model.num_classes != dataset.num_classes:
+        raise InputError(
+            f"{model.name} was built for input {model.input_shape} and {model.num_classes} classes; "
+            f"data set {dataset.name!r} has input {dataset.input_shape} and {dataset.num_classes}"
+        )
+    epochs = default_epochs(dataset) if epochs is None else check_int("epochs", epochs, lo=1)
+    batch_size = check_int("batch_size", batch_size, lo=1)
+    learning_rate = check_finite("learning_rate", learning_rate, lo=0.0, lo_open=True)
+    return epochs, batch_size, learning_rate
+
+
+class _Interrupt:
+    """Whether Ctrl-C (SIGINT) arrived inside :func:`_deferred_interrupt`."""
+
+    pending: bool = False
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Holds Ctrl-C back while JAX compiles and runs; yields an :class:`_Interrupt`.
+
+    Python raises ``KeyboardInterrupt`` wherever the main thread happens to be,
+    and inside JAX that may be while XLA still compiles in a thread of its own:
+    the interpreter then exits under that thread, which crashes (SIGSEGV, exit
+    139, after the "interrupted" message). Here the first SIGINT only takes
+    note; the caller stops at a safe point (``pending``), and at the latest the
+    block raises ``KeyboardInterrupt`` as it ends. A second Ctrl-C raises at
+    once, as usual. Acts only in the main thread and only over Python's default
+    handler: a caller's own SIGINT handler (or ``SIG_IGN``) is left alone.
+    """
+    state = _Interrupt()
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield state
+        return
+
+    def take_note(signum, frame):
+        state.pending = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
+
+    signal.signal(signal.SIGINT, take_note)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if state.pending:
+        raise KeyboardInterrupt
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def _check_not_diverged(mean_loss: float, params: Any, *, epoch: int, learning_rate: float) -> None:
+    """Raises :class:`InputError` when the loss or a parameter is no longer finite."""
+    if not math.isfinite(mean_loss):
+        what = f"loss became {mean_loss}"
+    elif not bool(_all_finite(params)):
+        what = "parameters became non-finite"
+    else:
+        return
+    raise InputError(
+        f"training diverged: {what} at epoch {epoch}; "
+        f"lower the learning rate (got {learning_rate:g})"
+    )
+
+
+def _stop_if_interrupted(interrupt: _Interrupt, *arrays: Any) -> None:
+    """Raises ``KeyboardInterrupt`` if Ctrl-C was pressed, once ``arrays`` (the newest
+    results, on which all earlier work depends) are computed: nothing is left running."""
+    if interrupt.pending:
+        jax.block_until_ready(arrays)
+        raise KeyboardInterrupt
+
+
+def _train_epoch(
+    params: Any,
+    opt_state: Any,
+    key: jax.Array,
+    dataset: Dataset,
+    *,
+    model: Model,
+    optimizer: optax.GradientTransformation,
+    batch_size: int,
+    desc: str,
+    progress: bool,
+    interrupt: _Interrupt,
+) -> tuple[Any, Any, float]:
+    """One pass over the training images in the order ``key`` draws:
+    ``(params, opt_state, mean loss)``.
+
+    Raises:
+      KeyboardInterrupt: Ctrl-C was pressed; raised after the step under way has
+        finished, so no computation is left running.
+    """
+    from tqdm.auto import tqdm
+
+    batches = shuffled_batches(key, dataset.x_train, dataset.y_train, batch_size=batch_size)
+    steps = math.ceil(len(dataset.y_train) / batch_size)
+    disable = None if progress else True  # None: off when stderr is no terminal
+    losses = []
+    with tqdm(batches, total=steps, desc=desc, disable=disable, leave=False, unit="batch") as bar:
+        for batch in bar:
+            params, opt_state, loss = _train_step(
+                params, opt_state, batch.x, batch.y, batch.mask, model=model, optimizer=optimizer
+            )
+            losses.append(loss)
+            _stop_if_interrupted(interrupt, params, opt_state)
+    return params, opt_state, float(np.mean(jax.device_get(losses)))
+
+
 def train(
     key: jax.Array,
     model: Model,
@@ -387,65 +540,60 @@ def train(
       model: from :func:`create_model`; its input shape and classes must match
         the data set.
       dataset: the data.
-      epochs: number of passes; default :func:`default_epochs`.
-      batch_size: images per step.
-      learning_rate: Adam's step size.
+      epochs: number of passes (an integer >= 1); default :func:`default_epochs`.
+      batch_size: images per step (an integer >= 1).
+      learning_rate: Adam's step size (finite, > 0).
       progress: show a progress bar per epoch on stderr.
       params: start from these parameters instead of drawing new ones.
 
     Returns:
       A :class:`TrainResult`.
+
+    Raises:
+      InputError: a bad option, a model that does not fit the data set, or
+        training that diverged (the loss or a parameter became NaN or
+        infinite: the message names the epoch and the learning rate).
+      InputTypeError: ``key`` is not a JAX PRNG key.
+      KeyboardInterrupt: Ctrl-C; raised at the end of the step under way, once
+        JAX has nothing left running (see :func:`_deferred_interrupt`).
     """
     from tqdm.auto import tqdm
 
-    if model.input_shape != dataset.input_shape or model.num_classes != dataset.num_classes:
-        raise ValueError(
-            f"{model.name} was built for input {model.input_shape} and {model.num_classes} classes; "
-            f"data set {dataset.name!r} has input {dataset.input_shape} and {dataset.num_classes}"
-        )
-    epochs = default_epochs(dataset) if epochs is None else int(epochs)
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1; got {epochs}")
-    if int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0; got {learning_rate}")
+    _check_key(key)
+    epochs, batch_size, learning_rate = _check_train_options(
+        model, dataset, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate
+    )
     start = time.perf_counter()
-    init_key, shuffle_key = jax.random.split(key)
-    if params is None:
-        params = init_params(init_key, model)
-    optimizer = optax.adam(learning_rate)
-    opt_state = optimizer.init(params)
-    batch_size = min(int(batch_size), len(dataset.y_train))
-    steps = math.ceil(len(dataset.y_train) / batch_size)
-    history = []
-    for epoch in range(epochs):
-        epoch_key = jax.random.fold_in(shuffle_key, epoch)
-        batches = shuffled_batches(
-            epoch_key, dataset.x_train, dataset.y_train, batch_size=batch_size
-        )
-        bar = tqdm(
-            batches,
-            total=steps,
-            desc=f"epoch {epoch + 1}/{epochs}",
-            disable=None if progress else True,  # None: off when stderr is no terminal
-            leave=False,
-            unit="batch",
-        )
-        losses = []
-        for batch in bar:
-            params, opt_state, loss = _train_step(
-                params, opt_state, batch.x, batch.y, batch.mask, model=model, optimizer=optimizer
+    with _deferred_interrupt() as interrupt:
+        init_key, shuffle_key = jax.random.split(key)
+        if params is None:
+            params = init_params(init_key, model)
+        optimizer = optax.adam(learning_rate)
+        opt_state = optimizer.init(params)
+        batch_size = min(batch_size, len(dataset.y_train))
+        history = []
+        for epoch in range(1, epochs + 1):
+            _stop_if_interrupted(interrupt, params, opt_state)
+            params, opt_state, mean_loss = _train_epoch(
+                params,
+                opt_state,
+                jax.random.fold_in(shuffle_key, epoch - 1),
+                dataset,
+                model=model,
+                optimizer=optimizer,
+                batch_size=batch_size,
+                desc=f"epoch {epoch}/{epochs}",
+                progress=progress,
+                interrupt=interrupt,
             )
-            losses.append(loss)
-        mean_loss = float(np.mean(jax.device_get(losses)))
-        test_accuracy = accuracy(model, params, dataset.x_test, dataset.y_test)
-        history.append({"epoch": epoch + 1, "loss": mean_loss, "test_accuracy": test_accuracy})
-        if progress:
-            tqdm.write(
-                f"epoch {epoch + 1}/{epochs}: loss {mean_loss:.4f}, test accuracy {test_accuracy:.4f}",
-                file=sys.stderr,
-            )
+            _check_not_diverged(mean_loss, params, epoch=epoch, learning_rate=learning_rate)
+            test_accuracy = accuracy(model, params, dataset.x_test, dataset.y_test)
+            history.append({"epoch": epoch, "loss": mean_loss, "test_accuracy": test_accuracy})
+            if progress:
+                tqdm.write(
+                    f"epoch {epoch}/{epochs}: loss {mean_loss:.4f}, test accuracy {test_accuracy:.4f}",
+                    file=sys.stderr,
+                )
     return TrainResult(params, history, history[-1]["test_accuracy"], time.perf_counter() - start)
 
 
@@ -476,8 +624,85 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def _leaf_name(path: tuple) -> str:
+    """A pytree path as ``dense_0/kernel`` (dict keys, attribute names, sequence indices)."""
+    parts = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+        else:
+            parts.append(str(entry))
+    return "/".join(parts)
+
+
+def _params_digest(params: Any) -> str:
+    """``"sha256:<hex>"`` over every parameter array: its path, shape, dtype and bytes, in
+    the order of the paths (so a dict's key order, and orbax's file layout, do not matter)."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    named = sorted(((_leaf_name(path), leaf) for path, leaf in leaves), key=lambda item: item[0])
+    digest = hashlib.sha256()
+    for name, leaf in named:
+        array = np.ascontiguousarray(jax.device_get(leaf))
+        header = json.dumps([name, list(array.shape), array.dtype.str]).encode()
+        digest.update(len(header).to_bytes(8, "little") + header)
+        digest.update(array.tobytes())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def is_checkpoint_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a directory written by :func:`save_checkpoint`: its
+    ``model.json`` carries the checkpoint format marker (as every version wrote it)
+    and the directory holds nothing but ``model.json`` and ``params/``.
+
+    :func:`save_checkpoint` replaces only such a directory (or an empty one), so a
+    user's files are never deleted.
+    """
+    path = Path(path)
+    try:
+        meta = json.loads((path / "model.json").read_text())
+        names = {entry.name for entry in path.iterdir()}
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(meta, dict)
+        and meta.get("format") == CHECKPOINT_FORMAT
+        and names <= _CHECKPOINT_ENTRIES
+    )
+
+
+def _orbax_save(path: Path, params: Any) -> None:
+    """Saves ``params`` to ``path`` with orbax, returning (or raising) only once orbax has
+    stopped writing: after a failed save its background threads would otherwise go on
+    creating files in a directory that is being removed."""
+    import orbax.checkpoint as ocp
+
+    before = set(threading.enumerate())
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        checkpointer.save(path, params)
+        checkpointer.wait_until_finished()
+    except BaseException:
+        with _QuietOrbax():  # its threads complain as the checkpointer closes under them
+            checkpointer.close()
+            _wait_for_new_threads(before, limit_s=5.0)
+        raise
+    checkpointer.close()
+
+
+def _wait_for_new_threads(before: set[threading.Thread], *, limit_s: float) -> None:
+    """Waits (at most ``limit_s``) until every thread not in ``before`` has ended."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        new = [t for t in threading.enumerate() if t not in before]
+        if not new:
+            return
+        for thread in new:
+            try:
+                thread.join(timeout=0.05)
+            except RuntimeError:  # started, but not running yet
+                time.sleep(0.01)
 
 
 def save_checkpoint(
@@ -485,61 +710,234 @@ def save_checkpoint(
 ) -> Path:
     """Saves ``params`` with orbax and a ``model.json`` describing ``model``.
 
-    The directory is assembled beside its destination and renamed into place,
-    so a reader never sees half a checkpoint; an existing checkpoint there is
-    replaced.
+    The directory is assembled beside its destination and renamed into place
+    (:func:`~deepfault_jax.files.replace_directory`), so a reader never sees
+    half a checkpoint. An existing destination is replaced only when it is an
+    empty directory or an earlier checkpoint (:func:`is_checkpoint_dir`);
+    anything else is refused and left untouched. ``model.json`` records a
+    digest of the parameters (``params_digest``), checked on load.
 
     Args:
       directory: destination; parent directories are created.
       model: the architecture the parameters belong to.
       params: the parameter pytree.
-      metadata: extra JSON-ready facts (data set, seed, accuracy, ...).
+      metadata: extra JSON-ready facts (data set, seed, accuracy, ...); the
+        keys this function writes itself take precedence.
 
     Returns:
       The absolute checkpoint directory.
+
+    Raises:
+      InputError: ``directory`` is an existing file, or a non-empty directory
+        that is not a checkpoint (nothing is changed), or cannot be created.
+      InputTypeError: ``metadata`` is not JSON-ready.
+      KeyboardInterrupt: Ctrl-C during the write; held until orbax has
+        finished, then raised with nothing replaced.
+    """
+    meta = {
+        **(metadata or {}),
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "model": model.name,
+        "input_shape": list(model.input_shape),
+        "num_classes": model.num_classes,
+        "activation": model.activation,
+        "versions": package_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "params_digest": _params_digest(params),
+    }
+    try:
+        text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    except (TypeError, ValueError) as e:
+        raise InputTypeError(f"metadata must be JSON-ready; got {metadata!r} ({e})") from None
+
+    def fill(staging: Path) -> None:
+        with _deferred_interrupt():
+            _orbax_save(staging / "params", params)
+        write_atomic(staging / "model.json", text.encode())
+
+    return replace_directory(directory, fill, owned=is_checkpoint_dir, what="checkpoint directory")
+
+
+def _is_count(value: Any, lo: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lo
+
+
+#: model.json keys: (required, check, what the check expects).
+_META_KEYS: dict[str, tuple[bool, Callable[[Any], bool], str]] = {
+    "model": (
+        True,
+        lambda v: isinstance(v, str) and v in MODEL_NAMES,
+        f"one of {', '.join(MODEL_NAMES)}",
+    ),
+    "input_shape": (
+        True,
+        lambda v: isinstance(v, list) and len(v) == 3 and all(_is_count(d, 1) for d in v),
+        "a list of 3 positive integers [height, width, channels]",
+    ),
+    "num_classes": (True, lambda v: _is_count(v, 2), "an integer >= 2"),
+    "activation": (
+        False,
+        lambda v: isinstance(v, str) and v in ACTIVATIONS,
+        f"one of {', '.join(ACTIVATIONS)}",
+    ),
+    "params_digest": (
+        False,
+        lambda v: isinstance(v, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", v) is not None,
+        "'sha256:' followed by 64 hexadecimal digits",
+    ),
+}
+
+
+def _read_model_json(directory: Path) -> dict:
+    """The checkpoint's ``model.json``, every key this module relies on checked.
+
+    Raises:
+      InputError: a missing, unreadable or malformed file, naming it and the key.
+    """
+    meta_path = directory / "model.json"
+    if not meta_path.is_file():
+        raise InputError(
+            f"{directory} must be a checkpoint directory holding model.json; it does not"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{meta_path}: unreadable checkpoint metadata ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise InputError(f"{meta_path}: format must be {CHECKPOINT_FORMAT!r}; got {got!r}")
+    for key, (required, check, expected) in _META_KEYS.items():
+        if key not in meta:
+            if required:
+                raise InputError(f"{meta_path}: missing key {key!r} (expected {expected})")
+        elif not check(meta[key]):
+            shown = json.dumps(meta[key])
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            raise InputError(f"{meta_path}: key {key!r} must be {expected}; got {shown}")
+    return meta
+
+
+def _error_text(error: BaseException) -> str:
+    """The telling line of an orbax/TensorStore error: orbax's wrapper ("Encountered error
+    while reading array index ... See full TensorStore details") gives way to its cause."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain and len(chain) < 10:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    chosen = next(
+        (e for e in chain if str(e).strip() and "See full TensorStore details" not in str(e)),
+        chain[0],
+    )
+    text = str(chosen).strip()
+    line = text.splitlines()[0].split(" [tensorstore_spec")[0] if text else ""
+    line = line if len(line) <= 300 else line[:297] + "..."
+    return f"{type(chosen).__name__}: {line}" if line else type(chosen).__name__
+
+
+class _QuietOrbax:
+    """Keeps orbax's noise off stderr while it reads: its log lines (absl), the tasks its
+    asyncio loop never retrieved ("Task exception was never retrieved", logged by asyncio as
+    they are freed), and the errors its background threads report after a failed read
+    ("Event loop is closed", "Exception ignored in <coroutine ...>", through
+    ``sys.unraisablehook``). The failure itself reaches the caller as the text :meth:`call`
+    returns. After a failure, exiting collects the leftovers and waits (at most 3 s) until
+    the background threads have been silent for half a second."""
+
+    _LOGGERS = ("absl", "asyncio")
+
+    def __enter__(self) -> _QuietOrbax:
+        self.failed = False
+        self._strays: list[float] = []
+        self._loggers = [logging.getLogger(name) for name in self._LOGGERS]
+        self._levels = [logger.level for logger in self._loggers]
+        self._hook = sys.unraisablehook
+        for logger in self._loggers:
+            logger.setLevel(logging.CRITICAL)
+        sys.unraisablehook = lambda unraisable: self._strays.append(time.monotonic())
+        return self
+
+    def call(self, fn: Callable[[], Any]) -> tuple[Any, str | None]:
+        """``(fn(), None)``, or ``(None, what went wrong)`` when ``fn`` raises."""
+        try:
+            return fn(), None
+        except Exception as e:  # orbax and TensorStore raise many types
+            self.failed = True
+            return None, _error_text(e)
+
+    def __exit__(self, *exc_info) -> None:
+        try:
+            start = time.monotonic()
+            while self.failed or self._strays or exc_info[0] is not None:
+                gc.collect()  # coroutines left by a failed read report as they are freed
+                now = time.monotonic()
+                if now - max([start, *self._strays]) >= 0.5 or now - start >= 3.0:
+                    break
+                time.sleep(0.05)
+        finally:
+            sys.unraisablehook = self._hook
+            for logger, level in zip(self._loggers, self._levels, strict=True):
+                logger.setLevel(level)
+
+
+def _leaf_shapes(tree: Any) -> list[tuple]:
+    leaves = jax.tree.leaves(tree, is_leaf=lambda a: hasattr(a, "shape"))
+    return sorted((tuple(a.shape), str(np.dtype(a.dtype))) for a in leaves)
+
+
+def _restore_params(directory: Path, arch: Model) -> Any:
+    """The parameters in ``directory/params``, restored as ``arch``'s pytree.
+
+    Raises:
+      InputError: the arrays saved do not fit ``arch`` (both are named), or
+        orbax cannot read them (the reason is named).
     """
     import orbax.checkpoint as ocp
 
-    directory = Path(directory).expanduser().absolute()
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(
-            f"checkpoint destination must be a directory; got existing file {directory}"
+    params_dir = directory / "params"
+    failed = f"checkpoint {directory}: restoring the parameters from {params_dir} failed"
+    if not params_dir.is_dir():
+        raise InputError(f"{failed} ({'not a directory' if params_dir.exists() else 'missing'})")
+    abstract = jax.eval_shape(lambda key: init_params(key, arch), jax.random.key(0))
+    with _QuietOrbax() as quiet, ocp.StandardCheckpointer() as checkpointer:
+        saved, failure = quiet.call(lambda: checkpointer.metadata(params_dir).item_metadata)
+        saved = _leaf_shapes(getattr(saved, "tree", saved))  # empty when orbax cannot tell
+        expected = _leaf_shapes(abstract)
+        fits = not saved or saved == expected
+        if failure is None and fits:
+            params, failure = quiet.call(lambda: checkpointer.restore(params_dir, abstract))
+    if failure is None and not fits:
+        raise InputError(
+            f"checkpoint {directory}: parameters do not fit {arch.name} with input "
+            f"{arch.input_shape} and {arch.num_classes} classes: expected arrays {expected}, "
+            f"got {saved}"
         )
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(
-        tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp")
-    )
-    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private
-    try:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(staging / "params", params)
-        checkpointer.wait_until_finished()
-        meta = {
-            "format": CHECKPOINT_FORMAT,
-            "format_version": CHECKPOINT_VERSION,
-            "model": model.name,
-            "input_shape": list(model.input_shape),
-            "num_classes": model.num_classes,
-            "activation": model.activation,
-            "versions": package_versions(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            **(metadata or {}),
-        }
-        _write_json_atomic(staging / "model.json", meta)
-        if directory.exists():
-            old = Path(
-                tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old")
-            )
-            old.rmdir()
-            directory.rename(old)
-            staging.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
+    if failure is not None:
+        raise InputError(f"{failed} ({failure})")
+    return params
+
+
+def _verify_digest(directory: Path, meta: dict, params: Any) -> None:
+    """Checks the restored ``params`` against ``model.json``'s ``params_digest``.
+
+    A checkpoint without a digest (written before digests existed) is loaded
+    with a ``UserWarning``, not refused: it is the user's trained model, and
+    saving it again adds the digest.
+    """
+    expected = meta.get("params_digest")
+    if expected is None:
+        warnings.warn(
+            f"checkpoint {directory} has no parameter digest (written by an older "
+            "deepfault-jax): its parameters are loaded unverified; save it again to add one",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    actual = _params_digest(params)
+    if actual != expected:
+        raise InputError(
+            f"checkpoint {directory} is corrupt: parameter digest expected {expected}, got {actual}"
+        )
 
 
 def load_checkpoint(
@@ -550,6 +948,10 @@ def load_checkpoint(
 ) -> tuple[Model, Any, dict]:
     """Loads a checkpoint written by :func:`save_checkpoint`.
 
+    The restored parameters are checked against the digest in ``model.json``.
+    A checkpoint of an older version, which has no digest, loads with a
+    ``UserWarning`` (its parameters unverified) rather than being refused.
+
     Args:
       directory: the checkpoint directory.
       model: if given, the architecture the caller expects.
@@ -559,31 +961,21 @@ def load_checkpoint(
       ``(model, params, metadata)``.
 
     Raises:
-      ValueError: a missing or unreadable checkpoint, or one whose architecture
-        or input shape differs from the expected one (both are named).
+      InputError: a missing or unreadable checkpoint; a ``model.json`` with a
+        missing or malformed key (the file and the key are named); parameters
+        that do not fit the architecture, that orbax cannot restore (the
+        reason is named), or whose digest differs (the checkpoint is corrupt);
+        an architecture or input shape other than the expected one.
     """
-    import orbax.checkpoint as ocp
-
     directory = Path(directory).expanduser().absolute()
-    meta_path = directory / "model.json"
-    if not meta_path.is_file():
-        raise ValueError(
-            f"{directory} must be a checkpoint directory holding model.json; it does not"
-        )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{meta_path}: unreadable checkpoint metadata ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ValueError(f"{meta_path}: format must be {CHECKPOINT_FORMAT!r}; got {got!r}")
+    meta = _read_model_json(directory)
     saved_shape = tuple(meta["input_shape"])
     if model is not None and model != meta["model"]:
-        raise ValueError(
+        raise InputError(
             f"checkpoint {directory} holds architecture {meta['model']!r}; expected {model!r}"
         )
     if input_shape is not None and tuple(int(d) for d in input_shape) != saved_shape:
-        raise ValueError(
+        raise InputError(
             f"checkpoint {directory} was trained on input shape {saved_shape}; "
             f"expected {tuple(input_shape)}"
         )
@@ -593,47 +985,44 @@ def load_checkpoint(
         num_classes=meta["num_classes"],
         activation=meta.get("activation", "relu"),
     )
-    abstract = jax.eval_shape(lambda key: init_params(key, arch), jax.random.key(0))
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-        saved = checkpointer.metadata(directory / "params").item_metadata
-        saved = getattr(saved, "tree", saved)
-    except Exception as e:  # orbax raises many types for a missing or corrupt directory
-        raise ValueError(
-            f"checkpoint {directory}: unreadable parameters ({type(e).__name__})"
-        ) from None
-
-    def leaf_shapes(tree):
-        leaves = jax.tree.leaves(tree, is_leaf=lambda a: hasattr(a, "shape"))
-        return sorted((tuple(a.shape), str(np.dtype(a.dtype))) for a in leaves)
-
-    if not leaf_shapes(saved):
-        raise ValueError(
-            f"checkpoint {directory}: unreadable parameters (params/ missing or empty)"
-        )
-
-    if leaf_shapes(saved) != leaf_shapes(abstract):
-        raise ValueError(
-            f"checkpoint {directory}: parameters do not fit {arch.name} with input {saved_shape} "
-            f"and {arch.num_classes} classes: expected arrays {leaf_shapes(abstract)}, "
-            f"got {leaf_shapes(saved)}"
-        )
-    try:
-        params = checkpointer.restore(directory / "params", abstract)
-    except Exception as e:  # orbax raises many types for missing or mismatched trees
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"checkpoint {directory}: parameters do not fit {arch.name} with input {saved_shape} "
-            f"({type(e).__name__}: {first})"
-        ) from None
+    params = _restore_params(directory, arch)
+    _verify_digest(directory, meta, params)
     meta["checkpoint"] = str(directory)
     return arch, params, meta
 
 
+# --------------------------------------------------------------------------- the model cache
+
+
 def default_cache_dir() -> Path:
     """Where :func:`load_or_train` keeps trained models: ``$DEEPFAULT_JAX_CACHE`` or
-    ``~/.cache/deepfault-jax``."""
-    return Path(os.environ.get("DEEPFAULT_JAX_CACHE", Path.home() / ".cache" / "deepfault-jax"))
+    ``~/.cache/deepfault-jax`` (also when the variable is set but empty)."""
+    value = env_path("DEEPFAULT_JAX_CACHE")
+    return Path(value) if value is not None else Path.home() / ".cache" / "deepfault-jax"
+
+
+def _cache_root(cache_dir: str | os.PathLike | None) -> tuple[Path, str]:
+    """The cache directory, and how a message names where it came from."""
+    if cache_dir is not None:
+        return Path(cache_dir), f"cache_dir must name a writable directory; got {str(cache_dir)!r}"
+    value = env_path("DEEPFAULT_JAX_CACHE")
+    if value is not None:
+        return Path(value), f"DEEPFAULT_JAX_CACHE must name a writable directory; got {value!r}"
+    root = default_cache_dir()
+    return root, (
+        f"the model cache must be a writable directory (set DEEPFAULT_JAX_CACHE to choose "
+        f"another); got {str(root)!r}"
+    )
+
+
+def _check_cache_writable(models: Path, complaint: str) -> None:
+    """Creates ``models`` and writes a temporary file there, or raises :class:`InputError`."""
+    try:
+        models.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=models):
+            pass
+    except OSError as e:
+        raise InputError(f"{complaint} ({describe_os_error(e)})") from None
 
 
 def load_or_train(
@@ -649,11 +1038,19 @@ def load_or_train(
 
     Training uses the defaults of :func:`train` with ``jax.random.key(seed)``;
     the checkpoint is kept in ``cache_dir/models/`` (default
-    :func:`default_cache_dir`).
+    :func:`default_cache_dir`). Before training, the cache is checked to be
+    writable and the model's entry to be new, empty or a checkpoint.
 
     Returns:
       ``(model, params, metadata)`` as :func:`load_checkpoint`.
+
+    Raises:
+      InputError: a bad name, activation or seed (an integer in
+        ``[0, 2**63 - 1]``); a cache that cannot be written (naming
+        ``DEEPFAULT_JAX_CACHE`` or ``cache_dir`` and its value); a cache entry
+        that holds other files; or a cached checkpoint that fails to load.
     """
+    seed = check_seed(seed)
     model = create_model(
         name,
         input_shape=dataset.input_shape,
@@ -661,14 +1058,16 @@ def load_or_train(
         activation=activation,
     )
     slug = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in dataset.name).strip("-")
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = root / "models" / f"{name}-{activation}-{slug}-seed{int(seed)}"
+    root, complaint = _cache_root(cache_dir)
+    path = root / "models" / f"{name}-{activation}-{slug}-seed{seed}"
     if (path / "model.json").is_file():
         return load_checkpoint(path, model=name, input_shape=dataset.input_shape)
-    result = train(jax.random.key(int(seed)), model, dataset, progress=progress)
+    _check_cache_writable(root / "models", complaint)
+    check_replaceable(path, owned=is_checkpoint_dir, what="cached model directory")
+    result = train(jax.random.key(seed), model, dataset, progress=progress)
     meta = {
         "dataset": dataset.name,
-        "seed": int(seed),
+        "seed": seed,
         "epochs": len(result.history),
         "test_accuracy": result.test_accuracy,
     }

@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import re
+import select
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +21,8 @@ import numpy as np
 import pytest
 from conftest import needs_fashion
 
-from deepfault_jax import data, zoo
+from deepfault_jax import cli, data, zoo
+from deepfault_jax.errors import InputError, InputTypeError
 
 SHAPES = [(8, 8, 1), (28, 28, 1), (32, 32, 3)]
 
@@ -105,7 +116,7 @@ def test_train_and_predict_refuse_mismatched_data(digits):
     with pytest.raises(ValueError, match=r"expects images of shape \(28, 28, 1\); got \(8, 8, 1\)"):
         zoo.predict(model, params, digits.x_test)
     model = zoo.create_model("lenet1", input_shape=(8, 8, 1), num_classes=10)
-    with pytest.raises(ValueError, match="epochs must be >= 1; got 0"):
+    with pytest.raises(ValueError, match=r"epochs must lie in \[1, inf\]; got 0"):
         zoo.train(jax.random.key(0), model, digits, epochs=0)
 
 
@@ -198,8 +209,204 @@ def test_checkpoint_unreadable(tmp_path):
     model = zoo.create_model("mlp-3x50", input_shape=(8, 8, 1), num_classes=10)
     path = zoo.save_checkpoint(tmp_path / "ck", model, zoo.init_params(jax.random.key(0), model))
     shutil.rmtree(path / "params")
-    with pytest.raises(ValueError, match="unreadable parameters"):
+    with pytest.raises(ValueError, match="restoring the parameters from .* failed"):
         zoo.load_checkpoint(path)
     (tmp_path / "f").write_text("")
     with pytest.raises(ValueError, match="must be a directory; got existing file"):
         zoo.save_checkpoint(tmp_path / "f", model, zoo.init_params(jax.random.key(0), model))
+
+
+# --------------------------------------------------------------------------- training that fails
+
+
+def test_diverging_training_is_an_input_error_and_saves_nothing(digits, tmp_path, capsys):
+    model = zoo.create_model("mlp-3x50", input_shape=digits.input_shape, num_classes=10)
+    with pytest.raises(
+        InputError,
+        match=r"training diverged: loss became nan at epoch 1; lower the learning rate \(got 1e\+30\)",
+    ):
+        zoo.train(jax.random.key(0), model, digits, epochs=2, learning_rate=1e30)
+    out = tmp_path / "ck"
+    argv = ["train", "--dataset", "digits", "--epochs", "2", "--learning-rate", "1e30"]
+    assert cli.main([*argv, "--out", str(out), "--no-progress"]) == 2
+    assert "training diverged" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("learning_rate", float("nan"), "learning_rate must be a finite number; got nan"),
+        ("learning_rate", float("inf"), "learning_rate must be a finite number; got inf"),
+        ("learning_rate", 0.0, r"learning_rate must lie in \(0, inf\]; got 0"),
+        ("learning_rate", "0.1", "learning_rate must be a number; got str"),
+        ("epochs", 1.5, "epochs must be an integer; got 1.5"),
+        ("epochs", 0, r"epochs must lie in \[1, inf\]; got 0"),
+        ("epochs", True, "epochs must be an integer; got bool"),
+        ("batch_size", 0, r"batch_size must lie in \[1, inf\]; got 0"),
+        ("batch_size", 2.5, "batch_size must be an integer; got 2.5"),
+    ],
+)
+def test_train_options_are_checked_up_front(digits, option, value, message):
+    model = zoo.create_model("mlp-3x50", input_shape=digits.input_shape, num_classes=10)
+    with pytest.raises(InputError, match=message):
+        zoo.train(jax.random.key(0), model, digits, **{option: value})
+
+
+def test_keys_and_seeds_are_checked(digits, tmp_path):
+    model = zoo.create_model("mlp-3x50", input_shape=digits.input_shape, num_classes=10)
+    for bad in (2**63, 5):
+        with pytest.raises(InputTypeError, match="key must be a JAX PRNG key"):
+            zoo.init_params(bad, model)
+        with pytest.raises(InputTypeError, match="key must be a JAX PRNG key"):
+            zoo.train(bad, model, digits, epochs=1)
+    for seed, error, message in [
+        (
+            2**63,
+            InputError,
+            r"seed must lie in \[0, 9223372036854775807\]; got 9223372036854775808",
+        ),
+        (-1, InputError, r"seed must lie in \[0, 9223372036854775807\]; got -1"),
+        ("3", InputTypeError, "seed must be an integer; got str"),
+    ]:
+        with pytest.raises(error, match=message):
+            zoo.load_or_train("mlp-3x50", digits, seed=seed, cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_training_leaves_the_sigint_handler_as_it_was(digits):
+    model = zoo.create_model("mlp-3x50", input_shape=digits.input_shape, num_classes=10)
+    before = signal.getsignal(signal.SIGINT)
+    zoo.train(jax.random.key(0), model, digits, epochs=1)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+# --------------------------------------------------------------------------- the model cache
+
+
+def test_cache_variable_naming_a_file_fails_before_training(digits, tmp_path, monkeypatch):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for value in (str(a_file), str(a_file / "cache")):
+        monkeypatch.setenv("DEEPFAULT_JAX_CACHE", value)
+        start = time.perf_counter()
+        with pytest.raises(InputError, match=rf"DEEPFAULT_JAX_CACHE .*got '{value}'"):
+            zoo.load_or_train("mlp-3x50", digits, seed=0)
+        assert time.perf_counter() - start < 5  # refused before training (40 epochs)
+    with pytest.raises(InputError, match=rf"cache_dir .*got '{a_file}'"):
+        zoo.load_or_train("mlp-3x50", digits, seed=0, cache_dir=a_file)
+    assert a_file.read_text() == "x"
+
+
+def test_empty_cache_variable_means_the_default(monkeypatch):
+    monkeypatch.setenv("DEEPFAULT_JAX_CACHE", "")
+    assert zoo.default_cache_dir() == Path.home() / ".cache" / "deepfault-jax"
+    monkeypatch.delenv("DEEPFAULT_JAX_CACHE")
+    assert zoo.default_cache_dir() == Path.home() / ".cache" / "deepfault-jax"
+
+
+def test_cache_entry_that_is_not_a_checkpoint_is_refused_before_training(digits, tmp_path):
+    entry = tmp_path / "models" / "mlp-3x50-relu-digits-seed0"
+    entry.mkdir(parents=True)
+    (entry / "keep.txt").write_text("mine")
+    start = time.perf_counter()
+    with pytest.raises(InputError, match=re.escape(str(entry))):
+        zoo.load_or_train("mlp-3x50", digits, seed=0, cache_dir=tmp_path)
+    assert time.perf_counter() - start < 5
+    assert (entry / "keep.txt").read_text() == "mine"
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+_TRAIN_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys, threading
+    # as a shell starts a foreground command, even when this test runs in the background
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if os.environ.get("SIGINT_DURING_COMPILE"):
+        from jax import monitoring
+
+        def on_event(event, value, **kw):
+            # fires as XLA starts compiling the training step: the signal lands mid-compile
+            if event.endswith("backend_compile_duration") and "_train_step" in str(kw):
+                print("compiling", file=sys.stderr, flush=True)
+                kill = (os.getpid(), signal.SIGINT)
+                threading.Timer(0.05, os.kill, kill).start()
+
+        monitoring.register_scalar_listener(on_event)
+    from deepfault_jax.cli import main
+
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def _start_train(out: Path, **popen) -> subprocess.Popen:
+    """``deepfault-jax train`` for more epochs than a test waits for, in a child."""
+    argv = ["train", "--model", "mlp-3x50", "--dataset", "digits", "--epochs", "100000"]
+    return subprocess.Popen(
+        [sys.executable, "-c", _TRAIN_CHILD, *argv, "--out", str(out)],
+        stdin=subprocess.DEVNULL,
+        **popen,
+    )
+
+
+def _interrupted_mid_compile(out: Path) -> tuple[int, str]:
+    """SIGINT lands while XLA compiles the training step (the child sends it)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "SIGINT_DURING_COMPILE": "1"}
+    child = _start_train(out, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        err = child.communicate(timeout=120)[1].decode(errors="replace")
+    except subprocess.TimeoutExpired:
+        child.kill()
+        err = child.communicate()[1].decode(errors="replace") + "\n(killed after 120 s)"
+    assert "compiling" in err, err  # the signal was sent
+    return child.returncode, err
+
+
+def _interrupted_in_a_terminal(out: Path, delay: float) -> tuple[int, str]:
+    """Ctrl-C ``delay`` seconds after the progress bar of epoch 1 appears on a terminal."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    terminal, child_end = pty.openpty()
+    child = _start_train(out, stdout=child_end, stderr=child_end, env=env)
+    os.close(child_end)
+    seen, sent, deadline = b"", False, time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            if select.select([terminal], [], [], 0.1)[0]:
+                try:
+                    chunk = os.read(terminal, 65536)
+                except OSError:  # EIO: the child has closed the terminal
+                    chunk = b""
+                if not chunk:
+                    break
+                seen += chunk
+            if not sent and b"epoch 1/" in seen:
+                time.sleep(delay)
+                child.send_signal(signal.SIGINT)
+                sent = True
+    finally:
+        os.close(terminal)
+    try:
+        code = child.wait(timeout=60 if sent else 0.1)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        code = child.wait()
+    return code, seen.decode(errors="replace").replace("\r\n", "\n")
+
+
+@pytest.mark.parametrize("where", ["mid-compile", "in-a-terminal"])
+def test_ctrl_c_during_training_exits_130_cleanly(tmp_path, where):
+    """Ctrl-C exits 130 with one message and nothing written; before, a KeyboardInterrupt
+    raised while XLA was compiling let the interpreter exit under the compiler thread,
+    which crashed (SIGSEGV, exit 139) after the message."""
+    for attempt, delay in enumerate([0.0, 0.3, 0.7, 1.2] if where == "in-a-terminal" else [0, 0]):
+        out = tmp_path / f"ck{attempt}"
+        if where == "mid-compile":
+            code, err = _interrupted_mid_compile(out)
+        else:
+            code, err = _interrupted_in_a_terminal(out, delay)
+        assert code == 130, f"attempt {attempt}: exit code {code}\n{err}"
+        assert err.rstrip().endswith("deepfault-jax: interrupted"), err
+        assert "Traceback" not in err and "Fatal Python error" not in err, err
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
