@@ -40,7 +40,7 @@ import time
 import jax
 import numpy as np
 
-from deepfault_jax import data, probe, streaming, zoo
+from deepfault_jax import data, probe, streaming, training, zoo
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 import peers  # noqa: E402
@@ -95,7 +95,7 @@ def trained_params(model):
     """Parameters trained briefly on the model's data, so that passing and failing inputs mix."""
     x, y, _ = inputs_for(model.name, 4096)
     ds = data.make_dataset("bench", x[:3072], y[:3072], x[3072:], y[3072:], num_classes=10)
-    return zoo.train(jax.random.key(0), model, ds, epochs=1, batch_size=128).params
+    return training.train(jax.random.key(0), model, ds, epochs=1, batch_size=128).params
 
 
 def bench_model(

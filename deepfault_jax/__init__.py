@@ -7,7 +7,8 @@ The public API, by stage of the pipeline; every name is its module's own name
 - data (:mod:`deepfault_jax.data`): :func:`load_dataset`, :func:`make_dataset`,
   :class:`Dataset`, :func:`iterate_batches`, :func:`shuffled_batches`,
   :class:`Batch`, :func:`read_idx`, :func:`available_datasets`.
-- models (:mod:`deepfault_jax.zoo`): :func:`create_model`, :class:`Model`,
+- models (:mod:`deepfault_jax.zoo`, :mod:`deepfault_jax.training`,
+  :mod:`deepfault_jax.checkpoints`): :func:`create_model`, :class:`Model`,
   :func:`init_params`, :func:`train`, :class:`TrainResult`, :func:`accuracy`,
   :func:`predict`, :func:`save_checkpoint`, :func:`load_checkpoint`,
   :func:`load_or_train`, :func:`default_epochs`, :func:`package_versions`.
@@ -40,6 +41,12 @@ The public API, by stage of the pipeline; every name is its module's own name
 
 from deepfault_jax.ablation import Ablation, ablation_scores, exact_ablation
 from deepfault_jax.attribution import Attribution, AttributionSums
+from deepfault_jax.checkpoints import (
+    load_checkpoint,
+    load_or_train,
+    package_versions,
+    save_checkpoint,
+)
 from deepfault_jax.data import (
     Batch,
     Dataset,
@@ -85,19 +92,14 @@ from deepfault_jax.spectrum import (
 from deepfault_jax.spectrum_io import load_spectrum, save_spectrum
 from deepfault_jax.streaming import accumulate_spectrum, compute_spectrum, data_mesh
 from deepfault_jax.synthesis import SynthesisState, Synthesizer, make_synthesizer, synthesize
+from deepfault_jax.training import TrainResult, train
 from deepfault_jax.zoo import (
     Model,
-    TrainResult,
     accuracy,
     create_model,
     default_epochs,
     init_params,
-    load_checkpoint,
-    load_or_train,
-    package_versions,
     predict,
-    save_checkpoint,
-    train,
 )
 
 __version__ = "0.1.0"

@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from deepfault_jax import commands, errors, measures, pipeline, probe, zoo
+from deepfault_jax import commands, errors, measures, pipeline, probe, training, zoo
 from deepfault_jax.attribution import LINEARISED
 from deepfault_jax.commands import UsageError
 from deepfault_jax.errors import InputError
@@ -33,7 +33,7 @@ __all__ = ["main"]
 
 _RUN = pipeline.RunConfig()  # the defaults of run, and of spectrum's model and probe options
 _BENCH = FaultbenchConfig()  # the defaults of faultbench
-_TRAIN = {n: p.default for n, p in inspect.signature(zoo.train).parameters.items()}
+_TRAIN = {n: p.default for n, p in inspect.signature(training.train).parameters.items()}
 _SPECTRUM = {n: p.default for n, p in inspect.signature(compute_spectrum).parameters.items()}
 _UNSET = object()
 _DATASET_HELP = "data set: digits, fashion-mnist, idx:DIR, tfds:NAME[:SPLIT] or npz:PATH"

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from deepfault_jax import data, measures, pipeline, probe, spectrum_io, zoo
+from deepfault_jax import checkpoints, data, measures, pipeline, probe, spectrum_io, training, zoo
 from deepfault_jax.errors import InputError
 from deepfault_jax.faultbench import FaultbenchConfig
 from deepfault_jax.spectrum import layer_summary
@@ -93,14 +93,6 @@ def check_out_dir(path: str, owned: Callable[[Path], bool] | None = None, what="
     return out
 
 
-def is_checkpoint(directory: Path) -> bool:
-    try:
-        meta = json.loads((directory / "model.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("format") == zoo.CHECKPOINT_FORMAT
-
-
 def check_spectrum_path(path: Path, what: str) -> None:
     """Refuses a ``path`` that exists and is not a spectrum file: it is never replaced."""
     if path.is_dir():
@@ -146,7 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in args.dataset).strip("-")
     out_arg = args.out or os.path.join("runs", f"{args.model}-{slug}-seed{args.seed}")
-    out = check_out_dir(out_arg, is_checkpoint, "a deepfault-jax checkpoint")
+    out = check_out_dir(out_arg, checkpoints.is_checkpoint_dir, "a deepfault-jax checkpoint")
     dataset = data.load_dataset(args.dataset)
     model = zoo.create_model(args.model, input_shape=dataset.input_shape,
                              num_classes=dataset.num_classes, activation=args.activation)  # fmt: skip
@@ -159,11 +151,11 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{dataset.num_classes} classes; {epochs} epochs, seed {args.seed}", flush=True)  # fmt: skip
     settings = {"seed": args.seed, "epochs": epochs, "batch_size": args.batch_size,
                 "learning_rate": args.learning_rate}  # fmt: skip
-    result = zoo.train(jax.random.key(args.seed), model, dataset, epochs=epochs,
-                       batch_size=args.batch_size, learning_rate=args.learning_rate,
-                       progress=not args.no_progress)  # fmt: skip
+    result = training.train(jax.random.key(args.seed), model, dataset, epochs=epochs,
+                            batch_size=args.batch_size, learning_rate=args.learning_rate,
+                            progress=progress_bars(args))  # fmt: skip
     metadata = {"dataset": dataset.name, **settings, "test_accuracy": result.test_accuracy}
-    checkpoint = zoo.save_checkpoint(out, model, result.params, metadata=metadata)
+    checkpoint = checkpoints.save_checkpoint(out, model, result.params, metadata=metadata)
     report = {
         "model": model.name, "activation": model.activation, "dataset": dataset.name, **settings,
         **{k: summary[k] for k in ("num_train", "num_test", "input_shape", "num_classes")},
@@ -182,7 +174,9 @@ def _spectrum_model(args: argparse.Namespace, dataset: data.Dataset) -> tuple:
     """``(model, params, source)`` of the spectrum command: its --checkpoint, or the zoo
     model (its probe options checked on an untrained copy first, before any training)."""
     if args.checkpoint:
-        model, params, _ = zoo.load_checkpoint(args.checkpoint, input_shape=dataset.input_shape)
+        model, params, _ = checkpoints.load_checkpoint(
+            args.checkpoint, input_shape=dataset.input_shape
+        )
         if model.num_classes != dataset.num_classes:
             raise InputError(f"checkpoint {args.checkpoint} has {model.num_classes} classes; "
                              f"data set {dataset.name!r} has {dataset.num_classes}")  # fmt: skip
@@ -192,8 +186,9 @@ def _spectrum_model(args: argparse.Namespace, dataset: data.Dataset) -> tuple:
     untrained = zoo.create_model(args.model, input_shape=dataset.input_shape,
                                  num_classes=dataset.num_classes, activation=args.activation)  # fmt: skip
     _spectrum_probe(args, untrained, zoo.init_params(jax.random.key(0), untrained))
-    model, params, _ = zoo.load_or_train(args.model, dataset, seed=args.seed,
-                                         activation=args.activation, progress=not args.no_progress)  # fmt: skip
+    model, params, _ = checkpoints.load_or_train(args.model, dataset, seed=args.seed,
+                                                 activation=args.activation,
+                                                 progress=progress_bars(args))  # fmt: skip
     return model, params, f"zoo:{args.model}:{args.activation}:seed{args.seed}"
 
 
@@ -232,7 +227,7 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
         "dataset": dataset.name, "split": args.split, "threshold": args.threshold,
         "conv_reduce": args.conv_reduce, "values": args.values,
         "attribution": args.attribution or None, "num_inputs": n_pass + n_fail,
-        "num_pass": n_pass, "num_fail": n_fail, "versions": zoo.package_versions(),
+        "num_pass": n_pass, "num_fail": n_fail, "versions": checkpoints.package_versions(),
     }  # fmt: skip
     spectrum_io.save_spectrum(out, spec, metadata=metadata)
     if partial is not None:
@@ -380,7 +375,7 @@ def cmd_faultbench(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import jax
 
-    versions, datasets = zoo.package_versions(), data.available_datasets()
+    versions, datasets = checkpoints.package_versions(), data.available_datasets()
     devices = [{"id": d.id, "platform": d.platform, "kind": d.device_kind,
                 "process": d.process_index} for d in jax.devices()]  # fmt: skip
     report = {"versions": versions, "backend": jax.default_backend(), "devices": devices,

@@ -19,6 +19,7 @@ __all__ = [
     "InputTypeError",
     "check_finite",
     "check_int",
+    "check_key",
     "check_seed",
     "describe_os_error",
     "env_path",
@@ -134,3 +135,19 @@ def parse_names(text: str, what: str) -> tuple[str, ...]:
     if not values:
         raise InputError(f"{what} must list at least one name; got {text!r}")
     return values
+
+
+def check_key(key: Any) -> None:
+    """Refuses anything but a JAX PRNG key: a typed key (``jax.random.key``) or a raw
+    ``uint32`` one (``jax.random.PRNGKey``)."""
+    import jax
+    import numpy as np
+
+    dtype = getattr(key, "dtype", None)
+    if isinstance(key, (jax.Array, np.ndarray)) and (
+        jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or dtype == np.uint32
+    ):
+        return
+    raise InputTypeError(
+        f"key must be a JAX PRNG key such as jax.random.key(0); got {type(key).__name__} {key!r}"
+    )

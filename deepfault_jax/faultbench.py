@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from deepfault_jax import ablation as ablation_lib
-from deepfault_jax import data, localize, measures, zoo
+from deepfault_jax import checkpoints, data, localize, measures, zoo
 from deepfault_jax.errors import InputError, check_finite, check_int, check_seed
 from deepfault_jax.faults import FAULT_KINDS, PlantedFault, plant_faults
 from deepfault_jax.probe import VALUES, Probe, model_probe
@@ -390,7 +390,7 @@ def run_faultbench(config: FaultbenchConfig, *, progress: Progress | None = None
     trials, models = [], {}
     total = len(config.models) * len(config.kinds) * len(config.faults) * len(config.seeds)
     for name in config.models:
-        model, params, meta = zoo.load_or_train(
+        model, params, meta = checkpoints.load_or_train(
             name, dataset, seed=config.model_seed, progress=progress
         )
         prb = model_probe(
@@ -419,7 +419,7 @@ def run_faultbench(config: FaultbenchConfig, *, progress: Progress | None = None
                     notify(progress, "faultbench", len(trials), total)
     return {
         "config": dataclasses.asdict(config) | {"methods": list(methods)},
-        "versions": zoo.package_versions(),
+        "versions": checkpoints.package_versions(),
         "dataset": {"name": dataset.name, "inputs": int(len(x))},
         "models": models,
         "trials": [dataclasses.asdict(t) for t in trials],

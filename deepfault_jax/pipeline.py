@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepfault_jax import (
+    checkpoints,
     data,
     evaluate,
     localize,
@@ -51,6 +52,7 @@ from deepfault_jax import (
 from deepfault_jax import faultbench as faultbench_lib
 from deepfault_jax.errors import InputError, check_finite, check_int, check_seed
 from deepfault_jax.files import check_replaceable, replace_directory
+from deepfault_jax.interrupts import Interrupt, deferred_interrupt, stop_if_interrupted
 from deepfault_jax.progress import Progress, notify
 from deepfault_jax.report import (
     REPORT_FORMAT,
@@ -204,7 +206,7 @@ class RunConfig:
 def load_model(config: RunConfig, dataset: data.Dataset, *, progress: Progress | None = None):
     """The run's model: ``(model, params, meta)`` from ``config.checkpoint`` or the zoo (cached)."""
     if config.checkpoint is not None:
-        model, params, meta = zoo.load_checkpoint(
+        model, params, meta = checkpoints.load_checkpoint(
             config.checkpoint, input_shape=dataset.input_shape
         )
         if model.num_classes != dataset.num_classes:
@@ -213,7 +215,7 @@ def load_model(config: RunConfig, dataset: data.Dataset, *, progress: Progress |
                 f"data set {dataset.name!r} has {dataset.num_classes}"
             )
         return model, params, meta
-    return zoo.load_or_train(
+    return checkpoints.load_or_train(
         config.model, dataset, seed=config.seed, activation=config.activation, progress=progress
     )
 
@@ -355,6 +357,7 @@ class _Synthesis:
     results: list[MeasureResult] = dataclasses.field(default_factory=list)
     random_runs: list[RandomRun] = dataclasses.field(default_factory=list)
     done: int = 0
+    interrupt: Interrupt | None = None
 
 
 def _synthesize_all_sets(config, prb, params, spec, x0, y0, key, state, progress) -> None:
@@ -372,6 +375,8 @@ def _synthesize_all_sets(config, prb, params, spec, x0, y0, key, state, progress
         state.arrays[f"{tag}__table"] = table
         state.done += 1
         notify(progress, "synthesis", state.done, total)
+        if state.interrupt is not None:
+            stop_if_interrupted(state.interrupt)  # Ctrl-C: here, with nothing in flight
         return metrics
 
     for k in config.k:
@@ -427,7 +432,8 @@ def run(config: RunConfig, out_dir: str | Path, *, progress: Progress | None = N
     arrays = {"x_original": x0, "y": y0.astype(np.int32), "test_index": rows.astype(np.int64),
               "pred_original": pred[rows].astype(np.int32)}  # fmt: skip
     state = _Synthesis(arrays)
-    _synthesize_all_sets(config, prb, params, spec, x0, y0, random_key, state, progress)
+    with deferred_interrupt() as state.interrupt:
+        _synthesize_all_sets(config, prb, params, spec, x0, y0, random_key, state, progress)
     out = build_report(
         config, classes, dataset, model, model_meta, prb, spec, selection, state.results,
         state.random_runs, out_dir, time.perf_counter() - start,
@@ -481,7 +487,7 @@ def build_report(
         random_runs=random_runs,
         files={name: str(out_dir / name) for name in RUN_FILES},
         seconds=round(seconds, 3),
-        versions=zoo.package_versions(),
+        versions=checkpoints.package_versions(),
     )
 
 

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 from deepfault_jax.attribution import attribution_batch
 from deepfault_jax.data import Batch, iterate_batches
 from deepfault_jax.errors import InputError, InputTypeError, check_finite, check_int
+from deepfault_jax.interrupts import deferred_interrupt, stop_if_interrupted
 from deepfault_jax.kernels import MAX_BATCH, counts_and_nonfinite
 from deepfault_jax.probe import Probe
 from deepfault_jax.progress import Progress, notify
@@ -281,15 +282,17 @@ def accumulate_spectrum(
         probe.require_gates(f"attribution={spectrum.attribution.linearised!r}")
     state, step, processes = _stepper(probe, params, spectrum, mesh)
     counted, done = spectrum.num_inputs, 0
-    for batch in batches:
-        _check_batch(batch, probe, spectrum.num_classes)
-        counted = _check_rows(len(batch.y) * processes, counted)
-        state = step(state, batch)
-        done += 1
-        notify(progress, "spectrum", done, total)
-        if on_batch is not None:
-            _check_finite(state[1])  # never hand on (or save) counts of non-finite values
-            on_batch(done, state[0])
+    with deferred_interrupt() as interrupt:  # Ctrl-C: after the batch in flight
+        for batch in batches:
+            _check_batch(batch, probe, spectrum.num_classes)
+            counted = _check_rows(len(batch.y) * processes, counted)
+            state = step(state, batch)
+            done += 1
+            notify(progress, "spectrum", done, total)
+            if on_batch is not None:
+                _check_finite(state[1])  # never hand on (or save) counts of non-finite values
+                on_batch(done, state[0])
+            stop_if_interrupted(interrupt, state)
     _check_finite(state[1])
     return _to_local(state[0]) if mesh is not None else state[0]
 

@@ -20,6 +20,7 @@ from deepfault_jax import (
     spectrum,
     spectrum_io,
     streaming,
+    training,
     zoo,
 )
 
@@ -32,13 +33,13 @@ SUM_RTOL = 1e-5
 @pytest.fixture(scope="module")
 def trained_mlp(digits):
     model = zoo.create_model("mlp-3x50", input_shape=digits.input_shape, num_classes=10)
-    return model, zoo.train(jax.random.key(0), model, digits, epochs=3).params
+    return model, training.train(jax.random.key(0), model, digits, epochs=3).params
 
 
 @pytest.fixture(scope="module")
 def trained_lenet(digits):
     model = zoo.create_model("lenet1", input_shape=digits.input_shape, num_classes=10)
-    return model, zoo.train(jax.random.key(0), model, digits, epochs=2).params
+    return model, training.train(jax.random.key(0), model, digits, epochs=2).params
 
 
 def _attr(s: spectrum.Spectrum) -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from deepfault_jax import files, zoo
+from deepfault_jax import checkpoints, files, zoo
 from deepfault_jax.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def _model(name: str = "mlp-3x50") -> zoo.Model:
 def _save(path: Path, seed: int = 0, name: str = "mlp-3x50"):
     model = _model(name)
     params = zoo.init_params(jax.random.key(seed), model)
-    zoo.save_checkpoint(path, model, params)
+    checkpoints.save_checkpoint(path, model, params)
     return params
 
 
@@ -96,10 +96,10 @@ def test_save_checkpoint_fills_an_empty_directory_and_replaces_its_own_checkpoin
     out.mkdir()
     _save(out, seed=0)
     second = _save(out, seed=1)
-    _assert_same_tree(second, zoo.load_checkpoint(out)[1])
+    _assert_same_tree(second, checkpoints.load_checkpoint(out)[1])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
-    assert zoo.is_checkpoint_dir(out)
-    assert not zoo.is_checkpoint_dir(tmp_path)
+    assert checkpoints.is_checkpoint_dir(out)
+    assert not checkpoints.is_checkpoint_dir(tmp_path)
 
 
 def test_checkpoint_of_the_previous_version_is_recognised_and_replaced(tmp_path):
@@ -111,7 +111,7 @@ def test_checkpoint_of_the_previous_version_is_recognised_and_replaced(tmp_path)
                                 "num_classes", "activation", "versions", "created")}  # fmt: skip
     (out / "model.json").write_text(json.dumps(old))
     second = _save(out, seed=1)
-    _assert_same_tree(second, zoo.load_checkpoint(out)[1])
+    _assert_same_tree(second, checkpoints.load_checkpoint(out)[1])
 
 
 def test_a_failed_save_leaves_the_old_checkpoint_intact(tmp_path):
@@ -120,9 +120,9 @@ def test_a_failed_save_leaves_the_old_checkpoint_intact(tmp_path):
     before = _snapshot(out)
     unsavable = {"dense_0": {"kernel": object()}}  # orbax cannot write this: it fails midway
     with pytest.raises(Exception):  # noqa: B017 - orbax's own error type
-        zoo.save_checkpoint(out, _model(), unsavable)
+        checkpoints.save_checkpoint(out, _model(), unsavable)
     assert _snapshot(out) == before
-    _assert_same_tree(first, zoo.load_checkpoint(out)[1])
+    _assert_same_tree(first, checkpoints.load_checkpoint(out)[1])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
@@ -201,7 +201,7 @@ def test_flipped_bytes_in_the_parameter_files_are_detected(tmp_path, name):
     raw[middle : middle + 8] = bytes(b ^ 0xFF for b in raw[middle : middle + 8])
     data.write_bytes(bytes(raw))
     with pytest.raises(InputError, match=rf"checkpoint {re.escape(str(out))} is corrupt"):
-        zoo.load_checkpoint(out)
+        checkpoints.load_checkpoint(out)
 
 
 def test_an_edited_digest_is_detected(tmp_path):
@@ -215,7 +215,7 @@ def test_an_edited_digest_is_detected(tmp_path):
         InputError,
         match=rf"is corrupt: parameter digest expected sha256:0{{64}}, got {stored}",
     ):
-        zoo.load_checkpoint(out)
+        checkpoints.load_checkpoint(out)
 
 
 def test_checkpoint_without_a_digest_loads_with_a_warning(tmp_path):
@@ -225,7 +225,7 @@ def test_checkpoint_without_a_digest_loads_with_a_warning(tmp_path):
     del meta["params_digest"]
     (out / "model.json").write_text(json.dumps(meta))
     with pytest.warns(UserWarning, match="no parameter digest"):
-        _, restored, _ = zoo.load_checkpoint(out)
+        _, restored, _ = checkpoints.load_checkpoint(out)
     _assert_same_tree(params, restored)
 
 
@@ -260,7 +260,7 @@ def test_bad_model_json_names_the_file_and_the_key(tmp_path, key, value):
         meta[key] = value
     (out / "model.json").write_text(json.dumps(meta))
     with pytest.raises(InputError) as info:
-        zoo.load_checkpoint(out)
+        checkpoints.load_checkpoint(out)
     message = str(info.value)
     assert str(out / "model.json") in message and repr(key) in message, message
 
@@ -270,7 +270,7 @@ def test_model_json_that_is_not_an_object(tmp_path):
     _save(out)
     (out / "model.json").write_text(json.dumps(["deepfault-jax-checkpoint"]))
     with pytest.raises(InputError, match=re.escape(str(out / "model.json"))):
-        zoo.load_checkpoint(out)
+        checkpoints.load_checkpoint(out)
 
 
 # --------------------------------------------------------------------------- 4. corrupt parameters
@@ -291,7 +291,7 @@ _LOAD_EACH = textwrap.dedent(
     out = {}
     for path in sys.argv[1:]:
         try:
-            zoo.load_checkpoint(path)
+            checkpoints.load_checkpoint(path)
             out[path] = ["loaded", ""]
         except Exception as e:
             out[path] = [type(e).__name__, str(e), isinstance(e, InputError)]

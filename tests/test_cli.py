@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from deepfault_jax import cli, spectrum_io, zoo
+from deepfault_jax import checkpoints, cli, spectrum_io, training, zoo
 
 
 def run_cli(capsys, *argv):
@@ -42,7 +42,7 @@ def test_train_json_result_and_checkpoint(capsys, tmp_path):
         "mlp-3x50", "digits", 0, 3)  # fmt: skip
     assert 0.5 < result["test_accuracy"] <= 1.0
     assert len(result["history"]) == 3
-    model, params, meta = zoo.load_checkpoint(result["checkpoint"], model="mlp-3x50")
+    model, params, meta = checkpoints.load_checkpoint(result["checkpoint"], model="mlp-3x50")
     assert meta["test_accuracy"] == result["test_accuracy"] and meta["seed"] == 0
     from deepfault_jax import data
 
@@ -148,7 +148,7 @@ def test_internal_error_is_exit_1(capsys, monkeypatch, tmp_path):
     def broken(*args, **kwargs):
         raise RuntimeError("simulated defect")
 
-    monkeypatch.setattr(zoo, "train", broken)
+    monkeypatch.setattr(training, "train", broken)
     code, _, err = run_cli(capsys, "train", "--out", str(tmp_path / "ck"))
     assert code == 1
     assert "Traceback" in err and "internal error: simulated defect" in err

@@ -17,6 +17,7 @@ from deepfault_jax import (
     pipeline,
     probe,
     streaming,
+    training,
     zoo,
 )
 
@@ -26,7 +27,7 @@ def models(digits):
     out = {}
     for name, epochs in (("mlp-3x50", 10), ("lenet5", 3), ("nnx-mlp-3x50", 10), ("lenet1", 5)):
         model = zoo.create_model(name, input_shape=digits.input_shape, num_classes=10)
-        out[name] = (model, zoo.train(jax.random.key(0), model, digits, epochs=epochs).params)
+        out[name] = (model, training.train(jax.random.key(0), model, digits, epochs=epochs).params)
     return out
 
 
@@ -228,11 +229,11 @@ def test_faultbench_summary_recomputes_from_trials(tmp_path, model_cache):
     # a trial's scores are those of its planted neurons: plant again with the same key
     # and rank them from scratch
     trial = result["trials"][1]
-    from deepfault_jax import data
+    from deepfault_jax import checkpoints, data
 
     ds = data.load_dataset("digits")
     x, y = ds.x_test[:200], ds.y_test[:200]
-    model, params, _ = zoo.load_or_train("mlp-3x50", ds, seed=0)
+    model, params, _ = checkpoints.load_or_train("mlp-3x50", ds, seed=0)
     prb = probe.model_probe(model, params)
     key = jax.random.fold_in(jax.random.key(1), faults.FAULT_KINDS.index("corrupt_in") * 100 + 1)
     faulty, planted, _ = faults.plant_faults(key, model, params, prb, x, y, kind="corrupt_in")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import numpy as np
 import optax
 import pytest
 
-from deepfault_jax import cli, data, pipeline, probe, zoo
+from deepfault_jax import checkpoints, cli, data, pipeline, probe, training, zoo
 from deepfault_jax.errors import InputError
 
 SMALL = {"inputs_per_class": 4, "k": (1, 3), "random_repeats": 2}
@@ -52,7 +56,7 @@ def test_every_number_in_the_report_is_recomputable(finished_run):
     with np.load(out / "synthesized.npz", allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files}
     meta = json.loads(str(arrays["meta"]))
-    model, params, _ = zoo.load_checkpoint(meta["checkpoint"])
+    model, params, _ = checkpoints.load_checkpoint(meta["checkpoint"])
     prb = probe.model_probe(
         model, params, layers=meta["probe"]["layers"], conv_reduce=meta["probe"]["conv_reduce"],
         values=meta["probe"]["values"],
@@ -147,11 +151,11 @@ def test_pgd_mode_run(tmp_path):
 def test_class_without_correct_inputs_is_reported(tmp_path):
     digits = data.load_dataset("digits")
     model = zoo.create_model("mlp-3x50", input_shape=digits.input_shape, num_classes=10)
-    params = zoo.train(jax.random.key(0), model, digits, epochs=1).params  # barely trained
+    params = training.train(jax.random.key(0), model, digits, epochs=1).params  # barely trained
     pred = zoo.predict(model, params, digits.x_test)
     never_right = [c for c in range(10) if not np.any((pred == c) & (digits.y_test == c))]
     assert never_right, "the barely trained model should miss some class entirely"
-    ck = zoo.save_checkpoint(tmp_path / "ck", model, params)
+    ck = checkpoints.save_checkpoint(tmp_path / "ck", model, params)
     result = pipeline.run(pipeline.RunConfig(checkpoint=str(ck), **SMALL), tmp_path / "out")
     skipped = result.selection.skipped
     assert [s["class"] for s in skipped] == never_right
@@ -257,7 +261,49 @@ def test_run_command_usage_errors(capsys, tmp_path, argv, fragment):
 
 def test_run_with_a_checkpoint_for_another_input_shape(capsys, tmp_path):
     model = zoo.create_model("lenet1", input_shape=(28, 28, 1), num_classes=10)
-    ck = zoo.save_checkpoint(tmp_path / "ck", model, zoo.init_params(jax.random.key(0), model))
+    ck = checkpoints.save_checkpoint(
+        tmp_path / "ck", model, zoo.init_params(jax.random.key(0), model)
+    )
     code = cli.main(["run", "--checkpoint", str(ck), "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert code == 2 and "trained on input shape (28, 28, 1); expected (8, 8, 1)" in err
+
+
+_RUN_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys, threading
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as a shell starts a command
+    from jax import monitoring
+
+    target = os.environ["SIGINT_TARGET"]
+
+    def on_event(event, value, **kw):
+        # fires as XLA starts compiling the target step: the signal lands mid-compile
+        if event.endswith("backend_compile_duration") and kw.get("fun_name") == f"jit({target})":
+            print("compiling", target, file=sys.stderr, flush=True)
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+    monitoring.register_scalar_listener(on_event)
+    from deepfault_jax.cli import main
+
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.parametrize("target", ["_step", "_synthesize_batch"])
+def test_ctrl_c_during_a_run_exits_130_cleanly_and_writes_nothing(tmp_path, model_cache, target):
+    """Ctrl-C while XLA compiles the spectrum step or the synthesis step: exit 130, one
+    message, no crash at exit, and no output set (nor a temporary one) left behind."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "SIGINT_TARGET": target}
+    out = tmp_path / "out"
+    child = subprocess.run(
+        [sys.executable, "-c", _RUN_CHILD, "run", "--k", "1", "--random-repeats", "1",
+         "--inputs-per-class", "2", "--no-progress", "--out", str(out)],
+        env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert f"compiling {target}" in child.stderr, child.stderr
+    assert child.returncode == 130, child.stderr
+    assert child.stderr.rstrip().endswith("deepfault-jax: interrupted"), child.stderr
+    assert "Traceback" not in child.stderr and "Fatal Python error" not in child.stderr
+    assert list(tmp_path.iterdir()) == []

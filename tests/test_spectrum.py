@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import spectrum_loops
 
-from deepfault_jax import data, metrics, probe, spectrum, spectrum_io, streaming, zoo
+from deepfault_jax import data, metrics, probe, spectrum, spectrum_io, streaming, training, zoo
 from deepfault_jax.spectrum import Spectrum
 
 
@@ -41,7 +41,7 @@ def lenet(digits):
 @pytest.fixture(scope="module")
 def trained_mlp(digits):
     model = zoo.create_model("mlp-3x50", input_shape=digits.input_shape, num_classes=10)
-    return model, zoo.train(jax.random.key(0), model, digits, epochs=3).params
+    return model, training.train(jax.random.key(0), model, digits, epochs=3).params
 
 
 # --------------------------------------------------------------------------- the reference
@@ -453,7 +453,7 @@ def test_training_example_logs_the_spectrum_each_epoch():
 def test_fast_single_channel_conv_gives_the_same_spectrum(digits, name):
     """The probe's rewrite of the first (one input channel) conv is exact where it counts."""
     model = zoo.create_model(name, input_shape=digits.input_shape, num_classes=10)
-    params = zoo.train(jax.random.key(0), model, digits, epochs=2).params
+    params = training.train(jax.random.key(0), model, digits, epochs=2).params
     fast = probe.model_probe(model, params)
     plain = probe.model_probe(model, params, fast_conv=False)
     x = np.concatenate([digits.x_test, digits.x_train])

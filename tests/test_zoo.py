@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from conftest import needs_fashion
 
-from deepfault_jax import cli, data, zoo
+from deepfault_jax import checkpoints, cli, data, training, zoo
 from deepfault_jax.errors import InputError, InputTypeError
 
 SHAPES = [(8, 8, 1), (28, 28, 1), (32, 32, 3)]
@@ -91,7 +91,7 @@ def test_model_is_a_static_jit_argument():
 @pytest.mark.parametrize("name", ["mlp-3x50", "nnx-mlp-3x50"])
 def test_train_on_digits_reaches_95_percent(digits, name):
     model = zoo.create_model(name, input_shape=digits.input_shape, num_classes=10)
-    result = zoo.train(jax.random.key(0), model, digits)
+    result = training.train(jax.random.key(0), model, digits)
     assert len(result.history) == zoo.default_epochs(digits) == 40
     assert result.test_accuracy >= 0.95
     assert result.history[-1]["loss"] < result.history[0]["loss"] / 5
@@ -100,9 +100,9 @@ def test_train_on_digits_reaches_95_percent(digits, name):
 
 def test_train_is_reproducible_by_seed(digits):
     model = zoo.create_model("mlp-3x50", input_shape=digits.input_shape, num_classes=10)
-    a = zoo.train(jax.random.key(3), model, digits, epochs=2)
-    b = zoo.train(jax.random.key(3), model, digits, epochs=2)
-    c = zoo.train(jax.random.key(4), model, digits, epochs=2)
+    a = training.train(jax.random.key(3), model, digits, epochs=2)
+    b = training.train(jax.random.key(3), model, digits, epochs=2)
+    c = training.train(jax.random.key(4), model, digits, epochs=2)
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(a.params["logits"]["kernel"], c.params["logits"]["kernel"])
@@ -111,13 +111,13 @@ def test_train_is_reproducible_by_seed(digits):
 def test_train_and_predict_refuse_mismatched_data(digits):
     model = zoo.create_model("lenet1", input_shape=(28, 28, 1), num_classes=10)
     with pytest.raises(ValueError, match=r"built for input \(28, 28, 1\).*has input \(8, 8, 1\)"):
-        zoo.train(jax.random.key(0), model, digits, epochs=1)
+        training.train(jax.random.key(0), model, digits, epochs=1)
     params = zoo.init_params(jax.random.key(0), model)
     with pytest.raises(ValueError, match=r"expects images of shape \(28, 28, 1\); got \(8, 8, 1\)"):
         zoo.predict(model, params, digits.x_test)
     model = zoo.create_model("lenet1", input_shape=(8, 8, 1), num_classes=10)
     with pytest.raises(ValueError, match=r"epochs must lie in \[1, inf\]; got 0"):
-        zoo.train(jax.random.key(0), model, digits, epochs=0)
+        training.train(jax.random.key(0), model, digits, epochs=0)
 
 
 def test_predict_pads_the_tail_without_changing_results(digits):
@@ -135,7 +135,7 @@ def test_predict_pads_the_tail_without_changing_results(digits):
 def test_fashion_mnist_accuracy_with_default_epochs(name, floor):
     ds = data.load_dataset("fashion-mnist")
     model = zoo.create_model(name, input_shape=ds.input_shape, num_classes=10)
-    result = zoo.train(jax.random.key(0), model, ds)
+    result = training.train(jax.random.key(0), model, ds)
     assert len(result.history) == 10
     assert result.test_accuracy >= floor
 
@@ -154,8 +154,10 @@ def _assert_same_tree(a, b):
 def test_checkpoint_round_trip_is_bit_identical(tmp_path, name):
     model = zoo.create_model(name, input_shape=(8, 8, 1), num_classes=10)
     params = zoo.init_params(jax.random.key(5), model)
-    path = zoo.save_checkpoint(tmp_path / "ck", model, params, metadata={"seed": 5, "dataset": "x"})
-    loaded, restored, meta = zoo.load_checkpoint(path, model=name, input_shape=(8, 8, 1))
+    path = checkpoints.save_checkpoint(
+        tmp_path / "ck", model, params, metadata={"seed": 5, "dataset": "x"}
+    )
+    loaded, restored, meta = checkpoints.load_checkpoint(path, model=name, input_shape=(8, 8, 1))
     assert loaded == model
     _assert_same_tree(params, restored)
     assert meta["seed"] == 5 and meta["dataset"] == "x" and meta["model"] == name
@@ -170,50 +172,56 @@ def test_checkpoint_overwrite_replaces_atomically(tmp_path):
     model = zoo.create_model("mlp-3x50", input_shape=(8, 8, 1), num_classes=10)
     first = zoo.init_params(jax.random.key(0), model)
     second = zoo.init_params(jax.random.key(1), model)
-    zoo.save_checkpoint(tmp_path / "ck", model, first)
-    zoo.save_checkpoint(tmp_path / "ck", model, second)
-    _assert_same_tree(second, zoo.load_checkpoint(tmp_path / "ck")[1])
+    checkpoints.save_checkpoint(tmp_path / "ck", model, first)
+    checkpoints.save_checkpoint(tmp_path / "ck", model, second)
+    _assert_same_tree(second, checkpoints.load_checkpoint(tmp_path / "ck")[1])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
 def test_checkpoint_refuses_other_architecture_or_shape(tmp_path):
     model = zoo.create_model("mlp-3x50", input_shape=(8, 8, 1), num_classes=10)
-    path = zoo.save_checkpoint(tmp_path / "ck", model, zoo.init_params(jax.random.key(0), model))
+    path = checkpoints.save_checkpoint(
+        tmp_path / "ck", model, zoo.init_params(jax.random.key(0), model)
+    )
     with pytest.raises(ValueError, match="holds architecture 'mlp-3x50'; expected 'lenet5'"):
-        zoo.load_checkpoint(path, model="lenet5")
+        checkpoints.load_checkpoint(path, model="lenet5")
     with pytest.raises(ValueError, match=r"input shape \(8, 8, 1\); expected \(28, 28, 1\)"):
-        zoo.load_checkpoint(path, input_shape=(28, 28, 1))
+        checkpoints.load_checkpoint(path, input_shape=(28, 28, 1))
     # metadata edited to claim another architecture: the parameters do not fit
     meta = json.loads((path / "model.json").read_text())
     meta["model"] = "mlp-5x30"
     (path / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="parameters do not fit mlp-5x30"):
-        zoo.load_checkpoint(path)
+        checkpoints.load_checkpoint(path)
     meta["model"], meta["input_shape"] = "mlp-3x50", [28, 28, 1]
     (path / "model.json").write_text(json.dumps(meta))
     with pytest.raises(
         ValueError, match=r"parameters do not fit mlp-3x50 with input \(28, 28, 1\)"
     ):
-        zoo.load_checkpoint(path)
+        checkpoints.load_checkpoint(path)
 
 
 def test_checkpoint_unreadable(tmp_path):
     with pytest.raises(ValueError, match="must be a checkpoint directory holding model.json"):
-        zoo.load_checkpoint(tmp_path)
+        checkpoints.load_checkpoint(tmp_path)
     (tmp_path / "model.json").write_text("{not json")
     with pytest.raises(ValueError, match="unreadable checkpoint metadata"):
-        zoo.load_checkpoint(tmp_path)
+        checkpoints.load_checkpoint(tmp_path)
     (tmp_path / "model.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="format must be 'deepfault-jax-checkpoint'; got 'other'"):
-        zoo.load_checkpoint(tmp_path)
+        checkpoints.load_checkpoint(tmp_path)
     model = zoo.create_model("mlp-3x50", input_shape=(8, 8, 1), num_classes=10)
-    path = zoo.save_checkpoint(tmp_path / "ck", model, zoo.init_params(jax.random.key(0), model))
+    path = checkpoints.save_checkpoint(
+        tmp_path / "ck", model, zoo.init_params(jax.random.key(0), model)
+    )
     shutil.rmtree(path / "params")
     with pytest.raises(ValueError, match="restoring the parameters from .* failed"):
-        zoo.load_checkpoint(path)
+        checkpoints.load_checkpoint(path)
     (tmp_path / "f").write_text("")
     with pytest.raises(ValueError, match="must be a directory; got existing file"):
-        zoo.save_checkpoint(tmp_path / "f", model, zoo.init_params(jax.random.key(0), model))
+        checkpoints.save_checkpoint(
+            tmp_path / "f", model, zoo.init_params(jax.random.key(0), model)
+        )
 
 
 # --------------------------------------------------------------------------- training that fails
@@ -225,7 +233,7 @@ def test_diverging_training_is_an_input_error_and_saves_nothing(digits, tmp_path
         InputError,
         match=r"training diverged: loss became nan at epoch 1; lower the learning rate \(got 1e\+30\)",
     ):
-        zoo.train(jax.random.key(0), model, digits, epochs=2, learning_rate=1e30)
+        training.train(jax.random.key(0), model, digits, epochs=2, learning_rate=1e30)
     out = tmp_path / "ck"
     argv = ["train", "--dataset", "digits", "--epochs", "2", "--learning-rate", "1e30"]
     assert cli.main([*argv, "--out", str(out), "--no-progress"]) == 2
@@ -250,7 +258,7 @@ def test_diverging_training_is_an_input_error_and_saves_nothing(digits, tmp_path
 def test_train_options_are_checked_up_front(digits, option, value, message):
     model = zoo.create_model("mlp-3x50", input_shape=digits.input_shape, num_classes=10)
     with pytest.raises(InputError, match=message):
-        zoo.train(jax.random.key(0), model, digits, **{option: value})
+        training.train(jax.random.key(0), model, digits, **{option: value})
 
 
 def test_keys_and_seeds_are_checked(digits, tmp_path):
@@ -259,7 +267,7 @@ def test_keys_and_seeds_are_checked(digits, tmp_path):
         with pytest.raises(InputTypeError, match="key must be a JAX PRNG key"):
             zoo.init_params(bad, model)
         with pytest.raises(InputTypeError, match="key must be a JAX PRNG key"):
-            zoo.train(bad, model, digits, epochs=1)
+            training.train(bad, model, digits, epochs=1)
     for seed, error, message in [
         (
             2**63,
@@ -270,14 +278,14 @@ def test_keys_and_seeds_are_checked(digits, tmp_path):
         ("3", InputTypeError, "seed must be an integer; got str"),
     ]:
         with pytest.raises(error, match=message):
-            zoo.load_or_train("mlp-3x50", digits, seed=seed, cache_dir=tmp_path)
+            checkpoints.load_or_train("mlp-3x50", digits, seed=seed, cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_training_leaves_the_sigint_handler_as_it_was(digits):
     model = zoo.create_model("mlp-3x50", input_shape=digits.input_shape, num_classes=10)
     before = signal.getsignal(signal.SIGINT)
-    zoo.train(jax.random.key(0), model, digits, epochs=1)
+    training.train(jax.random.key(0), model, digits, epochs=1)
     assert signal.getsignal(signal.SIGINT) is before
 
 
@@ -291,18 +299,18 @@ def test_cache_variable_naming_a_file_fails_before_training(digits, tmp_path, mo
         monkeypatch.setenv("DEEPFAULT_JAX_CACHE", value)
         start = time.perf_counter()
         with pytest.raises(InputError, match=rf"DEEPFAULT_JAX_CACHE .*got '{value}'"):
-            zoo.load_or_train("mlp-3x50", digits, seed=0)
+            checkpoints.load_or_train("mlp-3x50", digits, seed=0)
         assert time.perf_counter() - start < 5  # refused before training (40 epochs)
     with pytest.raises(InputError, match=rf"cache_dir .*got '{a_file}'"):
-        zoo.load_or_train("mlp-3x50", digits, seed=0, cache_dir=a_file)
+        checkpoints.load_or_train("mlp-3x50", digits, seed=0, cache_dir=a_file)
     assert a_file.read_text() == "x"
 
 
 def test_empty_cache_variable_means_the_default(monkeypatch):
     monkeypatch.setenv("DEEPFAULT_JAX_CACHE", "")
-    assert zoo.default_cache_dir() == Path.home() / ".cache" / "deepfault-jax"
+    assert checkpoints.default_cache_dir() == Path.home() / ".cache" / "deepfault-jax"
     monkeypatch.delenv("DEEPFAULT_JAX_CACHE")
-    assert zoo.default_cache_dir() == Path.home() / ".cache" / "deepfault-jax"
+    assert checkpoints.default_cache_dir() == Path.home() / ".cache" / "deepfault-jax"
 
 
 def test_cache_entry_that_is_not_a_checkpoint_is_refused_before_training(digits, tmp_path):
@@ -311,7 +319,7 @@ def test_cache_entry_that_is_not_a_checkpoint_is_refused_before_training(digits,
     (entry / "keep.txt").write_text("mine")
     start = time.perf_counter()
     with pytest.raises(InputError, match=re.escape(str(entry))):
-        zoo.load_or_train("mlp-3x50", digits, seed=0, cache_dir=tmp_path)
+        checkpoints.load_or_train("mlp-3x50", digits, seed=0, cache_dir=tmp_path)
     assert time.perf_counter() - start < 5
     assert (entry / "keep.txt").read_text() == "mine"
 
