@@ -482,6 +482,23 @@ def _check_cache_writable(models: Path, complaint: str) -> None:
         raise InputError(f"{complaint} ({describe_os_error(e)})") from None
 
 
+_SAVED_KEYS = ("format", "format_version", "model", "input_shape", "num_classes", "activation",
+               "versions", "created", "params_digest", "checkpoint")  # fmt: skip
+
+
+def _load_cached(path: Path, name: str, dataset: Dataset) -> tuple[Model, Any, dict]:
+    """A cached checkpoint; one written before parameter digests existed gets its digest
+    added (the cache is the package's own), so it is verified from then on."""
+    meta = json.loads((path / "model.json").read_text()) if is_checkpoint_dir(path) else {}
+    if isinstance(meta, dict) and "params_digest" not in meta:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the digest is added right here
+            model, params, meta = load_checkpoint(path, model=name, input_shape=dataset.input_shape)
+        extra = {k: v for k, v in meta.items() if k not in _SAVED_KEYS}
+        save_checkpoint(path, model, params, metadata=extra)
+    return load_checkpoint(path, model=name, input_shape=dataset.input_shape)
+
+
 def load_or_train(
     name: str,
     dataset: Dataset,
@@ -518,7 +535,7 @@ def load_or_train(
     root, complaint = _cache_root(cache_dir)
     path = root / "models" / f"{name}-{activation}-{slug}-seed{seed}"
     if (path / "model.json").is_file():
-        return load_checkpoint(path, model=name, input_shape=dataset.input_shape)
+        return _load_cached(path, name, dataset)
     _check_cache_writable(root / "models", complaint)
     check_replaceable(path, owned=is_checkpoint_dir, what="cached model directory")
     result = train(jax.random.key(seed), model, dataset, progress=progress)

@@ -229,6 +229,27 @@ def test_checkpoint_without_a_digest_loads_with_a_warning(tmp_path):
     _assert_same_tree(params, restored)
 
 
+
+def test_a_cached_checkpoint_without_a_digest_gets_one(tmp_path, digits):
+    """The model cache is the package's own: an entry from before digests is upgraded once,
+    silently, keeping its parameters and metadata; later loads are verified."""
+    import warnings
+
+    model, params, meta = checkpoints.load_or_train("mlp-3x50", digits, cache_dir=tmp_path)
+    path = Path(meta["checkpoint"])
+    old = json.loads((path / "model.json").read_text())
+    del old["params_digest"]
+    (path / "model.json").write_text(json.dumps(old))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning reaches the user
+        _, again, meta2 = checkpoints.load_or_train("mlp-3x50", digits, cache_dir=tmp_path)
+    _assert_same_tree(params, again)
+    upgraded = json.loads((path / "model.json").read_text())
+    assert upgraded["params_digest"] == checkpoints.load_checkpoint(path)[2]["params_digest"]
+    for key in ("dataset", "seed", "epochs", "test_accuracy"):
+        assert upgraded[key] == old[key] == meta2[key], key
+
+
 # --------------------------------------------------------------------------- 3. strict model.json
 
 
