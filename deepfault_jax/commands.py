@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -108,14 +109,20 @@ def check_spectrum_path(path: Path, what: str) -> None:
 
 
 class ProgressBars:
-    """A progress callback (``progress(stage, done, total)``) drawing one tqdm bar per stage
-    on stderr; off when stderr is not a terminal."""
+    """A progress callback (``progress(stage, done, total, **info)``) drawing one tqdm bar per
+    stage on stderr (off when stderr is not a terminal), and printing a line for ``info``
+    (``epoch 3/40: loss 0.0610, test accuracy 0.9688``) on stderr in any case."""
 
     def __init__(self) -> None:
         self._bars: dict = {}
 
-    def __call__(self, stage: str, done: int, total: int | None) -> None:
+    def __call__(self, stage: str, done: int, total: int | None, **info: float) -> None:
         from tqdm.auto import tqdm
+
+        if info:
+            unit = "epoch" if stage == "train" else stage
+            numbers = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in info.items())
+            tqdm.write(f"{unit} {done}/{total}: {numbers}", file=sys.stderr)
 
         bar = self._bars.get(stage)
         if bar is None or done < bar.n:  # a new round of this stage

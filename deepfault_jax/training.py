@@ -197,5 +197,5 @@ def train(
             _check_not_diverged(mean_loss, params, epoch=epoch, learning_rate=learning_rate)
             test_accuracy = accuracy(model, params, dataset.x_test, dataset.y_test)
             history.append({"epoch": epoch, "loss": mean_loss, "test_accuracy": test_accuracy})
-            notify(progress, "train", epoch, epochs)
+            notify(progress, "train", epoch, epochs, loss=mean_loss, test_accuracy=test_accuracy)
     return TrainResult(params, history, history[-1]["test_accuracy"], time.perf_counter() - start)

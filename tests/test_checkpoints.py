@@ -229,7 +229,6 @@ def test_checkpoint_without_a_digest_loads_with_a_warning(tmp_path):
     _assert_same_tree(params, restored)
 
 
-
 def test_a_cached_checkpoint_without_a_digest_gets_one(tmp_path, digits):
     """The model cache is the package's own: an entry from before digests is upgraded once,
     silently, keeping its parameters and metadata; later loads are verified."""
@@ -307,7 +306,7 @@ _CORRUPTIONS = {
 _LOAD_EACH = textwrap.dedent(
     """
     import gc, json, sys, time
-    from deepfault_jax import zoo
+    from deepfault_jax import checkpoints
     from deepfault_jax.errors import InputError
     out = {}
     for path in sys.argv[1:]:
