@@ -281,7 +281,7 @@ def cmd_localize(args: argparse.Namespace) -> int:
 
     params = {}
     if args.star is not None:
-        if args.measure.lower() != "dstar":
+        if "star" not in measures.measure_parameters(args.measure):
             raise UsageError(f"--star is a parameter of dstar; got --measure {args.measure}")
         params["star"] = args.star
     measures.get_measure(args.measure, **params)  # unknown names fail before the file is read
