@@ -6,7 +6,17 @@ Imported by ``spectrum.py`` and ``synthesis.py`` in this folder.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
+
+
+def missing_peers() -> dict[str, str]:
+    """The peers that cannot run here, each with the reason (empty when all can)."""
+    if importlib.util.find_spec("torch") is None:
+        return {"torch": "PyTorch is not installed (CPU build: pip install torch==2.13.0)"}
+    return {}
+
 
 # --------------------------------------------------------------------------- the original
 

@@ -294,6 +294,12 @@ def main(argv=None) -> int:
     unknown = [i for i in impls if i not in IMPLS]
     if unknown:
         parser.error(f"--impls must be among {', '.join(IMPLS)}; got {unknown}")
+    skipped = peers.missing_peers()
+    if "torch" in skipped and any(i.startswith("torch") for i in impls):
+        impls = [i for i in impls if not i.startswith("torch")]
+        print(
+            f"note: torch skipped: {skipped['torch']}", file=sys.stderr if args.json else sys.stdout
+        )
     sizes = [int(s) for s in args.original_sizes.split(",") if s.strip()]
     original_models = {m.strip() for m in args.original_models.split(",")}
     if args.quick:
@@ -310,7 +316,7 @@ def main(argv=None) -> int:
             results.append(result)
             if not args.json:
                 print_result(result, impls)
-    report = {**environment("spectrum"), "results": results}
+    report = {**environment("spectrum"), "results": results, "skipped_peers": skipped}
     if args.json:
         json.dump(report, sys.stdout)
         print()

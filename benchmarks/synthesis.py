@@ -23,7 +23,6 @@ never a dependency of the package: without it the ``torch`` peer is skipped, wit
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import statistics
@@ -39,13 +38,6 @@ from deepfault_jax import data, probe, synthesis, zoo
 
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
-
-
-def missing_peers() -> dict[str, str]:
-    """The peers that cannot run here, each with the reason (empty when all can)."""
-    if importlib.util.find_spec("torch") is None:
-        return {"torch": "PyTorch is not installed (CPU build: pip install torch==2.13.0)"}
-    return {}
 
 
 def _time(run, repeats):
@@ -215,7 +207,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.inputs, args.original_inputs, args.repeats = 512, 5, 2
-    skipped = missing_peers()
+    skipped = peers.missing_peers()
     notes = [f"{peer} skipped: {reason}" for peer, reason in skipped.items()]
     for note in notes:  # with --json on stderr: stdout stays one JSON object
         print(f"note: {note}", file=sys.stderr if args.json else sys.stdout, flush=True)
