@@ -21,13 +21,15 @@ def run_cli(capsys, *argv):
 
 
 def assert_usage_error(code, out, err, *fragments):
-    assert code == 2
+    """Exit code 2, nothing on stdout, one line on stderr holding every fragment; the line."""
+    assert code == 2, err
     assert out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert "Traceback" not in err and "error:" in lines[0]
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
 
 
 def test_train_json_result_and_checkpoint(capsys, tmp_path):

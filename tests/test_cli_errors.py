@@ -9,28 +9,12 @@ import sys
 
 import numpy as np
 import pytest
+from test_cli import assert_usage_error, run_cli
 
 from deepfault_jax import cli, commands, faultbench, faults, probe, synthesis, zoo
 from deepfault_jax.errors import MAX_SEED, InputError
 
 BIG_SEED = str(MAX_SEED + 1)  # 2**63
-
-
-def run_cli(capsys, *argv):
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, out, err, *fragments):
-    assert code == 2, err
-    assert out == ""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err and "error:" in lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(autouse=True)
@@ -135,7 +119,7 @@ BAD_VALUES = [
 def test_bad_option_value_is_exit_2_and_writes_nothing(capsys, tmp_path, argv, option, shown):
     out = tmp_path / ("out.npz" if argv[0] == "spectrum" else "out")
     code, stdout, err = run_cli(capsys, *argv, "--out", str(out))
-    assert_one_line_error(code, stdout, err, option, shown)
+    assert_usage_error(code, stdout, err, option, shown)
     assert not out.exists()
     assert not (tmp_path / "cache").exists()  # no model was trained
 
@@ -156,7 +140,7 @@ def test_bad_option_value_is_exit_2_and_writes_nothing(capsys, tmp_path, argv, o
 )
 def test_localize_bad_option_value(capsys, tmp_path, argv, option, shown):
     code, out, err = run_cli(capsys, "localize", "--spectrum", str(tmp_path / "s.npz"), *argv)
-    assert_one_line_error(code, out, err, option, shown)
+    assert_usage_error(code, out, err, option, shown)
 
 
 @pytest.mark.parametrize(
@@ -175,13 +159,13 @@ def test_missing_input_file_is_exit_2_and_writes_nothing(capsys, tmp_path, argv)
     out = tmp_path / ("out.npz" if argv[0] == "spectrum" else "out")
     argv = [a.replace("{missing}", missing) for a in argv]
     code, stdout, err = run_cli(capsys, *argv, "--out", str(out))
-    assert_one_line_error(code, stdout, err, missing)
+    assert_usage_error(code, stdout, err, missing)
     assert not out.exists()
 
 
 def test_localize_missing_spectrum_is_exit_2(capsys, tmp_path):
     code, out, err = run_cli(capsys, "localize", "--spectrum", str(tmp_path / "nope.npz"))
-    assert_one_line_error(code, out, err, str(tmp_path / "nope.npz"))
+    assert_usage_error(code, out, err, str(tmp_path / "nope.npz"))
 
 
 # --------------------------------------------------------------------------- seeds
@@ -220,7 +204,7 @@ def test_faultbench_more_faults_than_neurons_is_exit_2_before_training(capsys, t
     out = tmp_path / "fb"
     code, stdout, err = run_cli(capsys, "faultbench", "--models", "mlp-3x50,lenet1",
                                 "--faults", "1,1000", "--out", str(out))  # fmt: skip
-    assert_one_line_error(code, stdout, err,
+    assert_usage_error(code, stdout, err,
                           "--faults must be <= 16, the probed neurons of lenet1; got 1000")  # fmt: skip
     assert not out.exists()
     assert not (tmp_path / "cache").exists()  # no model was trained
@@ -300,12 +284,12 @@ def test_spectrum_out_existing_foreign_file_is_kept(capsys, tmp_path):
     np.savez(foreign, weights=np.arange(3))
     before = foreign.read_bytes()
     code, out, err = run_cli(capsys, "spectrum", "--out", str(foreign))
-    assert_one_line_error(code, out, err, "--out", str(foreign), "not a deepfault-jax spectrum")
+    assert_usage_error(code, out, err, "--out", str(foreign), "not a deepfault-jax spectrum")
     assert foreign.read_bytes() == before
     text = tmp_path / "notes.npz"
     text.write_text("keep me")
     code, out, err = run_cli(capsys, "spectrum", "--out", str(text))
-    assert_one_line_error(code, out, err, "--out", str(text))
+    assert_usage_error(code, out, err, "--out", str(text))
     assert text.read_text() == "keep me"
     assert not (tmp_path / "cache").exists()
 
@@ -314,7 +298,7 @@ def test_spectrum_out_directory_is_exit_2(capsys, tmp_path):
     directory = tmp_path / "d.npz"
     directory.mkdir()
     code, out, err = run_cli(capsys, "spectrum", "--out", str(directory))
-    assert_one_line_error(code, out, err, "--out", str(directory))
+    assert_usage_error(code, out, err, "--out", str(directory))
     assert list(directory.iterdir()) == []
 
 
@@ -323,7 +307,7 @@ def test_spectrum_foreign_partial_file_is_kept(capsys, tmp_path):
     partial.write_text("keep me")
     code, out, err = run_cli(capsys, "spectrum", "--save-every", "2", "--out",
                              str(tmp_path / "s.npz"))  # fmt: skip
-    assert_one_line_error(code, out, err, str(partial))
+    assert_usage_error(code, out, err, str(partial))
     assert partial.read_text() == "keep me" and not (tmp_path / "s.npz").exists()
 
 
@@ -340,7 +324,7 @@ def test_out_existing_regular_file_is_exit_2_before_work(capsys, tmp_path, comma
     blocker = tmp_path / "report"
     blocker.write_text("keep me")
     code, out, err = run_cli(capsys, command, "--out", str(blocker))
-    assert_one_line_error(code, out, err, "--out", str(blocker))
+    assert_usage_error(code, out, err, "--out", str(blocker))
     assert blocker.read_text() == "keep me"
     assert not (tmp_path / "cache").exists()
 
@@ -350,7 +334,7 @@ def test_train_out_foreign_directory_is_kept_and_nothing_trained(capsys, tmp_pat
     mine.mkdir()
     (mine / "cat.jpg").write_bytes(b"keep me")
     code, out, err = run_cli(capsys, "train", "--epochs", "1", "--out", str(mine))
-    assert_one_line_error(
+    assert_usage_error(
         code, out, err, "--out", str(mine), "does not hold a deepfault-jax checkpoint"
     )
     assert sorted(p.name for p in mine.iterdir()) == ["cat.jpg"]
@@ -384,4 +368,4 @@ def test_input_error_in_a_command_is_exit_2(capsys, monkeypatch):
         raise InputError("x must be 1; got 2")
 
     monkeypatch.setattr(commands, "cmd_info", bad)
-    assert_one_line_error(*run_cli(capsys, "info"), "x must be 1; got 2")
+    assert_usage_error(*run_cli(capsys, "info"), "x must be 1; got 2")

@@ -159,7 +159,8 @@ def test_fashion_mnist_absent_names_the_fix(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------- npz
 
 
-def _npz(tmp_path, name="d.npz", **arrays):
+def write_npz(tmp_path, name="d.npz", **arrays):
+    """Writes a small npz data set (3 classes); ``arrays`` replace or (None) drop entries."""
     rng = np.random.default_rng(0)
     base = {
         "x_train": rng.integers(0, 256, (30, 6, 5), dtype=np.uint8),
@@ -175,19 +176,19 @@ def _npz(tmp_path, name="d.npz", **arrays):
 
 
 def test_npz_uint8_and_float(tmp_path):
-    path, arrays = _npz(tmp_path)
+    path, arrays = write_npz(tmp_path)
     ds = data.load_dataset(f"npz:{path}")
     _check_dataset(ds, shape=(6, 5, 1), classes=3)
     np.testing.assert_allclose(ds.x_train[..., 0], arrays["x_train"] / 255.0, rtol=0, atol=1e-7)
     xf = np.random.default_rng(1).random((30, 4, 4, 3)).astype(np.float64)
-    path, _ = _npz(tmp_path, "f.npz", x_train=xf, x_test=xf[:9])
+    path, _ = write_npz(tmp_path, "f.npz", x_train=xf, x_test=xf[:9])
     ds = data.load_dataset(f"npz:{path}")
     _check_dataset(ds, shape=(4, 4, 3), classes=3)
     np.testing.assert_array_equal(ds.x_train, xf.astype(np.float32))
 
 
 def test_npz_num_classes_key(tmp_path):
-    path, _ = _npz(tmp_path, num_classes=np.array(5))
+    path, _ = write_npz(tmp_path, num_classes=np.array(5))
     assert data.load_dataset(f"npz:{path}").num_classes == 5
 
 
@@ -213,13 +214,13 @@ def test_npz_num_classes_key(tmp_path):
     ],
 )  # fmt: skip
 def test_npz_bad_arrays(tmp_path, arrays, message):
-    path, _ = _npz(tmp_path, **arrays)
+    path, _ = write_npz(tmp_path, **arrays)
     with pytest.raises((ValueError, TypeError), match=message):
         data.load_dataset(f"npz:{path}")
 
 
 def test_npz_truncated_and_corrupt_files(tmp_path):
-    path, _ = _npz(tmp_path)
+    path, _ = write_npz(tmp_path)
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match="not a readable npz file"):

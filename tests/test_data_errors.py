@@ -16,6 +16,7 @@ import zlib
 import numpy as np
 import pytest
 from conftest import write_idx, write_mnist_dir
+from test_data import write_npz
 
 from deepfault_jax import data
 from deepfault_jax.errors import InputError, InputTypeError
@@ -24,17 +25,8 @@ NPZ_WANT = r"must be a \.npz archive with x_train, y_train, x_test, y_test \(np\
 
 
 def _npz(tmp_path, name="d.npz", **arrays):
-    rng = np.random.default_rng(0)
-    base = {
-        "x_train": rng.integers(0, 256, (30, 6, 5), dtype=np.uint8),
-        "y_train": np.arange(30) % 3,
-        "x_test": rng.integers(0, 256, (9, 6, 5), dtype=np.uint8),
-        "y_test": np.arange(9) % 3,
-    }
-    base.update(arrays)
-    path = tmp_path / name
-    np.savez(path, **{k: v for k, v in base.items() if v is not None})
-    return path
+    """An npz data set (``test_data.write_npz``'s arrays, changed by ``arrays``); its path."""
+    return write_npz(tmp_path, name, **arrays)[0]
 
 
 def _load_npz(path):
