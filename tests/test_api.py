@@ -38,3 +38,33 @@ def test_key_is_first_when_present():
 
 def test_version():
     assert deepfault_jax.__version__.count(".") == 2
+
+
+def test_public_names_are_their_modules_own_names():
+    """No ``as`` renames: ``deepfault_jax.X`` is the object its module calls ``X``."""
+    import importlib
+
+    for name in deepfault_jax.__all__:
+        obj = getattr(deepfault_jax, name)
+        if inspect.isfunction(obj) or inspect.isclass(obj):
+            assert obj.__name__ == name, f"{name} is {obj.__module__}.{obj.__name__}"
+            assert getattr(importlib.import_module(obj.__module__), name) is obj
+
+
+def test_core_modules_do_not_import_the_pipeline_report_or_cli():
+    """Data flows one way: the core (errors .. faultbench) never imports the outer layers."""
+    import ast
+    from pathlib import Path
+
+    outer = {"pipeline", "report", "cli", "commands"}
+    package = Path(deepfault_jax.__file__).parent
+    for path in package.glob("*.py"):
+        if path.stem in outer or path.stem == "__init__":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module.rsplit(".", 1)[-1]] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name.rsplit(".", 1)[-1] for a in node.names]
+            assert not outer & set(names), f"{path.name} imports {outer & set(names)}"
