@@ -20,7 +20,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from deepfault_jax import checkpoints, data, measures, pipeline, probe, spectrum_io, training, zoo
+from deepfault_jax import (
+    checkpoints,
+    data,
+    files,
+    measures,
+    pipeline,
+    probe,
+    spectrum_io,
+    training,
+    zoo,
+)
 from deepfault_jax.errors import InputError
 from deepfault_jax.faultbench import FaultbenchConfig
 from deepfault_jax.spectrum import layer_summary
@@ -81,15 +91,12 @@ def check_writable(out: Path) -> None:
         ) from None
 
 
-def check_out_dir(path: str, owned: Callable[[Path], bool] | None = None, what="") -> Path:
-    """Fails early (before any long work) when ``path`` cannot hold an output directory, or
-    is a non-empty directory that ``owned`` does not recognise as holding ``what``."""
+def check_out_dir(path: str, owned: Callable[[Path], bool] | None = None) -> Path:
+    """Fails early (before any long work) when ``path`` cannot hold an output directory: an
+    existing file, a link, or (with ``owned``) a non-empty directory ``owned`` does not
+    recognise (:func:`deepfault_jax.files.check_replaceable`), or no writable place."""
     out = Path(path).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out must be a directory path; got existing file {str(out)!r}")
-    if owned is not None and out.is_dir() and any(out.iterdir()) and not owned(out):
-        raise UsageError(f"--out {str(out)!r} is not empty and does not hold {what}; it is "
-                         "kept: choose an empty or new directory")  # fmt: skip
+    files.check_replaceable(out, owned=owned or (lambda _: True), what="--out")
     check_writable(out)
     return out
 
@@ -145,7 +152,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in args.dataset).strip("-")
     out_arg = args.out or os.path.join("runs", f"{args.model}-{slug}-seed{args.seed}")
-    out = check_out_dir(out_arg, checkpoints.is_checkpoint_dir, "a deepfault-jax checkpoint")
+    out = check_out_dir(out_arg, checkpoints.is_checkpoint_dir)
     dataset = data.load_dataset(args.dataset)
     model = zoo.create_model(args.model, input_shape=dataset.input_shape,
                              num_classes=dataset.num_classes, activation=args.activation)  # fmt: skip

@@ -360,9 +360,8 @@ class _Synthesis:
     interrupt: Interrupt | None = None
 
 
-def _synthesize_all_sets(config, prb, params, spec, x0, y0, key, state, progress) -> None:
+def _synthesize_all_sets(config, synth, prb, params, spec, x0, y0, key, state, progress) -> None:
     """For every k: synthesis toward each measure's sets and the random repeats."""
-    synth = make_run_synthesizer(config, prb)
     total = len(config.k) * (len(config.measures) + config.random_repeats)
 
     def measure(tag: str, table: np.ndarray) -> dict:
@@ -432,11 +431,12 @@ def run(config: RunConfig, out_dir: str | Path, *, progress: Progress | None = N
     arrays = {"x_original": x0, "y": y0.astype(np.int32), "test_index": rows.astype(np.int64),
               "pred_original": pred[rows].astype(np.int32)}  # fmt: skip
     state = _Synthesis(arrays)
+    synth = make_run_synthesizer(config, prb)
     with deferred_interrupt() as state.interrupt:
-        _synthesize_all_sets(config, prb, params, spec, x0, y0, random_key, state, progress)
+        _synthesize_all_sets(config, synth, prb, params, spec, x0, y0, random_key, state, progress)
     out = build_report(
         config, classes, dataset, model, model_meta, prb, spec, selection, state.results,
-        state.random_runs, out_dir, time.perf_counter() - start,
+        state.random_runs, out_dir, time.perf_counter() - start, steps=synth.num_steps,
     )  # fmt: skip
     state.arrays["meta"] = np.str_(
         json.dumps({"probe": out.probe, "checkpoint": out.model["checkpoint"]})
@@ -449,10 +449,10 @@ def build_report(
     config: RunConfig, classes, dataset: data.Dataset, model: zoo.Model, model_meta: dict,
     prb: probe.Probe, spec: spectrum.Spectrum, selection: Selection,
     results: list[MeasureResult], random_runs: list[RandomRun], out_dir: Path, seconds: float,
+    *, steps: int,
 ) -> RunReport:  # fmt: skip
-    """Gathers a run's parts into its :class:`RunReport`."""
+    """Gathers a run's parts into its :class:`RunReport` (``steps``: the synthesizer's steps)."""
     n_pass, n_fail = int(spec.n_pass.sum()), int(spec.n_fail.sum())
-    synth = make_run_synthesizer(config, prb)
     return RunReport(
         config=config,
         classes=tuple(classes),
@@ -479,7 +479,7 @@ def build_report(
             "mode": config.mode,
             "d": config.d,
             "step_size": config.resolved_step_size(),
-            "steps": synth.num_steps,
+            "steps": steps,
             "direction": config.direction if config.mode == "pgd" else None,
         },
         selection=selection,

@@ -114,7 +114,7 @@ def test_unwritable_out_is_exit_2_before_training(capsys, tmp_path):
     code, out, err = run_cli(capsys, "train", "--epochs", "1", "--out", str(blocker / "ck"))
     assert_usage_error(code, out, err, "--out must be a writable location", str(blocker / "ck"))
     code, out, err = run_cli(capsys, "train", "--epochs", "1", "--out", str(blocker))
-    assert_usage_error(code, out, err, "--out must be a directory path; got existing file")
+    assert_usage_error(code, out, err, "--out must be a directory; got existing file")
     assert blocker.read_text() == "keep me"
 
 

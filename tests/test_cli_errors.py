@@ -335,7 +335,7 @@ def test_train_out_foreign_directory_is_kept_and_nothing_trained(capsys, tmp_pat
     (mine / "cat.jpg").write_bytes(b"keep me")
     code, out, err = run_cli(capsys, "train", "--epochs", "1", "--out", str(mine))
     assert_usage_error(
-        code, out, err, "--out", str(mine), "does not hold a deepfault-jax checkpoint"
+        code, out, err, "--out", str(mine), "is not empty and was not written by deepfault-jax"
     )
     assert sorted(p.name for p in mine.iterdir()) == ["cat.jpg"]
     assert (mine / "cat.jpg").read_bytes() == b"keep me"
