@@ -28,6 +28,9 @@ The public API, by stage of the pipeline; every name is its module's own name
   :func:`suspicious_neurons`, :func:`random_neurons`, :func:`ranking_table`,
   :func:`measure_agreement`, :func:`exact_ablation`, :class:`Ablation`,
   :func:`ablation_scores`.
+- one entry point for every localizer (:mod:`deepfault_jax.localizers`):
+  :func:`localize_neurons`, :func:`localizer_names`, :func:`localizer_info`,
+  :data:`DEFAULT_LOCALIZER`, :class:`Evidence`.
 - synthesis and evaluation (:mod:`deepfault_jax.synthesis`,
   :mod:`deepfault_jax.evaluate`): :func:`make_synthesizer`, :func:`synthesize`,
   :class:`Synthesizer`, :class:`SynthesisState`, :func:`evaluate_synthesis`.
@@ -68,6 +71,13 @@ from deepfault_jax.localize import (
     suspicious_neurons,
     suspiciousness,
     top_k_neurons,
+)
+from deepfault_jax.localizers import (
+    DEFAULT_LOCALIZER,
+    Evidence,
+    localize_neurons,
+    localizer_info,
+    localizer_names,
 )
 from deepfault_jax.measures import get_measure, measure_kind, measure_names
 from deepfault_jax.metrics import SpectrumMetric
@@ -165,6 +175,11 @@ __all__ = [
     "suspicious_neurons",
     "suspiciousness",
     "top_k_neurons",
+    "DEFAULT_LOCALIZER",
+    "Evidence",
+    "localize_neurons",
+    "localizer_info",
+    "localizer_names",
     # synthesis and evaluation
     "SynthesisState",
     "Synthesizer",

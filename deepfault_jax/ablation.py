@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepfault_jax.data import iterate_batches
-from deepfault_jax.errors import InputError, InputTypeError
+from deepfault_jax.errors import InputError, InputTypeError, check_finite
 from deepfault_jax.probe import NeuronIndex, Probe
 
 __all__ = ["ABLATION_SCORES", "Ablation", "ablation_scores", "exact_ablation"]
@@ -56,9 +56,10 @@ def _logits(params, x, *, probe: Probe):
 
 
 @functools.partial(jax.jit, static_argnames=("probe",))
-def _ablate_chunk(params, x, y, mask, base, ids, *, probe: Probe):
-    """For neuron ``ids[j]`` (-1: none), per class: fixes, breaks and loss drop
-    ``[chunk, classes]``; ``base`` holds the batch's logits of the model as it is."""
+def _ablate_chunk(params, x, y, mask, base, ids, gain, *, probe: Probe):
+    """For neuron ``ids[j]`` (-1: none) with its output times ``gain``, per class: fixes,
+    breaks and loss drop ``[chunk, classes]``; ``base`` holds the batch's logits of the
+    model as it is."""
     num_classes = probe.num_classes
     base_right = jnp.argmax(base, axis=-1) == y
     base_loss = _cross_entropy(base, y)
@@ -67,7 +68,9 @@ def _ablate_chunk(params, x, y, mask, base, ids, *, probe: Probe):
 
     def one(neuron):
         gates = {
-            name: (1.0 - (jnp.arange(size) + offset == neuron).astype(jnp.float32))[None, :]
+            name: (1.0 - (1.0 - gain) * (jnp.arange(size) + offset == neuron))[None, :].astype(
+                jnp.float32
+            )
             for name, size, offset in zip(
                 probe.index.layer_names, probe.index.layer_sizes, offsets, strict=True
             )
@@ -111,13 +114,18 @@ def exact_ablation(
     neurons: Sequence[int] | None = None,
     batch_size: int = 512,
     chunk: int = 16,
+    gain: float = 0.0,
     progress: bool = False,
 ) -> Ablation:
     """Zeroes each neuron in turn and measures the effect on every input: the reference localizer.
 
     A neuron is zeroed through the probe's gates: its layer's output is set to
     0 for that unit (a conv channel at every position, unless
-    ``conv_reduce="none"``), the rest of the model unchanged. Costs one forward
+    ``conv_reduce="none"``), the rest of the model unchanged. With ``gain`` the
+    output is multiplied by ``gain`` instead (0: zeroed; -1: negated, which
+    undoes a sign flip of the neuron's incoming weights and bias; 2: doubled).
+    The layer's output is its value before the activation (the gate sits
+    between the layer and its activation). Costs one forward
     pass of the data per neuron; ``chunk`` neurons run together under
     ``vmap`` (memory grows with ``chunk * batch_size``).
 
@@ -129,6 +137,7 @@ def exact_ablation(
       neurons: ids to ablate (default: all); the others are left 0.
       batch_size: inputs per step.
       chunk: neurons per step.
+      gain: what each neuron's output is multiplied by in turn (finite; 1 changes nothing).
       progress: show a progress bar.
 
     Returns:
@@ -145,6 +154,7 @@ def exact_ablation(
     for name, bad in (("batch_size", batch_size), ("chunk", chunk)):
         if int(bad) != bad or bad < 1:
             raise InputError(f"{name} must be a positive integer; got {bad!r}")
+    gain = check_finite("gain", gain)
     c = probe.num_classes
     fixes, breaks = np.zeros((c, n), np.int64), np.zeros((c, n), np.int64)
     drop = np.zeros((c, n), np.float64)
@@ -156,7 +166,7 @@ def exact_ablation(
         base = _logits(params, batch.x, probe=probe)  # once per batch, for every chunk
         for group in padded:
             f, b, d = _ablate_chunk(params, batch.x, batch.y, batch.mask, base,
-                                    jnp.asarray(group, jnp.int32), probe=probe)  # fmt: skip
+                                    jnp.asarray(group, jnp.int32), jnp.float32(gain), probe=probe)  # fmt: skip
             real = group >= 0
             fixes[:, group[real]] += np.asarray(f, np.int64)[real].T
             breaks[:, group[real]] += np.asarray(b, np.int64)[real].T
