@@ -20,7 +20,17 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from deepfault_jax import commands, errors, measures, pipeline, probe, training, zoo
+from deepfault_jax import (
+    commands,
+    errors,
+    localizers,
+    measures,
+    model_source,
+    pipeline,
+    probe,
+    training,
+    zoo,
+)
 from deepfault_jax.attribution import LINEARISED
 from deepfault_jax.commands import UsageError
 from deepfault_jax.errors import InputError
@@ -35,6 +45,9 @@ _RUN = pipeline.RunConfig()  # the defaults of run, and of spectrum's model and 
 _BENCH = FaultbenchConfig()  # the defaults of faultbench
 _TRAIN = {n: p.default for n, p in inspect.signature(training.train).parameters.items()}
 _SPECTRUM = {n: p.default for n, p in inspect.signature(compute_spectrum).parameters.items()}
+_LOCALIZE = {
+    n: p.default for n, p in inspect.signature(localizers.localize_neurons).parameters.items()
+}
 _UNSET = object()
 _DATASET_HELP = "data set: digits, fashion-mnist, idx:DIR, tfds:NAME[:SPLIT] or npz:PATH"
 _CONV_REDUCE_HELP = {"mean": "spatial mean (the paper's)", "max": "spatial max",
@@ -116,8 +129,11 @@ def _listed(item=None, *, choices=(), what="", check=None, all_means: Any = _UNS
     return kind
 
 
-def _add(p, flag: str, default: Any, help: str, kind=None, *, shown: Any = _UNSET, **kw) -> None:
-    """Adds option ``flag``: its value read by ``kind``; its help ends with its default."""
+def _add(
+    p, flag: str, default: Any, help: str, kind=None, *, shown: Any = _UNSET, aliases=(), **kw
+) -> None:
+    """Adds option ``flag`` (also spelt as each of ``aliases``): its value read by ``kind``;
+    its help ends with its default."""
     if kind is not None:
 
         def parse(text: str) -> Any:
@@ -128,7 +144,7 @@ def _add(p, flag: str, default: Any, help: str, kind=None, *, shown: Any = _UNSE
 
         kw["type"] = parse
     shown = _shown(default) if shown is _UNSET else shown
-    p.add_argument(flag, default=default, help=f"{help} (default: {shown})", **kw)
+    p.add_argument(flag, *aliases, default=default, help=f"{help} (default: {shown})", **kw)
 
 
 def _shown(value: Any) -> str:
@@ -147,12 +163,13 @@ def _output_options(p, *, help: str, default=None, metavar="DIR", required=False
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
-def _model_options(p, *, checkpoint: bool, seed_help: str) -> None:
-    """The model: --model (or --checkpoint), --activation, --dataset and --seed."""
+def _model_options(p, *, checkpoint: bool, seed_help: str, model: str | None = _RUN.model):
+    """The model: --model (or --checkpoint), --activation, --dataset and --seed; returns the
+    group of the exclusive model sources (with ``checkpoint``)."""
     group = p.add_mutually_exclusive_group() if checkpoint else p
     cached = ", trained on the data set on first use and cached" if checkpoint else ""
-    _add(group, "--model", _RUN.model, f"zoo model{cached}: {', '.join(zoo.MODEL_NAMES)}",
-         choices=zoo.MODEL_NAMES, metavar="NAME")  # fmt: skip
+    _add(group, "--model", model, f"zoo model{cached}: {', '.join(zoo.MODEL_NAMES)}",
+         choices=zoo.MODEL_NAMES, metavar="NAME", shown=_UNSET if model else "none")  # fmt: skip
     if checkpoint:
         group.add_argument("--checkpoint", metavar="DIR",
                            help="a checkpoint from `deepfault-jax train`, instead of --model")  # fmt: skip
@@ -161,11 +178,13 @@ def _model_options(p, *, checkpoint: bool, seed_help: str) -> None:
          choices=tuple(zoo.ACTIVATIONS))  # fmt: skip
     _add(p, "--dataset", _RUN.dataset, _DATASET_HELP, metavar="SPEC")
     _add(p, "--seed", _RUN.seed, f"{seed_help}, in [0, 2**63 - 1]", _int(seed=True), metavar="N")
+    return group
 
 
-def _probe_options(p, defaults, *, conv_reductions=probe.CONV_REDUCTIONS, threshold=True):
+def _probe_options(p, defaults, *, conv_reductions=probe.CONV_REDUCTIONS, threshold=True,
+                   layers="layers to probe"):  # fmt: skip
     """Which neurons and values are counted: --layers, --conv-reduce, --values, --threshold."""
-    _add(p, "--layers", defaults.layers, "layers to probe", _listed(), metavar="A,B,...",
+    _add(p, "--layers", defaults.layers, layers, _listed(), metavar="A,B,...",
          shown="every hidden Dense/Conv")  # fmt: skip
     kinds = "; ".join(f"{r}: {_CONV_REDUCE_HELP.get(r, r)}" for r in conv_reductions)
     _add(p, "--conv-reduce", defaults.conv_reduce, f"a conv channel's value: {kinds}",
@@ -222,25 +241,65 @@ def _spectrum_parser(sub) -> None:
     p.set_defaults(func=commands.cmd_spectrum)
 
 
+def _method(option: str, text: str) -> str:
+    """A localizer's name (``--measure``: a count or attribution measure's)."""
+    known = text.lower().replace("-", "_") in localizers.localizer_names()
+    try:
+        if option == "--measure" and not known:
+            measures.measure_kind(text)  # raises with the measures' names
+        info = localizers.localizer_info(text)
+    except InputError as e:
+        raise InputError(f"{option}: {e}") from None
+    if option == "--measure" and info.family not in ("counts", "attribution"):
+        raise InputError(f"--measure names a count or attribution measure; got {text!r}, a "
+                         f"{info.family} localizer: use --method {info.name}")  # fmt: skip
+    return info.name
+
+
+#: localize's options that go with a model source only (not with --spectrum)
+_MODEL_ONLY = ("dataset", "activation", "seed", "inputs", "conv_reduce", "values", "batch_size")
+
+
 def _localize_parser(sub) -> None:
-    p = sub.add_parser("localize", help="rank neurons of a spectrum by a suspiciousness measure",
-                       description="Score every neuron of a spectrum with a suspiciousness "
-                       "measure and list the top k (ties: lower neuron id first).")  # fmt: skip
-    p.add_argument("--spectrum", metavar="FILE.npz", required=True,
-                   help="from `deepfault-jax spectrum`")  # fmt: skip
-    _add(p, "--measure", "tarantula", f"one of {', '.join(measures.measure_names())}",
-         metavar="NAME")  # fmt: skip
-    _add(p, "--star", None, "DStar's exponent", _float(finite=False), shown=_RUN.star)
-    _add(p, "--k", 10, "neurons to list, at most the spectrum's", _int())  # localize checks both
+    p = sub.add_parser("localize", help="rank the neurons of a model or a spectrum by a "
+                       "localizer", description="Score every neuron with a localizer (see "
+                       "--list) and list the top k (ties: lower neuron id first): from a saved "
+                       "spectrum (count and attribution measures), or from a model (--checkpoint "
+                       "or --model) on the test split of --dataset (every localizer).")  # fmt: skip
+    source = _model_options(p, checkpoint=True, seed_help="training seed of a --model",
+                            model=None)  # fmt: skip
+    source.add_argument("--spectrum", metavar="FILE.npz",
+                        help="from `deepfault-jax spectrum`, instead of a model")  # fmt: skip
+    _add(p, "--inputs", None, "test inputs to localize on (the first N)", _int(lo=1),
+         metavar="N", shown="the whole test split")  # fmt: skip
+    _probe_options(p, _RUN, threshold=False, layers="only neurons of these layers (with a "
+                   "model: the layers probed)")  # fmt: skip
+    _add(p, "--batch-size", _LOCALIZE["batch_size"], "inputs per step", _int(lo=1), metavar="B")
+    method = p.add_mutually_exclusive_group()
+    _add(method, "--method", None, "localizer (see --list)", _method, metavar="NAME",
+         shown=localizers.DEFAULT_LOCALIZER)  # fmt: skip
+    _add(method, "--measure", None, "a count or attribution measure, as --method",
+         _method, metavar="NAME", shown="--method's")  # fmt: skip
+    _add(p, "--option", None, "an option of the method, repeatable; VALUE is read as JSON "
+         "where it parses (steps=10, gains=[-1,0,2], methods=[\"gradxact\",\"grad_norm\"]), "
+         "else as text", lambda _, text: model_source.parse_option(text), action="append",
+         metavar="KEY=VALUE", shown="none")  # fmt: skip
+    _add(p, "--star", None, "DStar's exponent, as --option star=S", _float(finite=False),
+         metavar="S", shown=_RUN.star)  # fmt: skip
+    _add(p, "--k", 10, "neurons to list, at most the probed ones", _int())  # localize checks
     scope = p.add_mutually_exclusive_group()
-    _add(scope, "--class", None, "rank by the counts of inputs of true class C", _int(lo=0),
-         dest="class_index", metavar="C", shown="--pooled")  # fmt: skip
+    _add(scope, "--class", None, "rank by the scores of the inputs of true class C (methods "
+         "with a per-class variant)", _int(lo=0), dest="class_index", metavar="C",
+         shown="--pooled")  # fmt: skip
     scope.add_argument("--pooled", action="store_true",
-                       help="rank by the counts of all classes together (the default)")  # fmt: skip
-    _add(p, "--layers", None, "only neurons of these layers", _listed(), metavar="A,B,...",
-         shown="all")  # fmt: skip
+                       help="rank by the scores of all classes together (the default)")  # fmt: skip
+    p.add_argument(
+        "--list", action="store_true", help="list every localizer: family, needs, options, cost"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.set_defaults(func=commands.cmd_localize)
+    p.set_defaults(func=commands.cmd_localize,
+                   model_only={dest: p.get_default(dest) for dest in _MODEL_ONLY})  # fmt: skip
 
 
 def _run_parser(sub) -> None:
@@ -251,9 +310,11 @@ def _run_parser(sub) -> None:
                        "evaluate them against a random-neuron baseline, and write "
                        f"{', '.join(pipeline.RUN_FILES)} into --out.")  # fmt: skip
     _model_options(p, checkpoint=True, seed_help="training, selection and baseline seed")
-    _add(p, "--measures", _RUN.measures, "suspiciousness measures: count measures and the "
-         "attribution measures gradxact, actdiff, linear_ablation",
-         _listed(check=measures.get_measure), metavar="A,B,...")  # fmt: skip
+    _add(p, "--measures", _RUN.measures, "localizers that choose the suspicious neurons: "
+         "count and attribution measures (from the spectrum, per class) or any other "
+         "localizer (see `localize --list`; per class where it has a per-class variant)",
+         _listed(check=localizers.localizer_info), metavar="A,B,...",
+         aliases=("--methods",))  # fmt: skip
     _add(p, "--star", _RUN.star, "DStar's exponent", _float(lo=0.0, lo_open=True), metavar="S")
     _add(p, "--k", _RUN.k, "suspicious set sizes", _listed(_int(lo=1)), metavar="K1,K2,...")
     _add(p, "--classes", _RUN.classes, "classes to synthesize from",
@@ -277,35 +338,61 @@ def _run_parser(sub) -> None:
     p.set_defaults(func=commands.cmd_run)
 
 
+def _drop_windows(option: str, text: str) -> tuple[tuple[float, float], ...]:
+    """``LO:HI[,LO:HI...]``: accuracy-drop windows, 0 < LO < HI < 1 each."""
+    windows = []
+    for part in errors.parse_names(text, option):
+        lo, sep, hi = part.partition(":")
+        if not sep:
+            raise InputError(f"{option} must be LO:HI windows such as 0.005:0.01; got {part!r}")
+        lo = _float(lo=0.0, hi=1.0, lo_open=True, hi_open=True)(option, lo)
+        hi = _float(lo=0.0, hi=1.0, lo_open=True, hi_open=True)(option, hi)
+        if not lo < hi:
+            raise InputError(f"{option} windows must have LO < HI; got {part!r}")
+        windows.append((lo, hi))
+    return tuple(windows)
+
+
 def _faultbench_parser(sub) -> None:
     p = sub.add_parser("faultbench", help="plant known faults in trained models and score "
                        "every localizer on them", description="Plant faulty neurons of "
-                       "documented kinds in trained zoo models (each lowering the accuracy by at "
-                       "least --min-drop), localize them with every method (count measures, "
-                       "attribution measures, exact ablation) and report top-5/top-10 recall and "
-                       "mean rank against the random ranking, as "
+                       "documented kinds in trained zoo models (each fault's strength calibrated "
+                       "so that it lowers the accuracy on held-out test inputs by an amount "
+                       "inside a --drop window), localize them with every method on other test "
+                       "inputs, and report recall at top-k and top-k%, mean rank, runtime and "
+                       "leave-one-kind-out choices against the random ranking, as "
                        f"{', '.join(pipeline.FAULTBENCH_FILES)}.")  # fmt: skip
-    _add(p, "--models", _BENCH.models, "zoo models, trained on first use and cached: "
-         f"{', '.join(zoo.MODEL_NAMES)}", _listed(choices=zoo.MODEL_NAMES, what="model"),
-         metavar="A,B,...")  # fmt: skip
+    _add(p, "--models", _BENCH.models, "zoo models as NAME or NAME:ACTIVATION, trained on first "
+         f"use and cached: {', '.join(zoo.MODEL_NAMES)}",
+         _listed(check=FaultbenchConfig.check_model), metavar="A,B:leaky_relu,...")  # fmt: skip
+    _add(p, "--model-seeds", _BENCH.model_seeds, "training seeds of every model, each in "
+         "[0, 2**63 - 1]", _listed(_int(seed=True)), metavar="S1,S2,...")  # fmt: skip
     _add(p, "--dataset", _BENCH.dataset, _DATASET_HELP, metavar="SPEC")
     kinds = FAULT_KINDS
     _add(p, "--kinds", _BENCH.kinds, f"fault kinds: {', '.join(kinds)}",
          _listed(choices=kinds, what="fault kind", all_means=kinds), metavar="all|A,B,...",
          shown="all" if _BENCH.kinds == kinds else _UNSET)  # fmt: skip
+    _add(p, "--drop", _BENCH.drops, "accuracy-drop windows per fault, LO:HI each (a trial per "
+         "window)", _drop_windows, dest="drops", metavar="LO:HI,...",
+         shown=",".join(f"{lo}:{hi}" for lo, hi in _BENCH.drops))  # fmt: skip
     _add(p, "--faults", _BENCH.faults, "faults planted together per trial (at most the "
          "probed neurons of each model)", _listed(_int(lo=1)), metavar="N1,N2,...")  # fmt: skip
     _add(p, "--seeds", _BENCH.seeds, "trial seeds, each in [0, 2**63 - 1]",
          _listed(_int(seed=True)), metavar="S1,S2,...")  # fmt: skip
-    _add(p, "--inputs", _BENCH.inputs, "test inputs to plant and localize on",
+    _add(p, "--inputs", _BENCH.inputs, "test inputs to localize on (the first ones)",
          _int(lo=FaultbenchConfig.MIN_INPUTS), metavar="N")  # fmt: skip
-    _add(p, "--min-drop", _BENCH.min_drop, "accuracy drop each fault must cause, in (0, 1)",
-         _float(lo=0.0, hi=1.0, lo_open=True, hi_open=True), metavar="D")  # fmt: skip
-    _add(p, "--methods", _BENCH.methods, "methods", _listed(check=FaultbenchConfig.check_method),
-         metavar="M/pooled,M/per-class,...", shown=", ".join(default_methods()))  # fmt: skip
+    _add(p, "--measure-inputs", _BENCH.measure_inputs, "test inputs after those to measure "
+         "accuracy drops on", _int(lo=FaultbenchConfig.MIN_INPUTS), metavar="N")  # fmt: skip
+    _add(p, "--methods", _BENCH.methods, "localizers, NAME or NAME/per-class (see `localize "
+         "--list`)", _listed(check=FaultbenchConfig.check_method), metavar="A,B/per-class,...",
+         shown=", ".join(default_methods()))  # fmt: skip
+    _add(p, "--candidates", _BENCH.candidates, "the methods leave-one-kind-out chooses among",
+         _listed(check=FaultbenchConfig.check_method), metavar="A,B,...",
+         shown="the cheap methods among --methods")  # fmt: skip
+    _add(p, "--top-k", _BENCH.top_k, "recall cutoffs in neurons", _listed(_int(lo=1)),
+         metavar="K1,K2,...")  # fmt: skip
     _probe_options(p, _BENCH, conv_reductions=FaultbenchConfig.CONV_REDUCTIONS, threshold=False)
-    _add(p, "--model-seed", _BENCH.model_seed, "training seed, in [0, 2**63 - 1]",
-         _int(seed=True), metavar="N")  # fmt: skip
+    _add(p, "--batch-size", _BENCH.batch_size, "inputs per step", _int(lo=1), metavar="B")
     _output_options(
         p, default="runs/faultbench", help="output directory (default: runs/faultbench)"
     )

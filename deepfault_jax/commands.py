@@ -24,9 +24,10 @@ from deepfault_jax import (
     checkpoints,
     data,
     files,
+    localizers,
     measures,
+    model_source,
     pipeline,
-    probe,
     spectrum_io,
     training,
     zoo,
@@ -184,33 +185,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spectrum_model(args: argparse.Namespace, dataset: data.Dataset) -> tuple:
-    """``(model, params, source)`` of the spectrum command: its --checkpoint, or the zoo
-    model (its probe options checked on an untrained copy first, before any training)."""
-    if args.checkpoint:
-        model, params, _ = checkpoints.load_checkpoint(
-            args.checkpoint, input_shape=dataset.input_shape
-        )
-        if model.num_classes != dataset.num_classes:
-            raise InputError(f"checkpoint {args.checkpoint} has {model.num_classes} classes; "
-                             f"data set {dataset.name!r} has {dataset.num_classes}")  # fmt: skip
-        return model, params, str(Path(args.checkpoint).expanduser().absolute())
-    import jax
-
-    untrained = zoo.create_model(args.model, input_shape=dataset.input_shape,
-                                 num_classes=dataset.num_classes, activation=args.activation)  # fmt: skip
-    _spectrum_probe(args, untrained, zoo.init_params(jax.random.key(0), untrained))
-    model, params, _ = checkpoints.load_or_train(args.model, dataset, seed=args.seed,
-                                                 activation=args.activation,
-                                                 progress=progress_bars(args))  # fmt: skip
-    return model, params, f"zoo:{args.model}:{args.activation}:seed{args.seed}"
-
-
-def _spectrum_probe(args: argparse.Namespace, model: zoo.Model, params: Any) -> probe.Probe:
-    return probe.model_probe(model, params, layers=list(args.layers) if args.layers else None,
-                             conv_reduce=args.conv_reduce, values=args.values)  # fmt: skip
-
-
 def cmd_spectrum(args: argparse.Namespace) -> int:
     mesh = data_mesh(devices=args.devices) if args.devices > 1 else None
     if args.batch_size % args.devices:
@@ -226,11 +200,12 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     if partial is not None:
         check_spectrum_path(partial, "--save-every's progress file")
     dataset = data.load_dataset(args.dataset)
-    model, params, source = _spectrum_model(args, dataset)
+    model, params, meta = model_source.load_model(args, dataset, progress=progress_bars(args))
+    source = meta["source"]
     x, y = dataset.split(args.split)
     start = time.perf_counter()
     spec = compute_spectrum(
-        _spectrum_probe(args, model, params), params, x, y, batch_size=args.batch_size,
+        model_source.model_probe(args, model, params), params, x, y, batch_size=args.batch_size,
         threshold=args.threshold, attribution=args.attribution, mesh=mesh,
         checkpoint_path=partial, checkpoint_every=args.save_every or 1, progress=progress_bars(args),
     )  # fmt: skip
@@ -283,43 +258,204 @@ def _json_score(value: float):
     return "inf" if value == float("inf") else value
 
 
-def cmd_localize(args: argparse.Namespace) -> int:
+def _localize_method(args: argparse.Namespace) -> tuple:
+    """``(info, options)`` of localize's --method (or --measure), --option and --star, checked
+    before any file is read: unknown options, --class without a per-class variant, and the
+    measures' hyperparameters."""
+    flag = "--measure" if args.measure else "--method"
+    info = localizers.localizer_info(args.measure or args.method or localizers.DEFAULT_LOCALIZER)
+    options: dict[str, Any] = {}
+    for key, value in args.option or ():
+        if key in options:
+            raise UsageError(f"--option must give each key once; got {key!r} twice")
+        options[key] = value
+    if args.star is not None:
+        if "star" not in info.options:
+            have = [n for n in localizers.localizer_names()
+                    if "star" in localizers.localizer_info(n).options]  # fmt: skip
+            raise UsageError(f"--star is a parameter of {', '.join(have)}; got {flag} {info.name}")
+        if "star" in options:
+            raise UsageError("--star is --option star=S; got both")
+        options["star"] = args.star
+    unknown = sorted(set(options) - set(info.options))
+    if unknown:
+        accepted = ", ".join(info.options) or "none"
+        raise UsageError(f"--option: localizer {info.name!r} takes options [{accepted}]; "
+                         f"got {', '.join(unknown)}")  # fmt: skip
+    if args.class_index is not None and not info.per_class:
+        raise UsageError(f"--class needs a method with a per-class variant; {info.name} has "
+                         "none (rank with --pooled)")  # fmt: skip
+    if info.family in ("counts", "attribution"):  # its hyperparameters, checked now
+        measures.get_measure(info.name, **{k: v for k, v in options.items() if k != "threshold"})
+    return info, options
+
+
+def _check_class(args: argparse.Namespace, num_classes: int) -> None:
+    c = args.class_index
+    if c is not None and not 0 <= c < num_classes:
+        raise UsageError(f"--class must lie in [0, {num_classes}); got {c}")
+
+
+def _localize_spectrum(args: argparse.Namespace, info, options: dict) -> dict:
+    """localize from a saved spectrum: count and attribution measures."""
     from deepfault_jax import localize
 
-    params = {}
-    if args.star is not None:
-        if "star" not in measures.measure_parameters(args.measure):
-            raise UsageError(f"--star is a parameter of dstar; got --measure {args.measure}")
-        params["star"] = args.star
-    measures.get_measure(args.measure, **params)  # unknown names fail before the file is read
+    if info.needs not in ("spectrum", "attribution"):
+        raise UsageError(f"--method {info.name} needs the model ({info.needs}), not a saved "
+                         "spectrum: pass --checkpoint DIR or --model NAME --dataset SPEC "
+                         "instead of --spectrum")  # fmt: skip
+    given = [d for d, default in args.model_only.items() if getattr(args, d) != default]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise UsageError(f"{flag} goes with a model (--checkpoint or --model); got --spectrum")
     spec = spectrum_io.load_spectrum(args.spectrum)
-    pooled, c = args.class_index is None, args.class_index
-    if not pooled and not 0 <= c < spec.num_classes:
-        raise UsageError(f"--class must lie in [0, {spec.num_classes}); got {c}")
-    score_all = localize.suspiciousness(spec, args.measure, pooled=pooled, **params)
-    score = score_all if pooled else score_all[c]
-    allowed = localize.allowed_neurons(spec.index, args.layers)
-    ids = localize.top_k_neurons(score, args.k, allowed=allowed)
-    rows = localize.ranking_table(spec, score, ids, class_index=None if pooled else c)
+    if (
+        info.needs == "attribution"
+        and spec.attribution is None
+        and not (args.method or args.measure)
+    ):
+        raise UsageError(f"the default method {info.name} needs a spectrum computed with "
+                         f"--attribution; got a count-only spectrum {args.spectrum}: compute it "
+                         "with --attribution, or name a count measure (--method ochiai)")  # fmt: skip
+    _check_class(args, spec.num_classes)
+    computed = dict(options)
+    if "threshold" in info.options:  # the spectrum's own, unless the options say otherwise
+        computed.setdefault("threshold", float(spec.threshold))
+    start = time.perf_counter()
+    scores = localizers.spectrum_scores(
+        info.name, spec, per_class=args.class_index is not None, **computed
+    )
+    seconds = time.perf_counter() - start
+    score = scores if args.class_index is None else scores[args.class_index]
+    ids = localize.top_k_neurons(
+        score, args.k, allowed=localize.allowed_neurons(spec.index, args.layers)
+    )
+    rows = localize.ranking_table(spec, score, ids, class_index=args.class_index)
+    return {"source": {"spectrum": str(Path(args.spectrum).absolute()), "model_source": None,
+                       "dataset": None, "inputs": None},
+            "rows": rows, "seconds": seconds, "counts": True,
+            "layers": list(args.layers or spec.index.layer_names)}  # fmt: skip
+
+
+def _spectrum_at_hand(evidence, info, options: dict):
+    """The spectrum the localizer computed on the way (then its counts cost nothing), or None."""
+    if info.family in ("counts", "attribution"):
+        return evidence.spectrum(threshold=options.get("threshold", 0.0))
+    if info.family == "aggregate":
+        methods = options.get("methods", info.options.get("methods", ()))
+        names = (methods,) if isinstance(methods, str) else tuple(methods)
+        families = {localizers.localizer_info(n).family for n in names}
+        if families & {"counts", "attribution"}:
+            return evidence.spectrum()
+    return None
+
+
+def _localize_model(args: argparse.Namespace, info, options: dict) -> dict:
+    """localize from a model (--checkpoint or --model) on the test split: every localizer."""
+    from deepfault_jax import localize
+
+    dataset = data.load_dataset(args.dataset)
+    _check_class(args, dataset.num_classes)
+    n_test = len(dataset.y_test)
+    n = n_test if args.inputs is None else args.inputs
+    if n > n_test:
+        raise UsageError(f"--inputs must be <= {n_test}, the test inputs of {dataset.name}; "
+                         f"got {n}")  # fmt: skip
+
+    def check(model, params) -> None:  # before any training
+        prb = model_source.model_probe(args, model, params)
+        if not 1 <= args.k <= prb.index.num_neurons:
+            raise UsageError(f"--k must lie in [1, {prb.index.num_neurons}] (the neurons of "
+                             f"{', '.join(prb.index.layer_names)}); got {args.k}")  # fmt: skip
+        model_source.check_needs(info, options, prb, params)
+
+    model, params, meta = model_source.load_model(args, dataset, check=check,
+                                                  progress=progress_bars(args))  # fmt: skip
+    prb = model_source.model_probe(args, model, params)
+    x, y = dataset.x_test[:n], dataset.y_test[:n]
+    evidence = localizers.Evidence(
+        prb, params, x, y, batch_size=args.batch_size, progress=not args.no_progress
+    )
+    start = time.perf_counter()
+    scores = evidence.scores(info.name, per_class=args.class_index is not None, **options)
+    seconds = time.perf_counter() - start
+    score = scores if args.class_index is None else scores[args.class_index]
+    ids = localize.top_k_neurons(score, args.k)
+    spec = _spectrum_at_hand(evidence, info, options)
+    if spec is not None:
+        rows = localize.ranking_table(spec, score, ids, class_index=args.class_index)
+    else:
+        rows = [{"rank": rank, "id": int(i), "layer": prb.index.locate(i)[0],
+                 "unit": prb.index.locate(i)[1], "a_s": None, "a_f": None, "n_s": None,
+                 "n_f": None, "score": float(score[i])}
+                for rank, i in enumerate(ids.tolist(), start=1)]  # fmt: skip
+    return {"source": {"spectrum": None, "model_source": meta["source"], "dataset": dataset.name,
+                       "inputs": n},
+            "rows": rows, "seconds": seconds, "counts": spec is not None,
+            "layers": list(prb.index.layer_names)}  # fmt: skip
+
+
+def _list_localizers(args: argparse.Namespace) -> int:
+    """localize --list: every localizer, with family, needs, per-class, options and cost."""
+    rows = []
+    for name in localizers.localizer_names():
+        info = localizers.localizer_info(name)
+        rows.append({"name": name, "family": info.family, "needs": info.needs,
+                     "per_class": info.per_class, "options": dict(info.options),
+                     "cost": info.cost, "summary": info.summary,
+                     "default": name == localizers.DEFAULT_LOCALIZER})  # fmt: skip
+    human = [f"{'name':<16} {'family':<12} {'needs':<11} {'per-class':<9} {'options':<44} cost"]
+    for r in rows:
+        shown = ", ".join(f"{k}={json.dumps(v)}" for k, v in r["options"].items()) or "-"
+        star = "*" if r["default"] else ""
+        human.append(f"{r['name'] + star:<16} {r['family']:<12} {r['needs']:<11} "
+                     f"{'yes' if r['per_class'] else 'no':<9} {shown:<44} {r['cost']}")  # fmt: skip
+    human.append(f"* the default ({localizers.DEFAULT_LOCALIZER}); `needs`: spectrum and "
+                 "attribution localizers also read a saved spectrum (attribution: one computed "
+                 "with --attribution), the others need the model")  # fmt: skip
+    emit(args, {"localizers": rows, "default": localizers.DEFAULT_LOCALIZER}, human)
+    return 0
+
+
+def cmd_localize(args: argparse.Namespace) -> int:
+    if args.list:
+        return _list_localizers(args)
+    if not (args.spectrum or args.checkpoint or args.model):
+        raise UsageError("localize needs a source: --spectrum FILE, or --checkpoint DIR or "
+                         "--model NAME (with --dataset SPEC)")  # fmt: skip
+    info, options = _localize_method(args)
+    found = (_localize_spectrum if args.spectrum else _localize_model)(args, info, options)
+    rows, pooled, c = found["rows"], args.class_index is None, args.class_index
     report = {
-        "spectrum": str(Path(args.spectrum).absolute()), "measure": args.measure.lower(),
-        "params": params, "k": args.k, "class": None if pooled else c, "pooled": pooled,
-        "layers": list(args.layers or spec.index.layer_names),
+        **found["source"], "method": info.name, "measure": info.name, "family": info.family,
+        "options": options, "params": options, "k": args.k, "class": c, "pooled": pooled,
+        "layers": found["layers"], "counts": found["counts"],
+        "seconds": round(found["seconds"], 3),
         "neurons": [{**r, "score": _json_score(r["score"])} for r in rows],
     }  # fmt: skip
-    scope = "all classes pooled" if pooled else f"class {c}"
-    human = [
-        f"top {args.k} neurons by {args.measure.lower()} ({scope}) of {args.spectrum}",
-        f"{'rank':>4} {'id':>6} {'layer':<14} {'unit':>5} {'A_s':>7} {'A_f':>7} {'N_s':>7} "
-        f"{'N_f':>7} {'score':>12}",
-    ]
-    human += [
-        f"{r['rank']:>4} {r['id']:>6} {r['layer']:<14} {r['unit']:>5} {r['a_s']:>7} {r['a_f']:>7} "
-        f"{r['n_s']:>7} {r['n_f']:>7} {r['score']:>12.6g}"
-        for r in rows
-    ]
-    emit(args, report, human)
+    emit(args, report, _localize_lines(report))
     return 0
+
+
+def _localize_lines(r: dict) -> list[str]:
+    """The localize command's table for people (the counts when a spectrum is at hand)."""
+    scope = "all classes pooled" if r["pooled"] else f"class {r['class']}"
+    source = r["spectrum"] or f"{r['model_source']} on {r['dataset']} ({r['inputs']} test inputs)"
+    options = "".join(f", {k}={json.dumps(v)}" for k, v in r["options"].items())
+    counts = f" {'A_s':>7} {'A_f':>7} {'N_s':>7} {'N_f':>7}" if r["counts"] else ""
+    human = [f"top {r['k']} neurons by {r['method']}{options} ({scope}) of {source}",
+             f"{'rank':>4} {'id':>6} {'layer':<14} {'unit':>5}{counts} {'score':>12}"]  # fmt: skip
+    for row in r["neurons"]:
+        counts = (
+            "".join(f" {row[k]:>7}" for k in ("a_s", "a_f", "n_s", "n_f")) if r["counts"] else ""
+        )
+        score = float(row["score"])
+        human.append(f"{row['rank']:>4} {row['id']:>6} {row['layer']:<14} {row['unit']:>5}"
+                     f"{counts} {score:>12.6g}")  # fmt: skip
+    if not r["counts"]:
+        human.append(f"(no A_s/A_f/N_s/N_f: {r['method']} computes no spectrum)")
+    human.append(f"scored in {r['seconds']:.2f} s")
+    return human
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -343,12 +479,13 @@ def _run_lines(result, out: Path) -> list[str]:
         f"DeepFault on {result.dataset['name']} with {result.model['name']} "
         f"(test accuracy {result.model['test_accuracy']:.4f}), mode {config.mode}, d {config.d}: "
         f"{result.selection.rows.size} correctly classified inputs synthesized",
-        f"{'measure':<12} {'k':>3} {'misclassified':>13} {'random':>16} {'L-inf':>6} {'act. rose':>9}",
+        f"{'localizer':<15} {'k':>3} {'misclassified':>13} {'random':>16} {'L-inf':>6} "
+        f"{'act. rose':>9}",
     ]
     for r in result.results:
         rnd = r.random["misclassification_rate"]
         human.append(
-            f"{r.measure:<12} {r.k:>3} {pct(r.metrics['misclassification_rate']):>13} "
+            f"{r.measure:<15} {r.k:>3} {pct(r.metrics['misclassification_rate']):>13} "
             f"{pct(rnd['mean'])} +- {pct(rnd['std']).strip():>6} {r.metrics['linf']:>6.3f} "
             f"{pct(r.metrics['activation_rose']):>9}"
         )
@@ -359,29 +496,24 @@ def _run_lines(result, out: Path) -> list[str]:
 
 
 def cmd_faultbench(args: argparse.Namespace) -> int:
-    from deepfault_jax import report as report_lib
+    from deepfault_jax.faultbench_report import faultbench_lines
 
     config = config_from(FaultbenchConfig, args)
     config.validate()
     out = check_out_dir(args.out)
-    neurons = config.probed_neurons(data.load_dataset(config.dataset))  # untrained: cheap
-    smallest = min(neurons, key=neurons.__getitem__)
-    if max(config.faults) > neurons[smallest]:
-        raise UsageError(f"--faults must be <= {neurons[smallest]}, the probed neurons of "
-                         f"{smallest}; got {max(config.faults)}")  # fmt: skip
+    dataset = data.load_dataset(config.dataset)
+    config.validate(dataset=dataset)  # inputs, layers, fault counts: untrained, cheap
     result = pipeline.faultbench(config, out, progress=progress_bars(args))
+    done = sum(1 for t in result["trials"] if not t["skipped"])
     human = [
-        f"planted-fault benchmark on {result['dataset']['name']} "
-        f"({result['dataset']['inputs']} test inputs), {len(result['trials'])} trials"
+        f"planted-fault benchmark on {result['dataset']['name']}: {done} of "
+        f"{len(result['trials'])} trials planted every fault ({result['rejected']} attempts "
+        "rejected)",
+        "",
+        *faultbench_lines(result),
+        "",
+        f"wrote {out}/{', '.join(pipeline.FAULTBENCH_FILES)} in {result['seconds']:.1f} s",
     ]
-    for model in result["models"]:
-        for count in config.faults:
-            human += ["", f"{model}, {count} planted fault(s):"]
-            human += report_lib.faultbench_table(result, model, count)
-    human += [f"skipped: {s['model']} {s['kind']} x{s['faults']} seed {s['seed']}: {s['reason']}"
-              for s in result["skipped"]]  # fmt: skip
-    files = ", ".join(pipeline.FAULTBENCH_FILES)
-    human.append(f"wrote {out}/{files} in {result['seconds']:.1f} s")
     emit(args, result, human)
     return 0
 

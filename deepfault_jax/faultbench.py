@@ -1,26 +1,30 @@
-"""The planted-fault benchmark: trials, rankings, recall, and the ``faultbench`` run.
+"""The planted-fault benchmark v2: trials, tie-aware recall, leave-one-kind-out, the run.
 
-A trial plants faults (:mod:`deepfault_jax.faults`) in a trained model and
-ranks the planted neurons by every localization method.
+A trial plants faults of one kind (:mod:`deepfault_jax.faults`) into a trained
+model, each fault's strength calibrated so that it lowers the accuracy on the
+*measure* inputs by an amount inside a drop window, and asks every localizer
+(:mod:`deepfault_jax.localizers`) to rank the probed neurons on the
+*localization* inputs, a disjoint part of the test split (the first
+``inputs`` test inputs localize, the next ``measure_inputs`` measure drops).
 
-Localization methods, each giving one ranking of all probed neurons:
-count measures (``tarantula``, ``ochiai``, ``dstar``, ...) and attribution
-measures (``gradxact``, ``actdiff``, ``linear_ablation``), each pooled over
-classes or per class (a neuron's rank is its best rank in any class's
-ranking; classes whose scores are all equal carry no evidence and are left
-out), exact ablation (``ablation``: fixes minus
-breaks; ``ablation_loss``: mean loss drop), and the random ranking (expected
-recall ``k / N``, expected mean rank ``(N + 1) / 2``; the empirical mean of
-random permutations is reported beside it). Scores: top-5 and top-10 recall
-(the share of planted neurons among the first 5 or 10) and the mean rank of
-the planted neurons (1 = first). A planted neuron tied with others counts as
-the expectation over random tie-breaking (the middle of the tie; the share of
-the tie within the first k), so neither its id nor its neighbours' decide.
+Scores of a method on a trial: recall at top-k (the share of planted neurons
+among its first k) for each k of ``top_k``, recall at top-p% (k = ceil(p% of
+the probed neurons), so that small and large models compare) and the mean
+rank of the planted neurons. A planted neuron tied with others counts as the
+expectation over random tie-breaking. The random ranking's expected recall
+is ``k / N``.
+
+Leave-one-kind-out (:func:`leave_one_out`): for each fault kind, the method
+chosen among ``candidates`` by its mean top-10 recall on the *other* kinds is
+reported on the held-out kind; the mean over kinds is the benchmark's honest
+number for "pick the best method on the faults you know". The same is done
+leaving out whole fault families.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -28,14 +32,12 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from deepfault_jax import ablation as ablation_lib
-from deepfault_jax import checkpoints, data, localize, measures, zoo
+from deepfault_jax import checkpoints, data, zoo
 from deepfault_jax.errors import InputError, check_finite, check_int, check_seed
-from deepfault_jax.faults import FAULT_KINDS, PlantedFault, plant_faults
+from deepfault_jax.faults import FAULT_FAMILIES, FAULT_KINDS, PlantedFault, plant_faults
+from deepfault_jax.localizers import DEFAULT_LOCALIZER, Evidence, localizer_info
 from deepfault_jax.probe import VALUES, Probe, model_probe
 from deepfault_jax.progress import Progress, notify
-from deepfault_jax.spectrum import Spectrum
-from deepfault_jax.streaming import compute_spectrum
 from deepfault_jax.zoo import Model
 
 __all__ = [
@@ -43,7 +45,7 @@ __all__ = [
     "Ranks",
     "Trial",
     "default_methods",
-    "method_ranks",
+    "leave_one_out",
     "recall_and_rank",
     "run_faultbench",
     "run_trial",
@@ -88,61 +90,71 @@ def _best_class_rank(per_class: np.ndarray) -> Ranks:
     return tie_ranks(-best)
 
 
-def default_methods(*, ablation: bool = True) -> tuple[str, ...]:
-    """Every method :func:`method_ranks` knows, as ``name/scope``."""
-    names = []
-    for m in ("tarantula", "ochiai", "dstar", "gradxact", "actdiff", "linear_ablation"):
-        names += [f"{m}/pooled", f"{m}/per-class"]
-    if ablation:
-        names += ["ablation/pooled", "ablation_loss/pooled"]
-    return tuple(names)
+#: The methods of :func:`default_methods`: every family, the exact ones included.
+_DEFAULT_METHODS = (
+    "tarantula", "ochiai", "dstar", "gradxact", "actdiff", "linear_ablation",
+    "gradxact/per-class", "ablation", "ablation_loss", "gain_ablation", "grad_norm",
+    "grad_snr", "confusion", "aggregate",
+)  # fmt: skip
+
+#: Candidates for the recommended default: methods costing at most a few passes.
+_DEFAULT_CANDIDATES = (
+    "ochiai", "dstar", "gradxact", "linear_ablation", "gradxact/per-class", "grad_norm",
+    "confusion", "aggregate",
+)  # fmt: skip
 
 
-def method_ranks(
-    spectrum: Spectrum,
-    methods: Sequence[str],
-    *,
-    ablation: ablation_lib.Ablation | None = None,
-) -> dict[str, Ranks]:
-    """For each method (``"ochiai/pooled"``, ``"gradxact/per-class"``, ``"ablation/pooled"``),
-    the tie-aware :class:`Ranks` of every neuron."""
-    out = {}
-    for method in methods:
-        name, _, scope = method.partition("/")
-        if scope not in ("pooled", "per-class"):
-            raise InputError(f"method must be NAME/pooled or NAME/per-class; got {method!r}")
-        pooled = scope == "pooled"
-        if name in ("ablation", "ablation_loss"):
-            if ablation is None:
-                raise InputError(f"{method} needs an exact ablation; got none")
-            by = "fixes-breaks" if name == "ablation" else "loss"
-            score = ablation_lib.ablation_scores(ablation, by=by, pooled=pooled)
-        else:
-            measures.get_measure(name)
-            score = np.asarray(localize.suspiciousness(spectrum, name, pooled=pooled))
-        out[method] = tie_ranks(score) if pooled else _best_class_rank(score)
+def default_methods(*, exact: bool = True) -> tuple[str, ...]:
+    """The methods faultbench scores by default (``NAME`` pooled, ``NAME/per-class``);
+    without ``exact``, those that cost one forward pass per neuron or more are left out."""
+    if exact:
+        return _DEFAULT_METHODS
+    costly = {"ablation", "ablation_loss", "gain_ablation", "refit"}
+    return tuple(m for m in _DEFAULT_METHODS if m.split("/")[0] not in costly)
+
+
+def method_ranks(evidence: Evidence, method: str) -> Ranks:
+    """The tie-aware :class:`Ranks` of every neuron under ``method`` (``NAME`` or
+    ``NAME/per-class``: a neuron's best rank in any class)."""
+    name, per_class = _split_method(method)
+    score = evidence.scores(name, per_class=per_class)
+    return _best_class_rank(score) if per_class else tie_ranks(score)
+
+
+def _split_method(method: str) -> tuple[str, bool]:
+    name, _, scope = method.partition("/")
+    if scope not in ("", "pooled", "per-class"):
+        raise InputError(f"a method must be NAME, NAME/pooled or NAME/per-class; got {method!r}")
+    info = localizer_info(name)
+    if scope == "per-class" and not info.per_class:
+        raise InputError(f"{name} has no per-class variant; got {method!r}")
+    return info.name, scope == "per-class"
+
+
+def cutoffs(neurons: int, top_k: Sequence[int], top_percent: Sequence[float]) -> dict[str, int]:
+    """Score name -> k: ``top5`` -> 5, ``top10%`` -> ceil(10% of ``neurons``)."""
+    out = {f"top{k}": min(int(k), neurons) for k in top_k}
+    for p in top_percent:
+        out[f"top{p:g}%"] = max(1, math.ceil(neurons * p / 100))
     return out
 
 
-def recall_and_rank(ranks: Ranks, planted: Sequence[int]) -> dict[str, float]:
-    """Top-5 and top-10 recall and the mean rank of the ``planted`` neuron ids.
+def recall_and_rank(ranks: Ranks, planted: Sequence[int], ks: dict[str, int]) -> dict[str, float]:
+    """Recall at each cutoff of ``ks`` and the mean rank of the ``planted`` neuron ids.
 
     A planted neuron tied with others counts as the expectation over random
-    tie-breaking: its rank is the middle of the tie, and its top-k recall the
+    tie-breaking: its rank is the middle of the tie, and its recall at k the
     share of the tie's ranks within the first k.
     """
     ids = np.asarray(planted, np.int64)
     first = np.asarray(ranks.first, np.float64)[ids]
     last = np.asarray(ranks.last, np.float64)[ids]
-
-    def recall(k):
-        return float(np.mean(np.clip((k - first + 1) / (last - first + 1), 0.0, 1.0)))
-
-    return {
-        "top5_recall": recall(5),
-        "top10_recall": recall(10),
-        "mean_rank": float(np.mean((first + last) / 2)),
+    out = {
+        name: float(np.mean(np.clip((k - first + 1) / (last - first + 1), 0.0, 1.0)))
+        for name, k in ks.items()
     }
+    out["mean_rank"] = float(np.mean((first + last) / 2))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,13 +162,19 @@ class Trial:
     """One planted-fault trial: what was planted and how each method ranked it."""
 
     model: str
+    model_seed: int
     kind: str
+    family: str
+    drop: tuple[float, float]
     count: int
     seed: int
+    neurons: int
     faults: tuple[PlantedFault, ...]
+    rejected: int
     accuracy_before: float
     accuracy_after: float
     scores: dict[str, dict[str, float]]
+    method_seconds: dict[str, float]
     notes: tuple[str, ...]
     seconds: float
     skipped: str | None = None
@@ -167,80 +185,115 @@ def run_trial(
     model: Model,
     params: Any,
     probe: Probe,
-    x: np.ndarray,
-    y: np.ndarray,
+    localize_xy: tuple[np.ndarray, np.ndarray],
+    measure_xy: tuple[np.ndarray, np.ndarray],
     *,
     kind: str,
+    drop: tuple[float, float],
     count: int,
-    seed: int,
     methods: Sequence[str],
-    min_drop: float = 0.02,
+    cut: dict[str, int],
     batch_size: int = 512,
-    random_draws: int = 100,
+    labels: dict[str, Any] | None = None,
 ) -> Trial:
-    """Plants faults, computes the spectrum with attribution sums (and the exact ablation if
-    a method needs it) on the faulty model, and scores every method.
-
-    ``probe`` is the model's probe; it serves the faulty parameters too (the same
-    structure), so its compiled steps are reused from trial to trial.
-    """
-    if int(random_draws) != random_draws or random_draws < 1:
-        raise InputError(f"random_draws must be a positive integer; got {random_draws!r}")
+    """Plants ``count`` faults of ``kind`` (drops measured on ``measure_xy``), then scores every
+    method on ``localize_xy``; ``labels`` (model_seed, seed) are recorded as given."""
+    labels = labels or {}
     start = time.perf_counter()
-    before = zoo.accuracy(model, params, x, y)
-    faulty, planted, notes = plant_faults(
-        key, model, params, probe, x, y, kind=kind, count=count, min_drop=min_drop
-    )
-    if not planted:
-        return Trial(
-            model.name, kind, count, seed, (), before, before, {}, tuple(notes),
-            time.perf_counter() - start, skipped="no fault reached the accuracy drop",
-        )  # fmt: skip
-    spec = compute_spectrum(probe, faulty, x, y, batch_size=batch_size, attribution=True)
-    ablation = None
-    if any(m.split("/")[0] in ("ablation", "ablation_loss") for m in methods):
-        ablation = ablation_lib.exact_ablation(probe, faulty, x, y, batch_size=batch_size)
-    ranks = method_ranks(spec, methods, ablation=ablation)
-    ids = [f.neuron for f in planted]
-    scores = {m: recall_and_rank(r, ids) for m, r in ranks.items()}
+    xm, ym = measure_xy
+    before = zoo.accuracy(model, params, xm, ym)
+    planting = plant_faults(key, model, params, probe, xm, ym, kind=kind, count=count, drop=drop)
     n = probe.index.num_neurons
-    draws = []
-    for i in range(random_draws):
-        order = np.asarray(jax.random.permutation(jax.random.fold_in(key, 10_000 + i), n)) + 1
-        draws.append(recall_and_rank(Ranks(order, order), ids))
-    scores["random"] = {k: float(np.mean([d[k] for d in draws])) for k in draws[0]}
-    scores["random (expected)"] = {
-        "top5_recall": min(5, n) / n,
-        "top10_recall": min(10, n) / n,
-        "mean_rank": (n + 1) / 2,
-    }
-    after = zoo.accuracy(model, faulty, x, y)
-    if len(planted) < count:
-        notes.append(f"planted {len(planted)} of {count} faults")
+    base = {
+        "model": model.name, "model_seed": int(labels.get("model_seed", 0)), "kind": kind,
+        "family": FAULT_FAMILIES[kind], "drop": tuple(drop), "count": count,
+        "seed": int(labels.get("seed", 0)), "neurons": n, "rejected": int(planting.rejected),
+    }  # fmt: skip
+    if len(planting.faults) < count:
+        return Trial(
+            **base, faults=tuple(planting.faults), accuracy_before=before, accuracy_after=before,
+            scores={}, method_seconds={}, notes=tuple(planting.notes),
+            seconds=time.perf_counter() - start,
+            skipped=f"planted {len(planting.faults)} of {count} faults in the drop window",
+        )  # fmt: skip
+    evidence = Evidence(probe, planting.params, *localize_xy, batch_size=batch_size)
+    ids = [f.neuron for f in planting.faults]
+    scores, seconds = {}, {}
+    for method in methods:
+        t0 = time.perf_counter()
+        scores[method] = recall_and_rank(method_ranks(evidence, method), ids, cut)
+        seconds[method] = time.perf_counter() - t0
+    expected = {name: min(k, n) / n for name, k in cut.items()}
+    scores["random (expected)"] = {**expected, "mean_rank": (n + 1) / 2}
+    after = zoo.accuracy(model, planting.params, xm, ym)
     return Trial(
-        model.name, kind, count, seed, tuple(planted), before, after, scores, tuple(notes),
-        time.perf_counter() - start,
+        **base, faults=tuple(planting.faults), accuracy_before=before, accuracy_after=after,
+        scores=scores, method_seconds=seconds, notes=tuple(planting.notes),
+        seconds=time.perf_counter() - start,
     )  # fmt: skip
 
 
-def summarize(trials: Sequence[Trial]) -> list[dict]:
-    """Per (model, number of faults, method): mean and standard deviation over the trials
-    that planted every fault (all kinds and seeds together) of each score."""
+def _complete(trials: Sequence[dict]) -> list[dict]:
+    return [t for t in trials if not t["skipped"]]
+
+
+def summarize(trials: Sequence[dict], group: Sequence[str] = ("model", "drop", "count")) -> list:
+    """Per ``group`` values and method: the trials and the mean and (population) standard
+    deviation of each score over the complete trials (``trials`` as JSON dicts)."""
     groups: dict[tuple, list[dict]] = {}
-    for t in trials:
-        if t.skipped or len(t.faults) < t.count:
-            continue
-        for method, s in t.scores.items():
-            groups.setdefault((t.model, t.count, method), []).append(s)
+    for t in _complete(trials):
+        for method, s in t["scores"].items():
+            key = (*(_hashable(t[g]) for g in group), method)
+            groups.setdefault(key, []).append(s)
     rows = []
-    for (model, count, method), items in groups.items():
-        row = {"model": model, "faults": count, "method": method, "trials": len(items)}
-        for k in ("top5_recall", "top10_recall", "mean_rank"):
-            v = np.asarray([s[k] for s in items])
-            row[k] = float(v.mean())
-            row[f"{k}_std"] = float(v.std())
+    for key, items in groups.items():
+        row = dict(zip((*group, "method"), key, strict=True)) | {"trials": len(items)}
+        for name in items[0]:
+            v = np.asarray([s[name] for s in items])
+            row[name] = float(v.mean())
+            row[f"{name}_std"] = float(v.std())
         rows.append(row)
     return rows
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def leave_one_out(
+    trials: Sequence[dict], candidates: Sequence[str], *, by: str = "kind", score: str = "top10"
+) -> list[dict]:
+    """For each value of ``by`` (``"kind"`` or ``"family"``): the candidate with the best mean
+    ``score`` on the trials of the other values, and its mean on the held-out ones, beside
+    the best candidate on the held-out trials themselves (in hindsight)."""
+    done = _complete(trials)
+    values = sorted({t[by] for t in done})
+    rows = []
+    for held in values:
+        train = [t for t in done if t[by] != held]
+        test = [t for t in done if t[by] == held]
+
+        def mean(ts, method):
+            got = [t["scores"][method][score] for t in ts if method in t["scores"]]
+            return float(np.mean(got)) if got else float("nan")
+
+        if not train:
+            continue
+        chosen = max(candidates, key=lambda m: (np.nan_to_num(mean(train, m), nan=-1.0), -candidates.index(m)))  # fmt: skip
+        best = max(candidates, key=lambda m: np.nan_to_num(mean(test, m), nan=-1.0))
+        rows.append({
+            by: held, "trials": len(test), "chosen": chosen,
+            "chosen_on_others": mean(train, chosen), "chosen_held_out": mean(test, chosen),
+            "best_held_out": best, "best_held_out_score": mean(test, best),
+            "default": DEFAULT_LOCALIZER, "default_held_out": mean(test, DEFAULT_LOCALIZER),
+        })  # fmt: skip
+    return rows
+
+
+def _model_spec(spec: str) -> tuple[str, str]:
+    """``"mlp-5x30:leaky_relu"`` -> (name, activation); no activation: relu."""
+    name, _, activation = str(spec).partition(":")
+    return name, activation or "relu"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,73 +301,90 @@ class FaultbenchConfig:
     """What ``deepfault-jax faultbench`` runs.
 
     Attributes:
-      models: zoo models (each trained once with ``model_seed``, cached).
+      models: zoo models as ``NAME`` or ``NAME:ACTIVATION`` (``mlp-5x30:leaky_relu``),
+        each trained once per model seed and cached.
       dataset: data set spec; faults are planted and localized on its test split.
+      model_seeds: training seeds of every model.
       kinds: fault kinds (:data:`deepfault_jax.faults.FAULT_KINDS`).
+      drops: accuracy-drop windows ``(lo, hi)``; every fault's strength is calibrated
+        into one (a trial per window).
       faults: numbers of faults planted together per trial.
       seeds: trial seeds (neurons, target classes, noise).
-      inputs: test inputs used (the first ones of the split).
-      min_drop: accuracy drop each planted fault must cause.
-      methods: localization methods (``NAME/pooled`` or ``NAME/per-class``;
-        ``ablation/pooled`` and ``ablation_loss/pooled`` for exact ablation).
+      inputs: localization inputs (the first test inputs; at most half of the split).
+      measure_inputs: inputs the drops are measured on (the test inputs after the
+        localization ones; fewer when the split ends).
+      methods: localizers (``NAME`` pooled or ``NAME/per-class``); None: :func:`default_methods`.
+      candidates: the methods leave-one-kind-out chooses among (None: the cheap defaults
+        that are in ``methods``).
+      top_k: recall cutoffs in neurons; top_percent: in percent of the probed neurons.
       layers: probed layers (None: every hidden Dense/Conv).
       conv_reduce: one of :attr:`CONV_REDUCTIONS` (faults are planted in whole channels).
       values: ``"pre"`` or ``"post"`` activation values.
-      model_seed: training seed of the models.
       batch_size: inputs per compiled step.
     """
 
     #: The conv reductions a fault can be planted under (not ``"none"``: whole channels).
     CONV_REDUCTIONS = ("mean", "max")
-    #: The fewest test inputs a benchmark runs on.
+    #: The fewest localization (and measure) inputs a benchmark runs on.
     MIN_INPUTS = 10
 
     models: tuple[str, ...] = ("mlp-3x50",)
     dataset: str = "digits"
+    model_seeds: tuple[int, ...] = (0,)
     kinds: tuple[str, ...] = FAULT_KINDS
+    drops: tuple[tuple[float, float], ...] = ((0.005, 0.01), (0.01, 0.05))
     faults: tuple[int, ...] = (1, 3)
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    seeds: tuple[int, ...] = (0, 1, 2)
     inputs: int = 2000
-    min_drop: float = 0.02
+    measure_inputs: int = 5000
     methods: tuple[str, ...] | None = None
+    candidates: tuple[str, ...] | None = None
+    top_k: tuple[int, ...] = (5, 10)
+    top_percent: tuple[float, ...] = (5.0, 10.0)
     layers: tuple[str, ...] | None = None
     conv_reduce: str = "mean"
     values: str = "pre"
-    model_seed: int = 0
     batch_size: int = 500
 
     def validate(self, *, dataset: data.Dataset | None = None) -> None:
         """Raises :class:`InputError` for a configuration that cannot run (before any work).
 
         Args:
-          dataset: the loaded data set, to check also what depends on it: the
-            probed layers exist, and no fault count exceeds the probed neurons of
-            a model (built untrained, so nothing is trained here).
+          dataset: the loaded data set, to check also what depends on it: enough test
+            inputs for both parts, the probed layers exist, and no fault count exceeds
+            the probed neurons of a model (built untrained: nothing is trained here).
         """
-        if not self.models or not self.kinds or not self.faults or not self.seeds:
-            raise InputError("models, kinds, faults and seeds must each list at least one value")
-        for name in self.models:
-            if name not in zoo.MODEL_NAMES:
-                raise InputError(
-                    f"unknown model {name!r}; expected one of {', '.join(zoo.MODEL_NAMES)}"
-                )
+        for field in ("models", "model_seeds", "kinds", "drops", "faults", "seeds", "top_k"):
+            values = getattr(self, field)
+            if not values:
+                raise InputError(f"{field} must list at least one value; got none")
+            if len(set(values)) != len(values):
+                raise InputError(f"{field} must list distinct values; got {list(values)}")
+        for spec in self.models:
+            self.check_model(spec)
         for kind in self.kinds:
             if kind not in FAULT_KINDS:
                 raise InputError(
                     f"unknown fault kind {kind!r}; expected one of {', '.join(FAULT_KINDS)}"
                 )
-        for field in ("models", "kinds", "faults", "seeds"):
-            values = getattr(self, field)
-            if len(set(values)) != len(values):
-                raise InputError(f"{field} must list distinct values; got {list(values)}")
+        for lo, hi in self.drops:
+            lo = check_finite("drop", lo, lo=0.0, lo_open=True)
+            hi = check_finite("drop", hi, hi=1.0, hi_open=True)
+            if not lo < hi:
+                raise InputError(f"a drop window must be LO:HI with LO < HI; got {lo}:{hi}")
         for count in self.faults:
             check_int("faults", count, lo=1)
         for seed in self.seeds:
             check_seed(seed, name="seeds")
-        check_seed(self.model_seed, name="model_seed")
+        for seed in self.model_seeds:
+            check_seed(seed, name="model_seeds")
+        for k in self.top_k:
+            check_int("top_k", k, lo=1)
+        for p in self.top_percent:
+            check_finite("top_percent", p, lo=0.0, hi=100.0, lo_open=True)
         check_int("inputs", self.inputs, lo=self.MIN_INPUTS)
+        check_int("measure_inputs", self.measure_inputs, lo=self.MIN_INPUTS)
         check_int("batch_size", self.batch_size, lo=1)
-        check_finite("min_drop", self.min_drop, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
         if self.conv_reduce not in self.CONV_REDUCTIONS:
             raise InputError(
                 f"conv_reduce must be one of {', '.join(self.CONV_REDUCTIONS)} (faults are "
@@ -322,51 +392,110 @@ class FaultbenchConfig:
             )
         if self.values not in VALUES:
             raise InputError(f"values must be one of {', '.join(VALUES)}; got {self.values!r}")
-        for method in self.resolved_methods():
+        methods = self.resolved_methods()
+        for method in methods:
             self.check_method(method)
+        for method in self.resolved_candidates():
+            if method not in methods:
+                raise InputError(f"candidates must be among the methods; got {method!r}")
         if dataset is not None:
-            neurons = self.probed_neurons(dataset)
-            smallest = min(neurons, key=neurons.__getitem__)
-            if max(self.faults) > neurons[smallest]:
-                raise InputError(
-                    f"faults must be <= {neurons[smallest]}, the probed neurons of {smallest}; "
-                    f"got {max(self.faults)}"
-                )
+            self._validate_data(dataset)
 
     @staticmethod
     def check_method(method: str) -> None:
-        """Raises :class:`InputError` unless ``method`` is ``NAME/pooled`` or ``NAME/per-class``
-        of a known measure, or ``ablation/pooled`` or ``ablation_loss/pooled``."""
-        name, _, scope = method.partition("/")
-        if scope not in ("pooled", "per-class"):
-            raise InputError(f"a method must be NAME/pooled or NAME/per-class; got {method!r}")
-        if name not in ("ablation", "ablation_loss"):
-            measures.get_measure(name)
-        elif scope != "pooled":
-            raise InputError(f"exact ablation is ranked pooled only; got {method!r}")
+        """Raises :class:`InputError` unless ``method`` is ``NAME`` or ``NAME/per-class`` of a
+        registered localizer (per class only where it has that variant)."""
+        _split_method(method)
+
+    @staticmethod
+    def check_model(spec: str) -> None:
+        """Raises :class:`InputError` unless ``spec`` is ``NAME`` or ``NAME:ACTIVATION`` of
+        the zoo."""
+        name, activation = _model_spec(spec)
+        if name not in zoo.MODEL_NAMES:
+            raise InputError(
+                f"unknown model {name!r}; expected one of {', '.join(zoo.MODEL_NAMES)}"
+            )
+        if activation not in zoo.ACTIVATIONS:
+            raise InputError(
+                f"unknown activation {activation!r} in {spec!r}; expected one of "
+                f"{', '.join(zoo.ACTIVATIONS)}"
+            )
+
+    def _validate_data(self, dataset: data.Dataset) -> None:
+        have = len(dataset.x_test)
+        if have < 2 * self.MIN_INPUTS:
+            raise InputError(
+                f"faultbench needs at least {2 * self.MIN_INPUTS} test inputs (half to localize "
+                f"on, half to measure drops on); {dataset.name} has {have}"
+            )
+        neurons = self.probed_neurons(dataset)
+        smallest = min(neurons, key=neurons.__getitem__)
+        if max(self.faults) > neurons[smallest]:
+            raise InputError(
+                f"faults must be <= {neurons[smallest]}, the probed neurons of {smallest}; "
+                f"got {max(self.faults)}"
+            )
+
+    def split(self, count: int) -> tuple[slice, slice]:
+        """The test inputs that localize and those that measure drops, of ``count``: the first
+        ``inputs`` and the next ``measure_inputs``, each at most half of the split."""
+        n = min(self.inputs, count // 2)
+        return slice(0, n), slice(n, n + min(self.measure_inputs, count - n))
 
     def probed_neurons(self, dataset: data.Dataset) -> dict[str, int]:
-        """How many neurons the probe of each model has on ``dataset``.
-
-        Counted on untrained copies (:func:`zoo.init_params`: cheap, nothing is
-        trained or cached); raises :class:`InputError` for a layer a model lacks.
-        """
+        """How many neurons the probe of each model has on ``dataset`` (counted on untrained
+        copies; raises :class:`InputError` for a layer a model lacks)."""
         counts = {}
-        for name in self.models:
-            model = zoo.create_model(
-                name, input_shape=dataset.input_shape, num_classes=dataset.num_classes
-            )
-            prb = model_probe(
-                model, zoo.init_params(jax.random.key(0), model),
-                layers=list(self.layers) if self.layers else None,
-                conv_reduce=self.conv_reduce, values=self.values,
-            )  # fmt: skip
-            counts[name] = prb.index.num_neurons
+        for spec in self.models:
+            counts[spec] = self.probe(self.model(spec, dataset), None).index.num_neurons
         return counts
 
+    @staticmethod
+    def model(spec: str, dataset: data.Dataset) -> Model:
+        name, activation = _model_spec(spec)
+        return zoo.create_model(
+            name, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
+            activation=activation,
+        )  # fmt: skip
+
+    def probe(self, model: Model, params: Any) -> Probe:
+        """The probe of ``model`` (``params`` None: untrained parameters serve its shapes)."""
+        if params is None:
+            params = zoo.init_params(jax.random.key(0), model)
+        return model_probe(
+            model, params, layers=list(self.layers) if self.layers else None,
+            conv_reduce=self.conv_reduce, values=self.values,
+        )  # fmt: skip
+
     def resolved_methods(self) -> tuple[str, ...]:
-        """The methods in use (default: every method of :func:`faults.default_methods`)."""
-        return self.methods if self.methods is not None else default_methods()
+        """The methods in use (default: :func:`default_methods`)."""
+        return tuple(self.methods) if self.methods is not None else default_methods()
+
+    def resolved_candidates(self) -> tuple[str, ...]:
+        """The methods leave-one-kind-out chooses among."""
+        if self.candidates is not None:
+            return tuple(self.candidates)
+        methods = self.resolved_methods()
+        return tuple(m for m in _DEFAULT_CANDIDATES if m in methods) or methods
+
+
+def _trial_key(seed: int, kind: str, window: int, count: int, model_seed: int) -> jax.Array:
+    key = jax.random.key(seed)
+    for part in (FAULT_KINDS.index(kind), window, count, model_seed):
+        key = jax.random.fold_in(key, part)
+    return key
+
+
+def _model_info(model: Model, params: Any, prb: Probe, meta: dict, xy) -> dict:
+    index = prb.index
+    return {
+        "checkpoint": meta.get("checkpoint"),
+        "layers": list(index.layer_names),
+        "layer_sizes": list(index.layer_sizes),
+        "neurons": index.num_neurons,
+        "accuracy": float(np.mean(zoo.predict(model, params, xy[0]) == xy[1])),
+    }
 
 
 def run_faultbench(config: FaultbenchConfig, *, progress: Progress | None = None) -> dict:
@@ -378,63 +507,75 @@ def run_faultbench(config: FaultbenchConfig, *, progress: Progress | None = None
         (stage ``"train"``) and after each trial (stage ``"faultbench"``).
 
     Returns:
-      The result as a JSON-ready dict: ``config``, ``versions``, ``dataset``,
-      ``models``, ``trials``, ``summary``, ``skipped`` and ``seconds``.
+      The result as a JSON-ready dict: ``config``, ``versions``, ``dataset``, ``models``,
+      ``trials``, ``summary``, ``by_kind``, ``leave_one_kind_out``,
+      ``leave_one_family_out``, ``method_seconds``, ``rejected``, ``skipped``, ``seconds``.
     """
     config.validate()
     start = time.perf_counter()
     dataset = data.load_dataset(config.dataset)
-    config.validate(dataset=dataset)  # layers and fault counts, before any training
-    x, y = dataset.x_test[: config.inputs], dataset.y_test[: config.inputs]
+    config.validate(dataset=dataset)  # inputs, layers and fault counts, before any training
+    localize, measure = config.split(len(dataset.x_test))
+    localize_xy = (dataset.x_test[localize], dataset.y_test[localize])
+    measure_xy = (dataset.x_test[measure], dataset.y_test[measure])
     methods = config.resolved_methods()
     trials, models = [], {}
-    total = len(config.models) * len(config.kinds) * len(config.faults) * len(config.seeds)
-    for name in config.models:
-        model, params, meta = checkpoints.load_or_train(
-            name, dataset, seed=config.model_seed, progress=progress
-        )
-        prb = model_probe(
-            model, params, layers=list(config.layers) if config.layers else None,
-            conv_reduce=config.conv_reduce, values=config.values,
-        )  # fmt: skip
-        index = prb.index
-        models[name] = {
-            "checkpoint": meta.get("checkpoint"),
-            "layers": list(index.layer_names),
-            "layer_sizes": list(index.layer_sizes),
-            "neurons": index.num_neurons,
-            "accuracy": float(np.mean(zoo.predict(model, params, x) == y)),
-        }
-        for kind in config.kinds:
-            for count in config.faults:
-                for seed in config.seeds:
-                    key = jax.random.fold_in(
-                        jax.random.key(seed), FAULT_KINDS.index(kind) * 100 + count
-                    )
-                    trial = run_trial(
-                        key, model, params, prb, x, y, kind=kind, count=count, seed=seed,
-                        methods=methods, min_drop=config.min_drop, batch_size=config.batch_size,
-                    )  # fmt: skip
-                    trials.append(trial)
-                    notify(progress, "faultbench", len(trials), total)
+    per_model = len(config.kinds) * len(config.drops) * len(config.faults) * len(config.seeds)
+    total = len(config.models) * len(config.model_seeds) * per_model
+    for spec in config.models:
+        name, activation = _model_spec(spec)
+        for model_seed in config.model_seeds:
+            model, params, meta = checkpoints.load_or_train(
+                name, dataset, seed=model_seed, activation=activation, progress=progress
+            )
+            prb = config.probe(model, params)
+            models[f"{spec}@{model_seed}"] = _model_info(model, params, prb, meta, measure_xy)
+            cut = cutoffs(prb.index.num_neurons, config.top_k, config.top_percent)
+            for kind in config.kinds:
+                for w, drop in enumerate(config.drops):
+                    for count in config.faults:
+                        for seed in config.seeds:
+                            trial = run_trial(
+                                _trial_key(seed, kind, w, count, model_seed), model, params,
+                                prb, localize_xy, measure_xy, kind=kind, drop=tuple(drop),
+                                count=count, methods=methods, cut=cut,
+                                batch_size=config.batch_size,
+                                labels={"model_seed": model_seed, "seed": seed},
+                            )  # fmt: skip
+                            trials.append(dataclasses.asdict(trial) | {"model": spec})
+                            notify(progress, "faultbench", len(trials), total)
+    parts = (len(localize_xy[0]), len(measure_xy[0]))
+    return _result(config, dataset, models, trials, methods, start, parts)
+
+
+def _result(config, dataset, models, trials, methods, start, parts) -> dict:
+    candidates = config.resolved_candidates()
+    seconds: dict[str, dict[str, float]] = {}
+    for t in _complete(trials):
+        for method, s in t["method_seconds"].items():
+            seconds.setdefault(t["model"], {}).setdefault(method, []).append(s)
     return {
-        "config": dataclasses.asdict(config) | {"methods": list(methods)},
+        "config": dataclasses.asdict(config)
+        | {"methods": list(methods), "candidates": list(candidates)},
         "versions": checkpoints.package_versions(),
-        "dataset": {"name": dataset.name, "inputs": int(len(x))},
+        "dataset": {"name": dataset.name, "inputs": parts[0], "measure_inputs": parts[1]},
         "models": models,
-        "trials": [dataclasses.asdict(t) for t in trials],
+        "trials": trials,
         "summary": summarize(trials),
+        "by_kind": summarize(trials, ("kind",)),
+        "by_model_kind": summarize(trials, ("model", "kind")),
+        "leave_one_kind_out": leave_one_out(trials, candidates, by="kind"),
+        "leave_one_family_out": leave_one_out(trials, candidates, by="family"),
+        "method_seconds": {
+            model: {m: float(np.median(v)) for m, v in per.items()}
+            for model, per in seconds.items()
+        },
+        "rejected": int(sum(t["rejected"] for t in trials)),
         "skipped": [
-            {
-                "model": t.model,
-                "kind": t.kind,
-                "faults": t.count,
-                "seed": t.seed,
-                "reason": t.skipped or f"planted {len(t.faults)} of {t.count}",
-                "notes": list(t.notes),
-            }
+            {k: t[k] for k in ("model", "model_seed", "kind", "drop", "count", "seed", "skipped")}
+            | {"notes": list(t["notes"])}
             for t in trials
-            if t.skipped or len(t.faults) < t.count
-        ],  # fmt: skip
+            if t["skipped"]
+        ],
         "seconds": round(time.perf_counter() - start, 3),
     }

@@ -4,25 +4,44 @@ DeepFault's measures were designed without faults whose location is known.
 This module plants them (DESIGN section 7) and scores every localization
 method by where it ranks the planted neurons.
 
-Fault kinds (each on one neuron, i.e. a Dense unit or a conv channel of a
-zoo model; the fault's *strength* is raised step by step until the model's
-accuracy on the localization inputs drops by at least ``min_drop``):
+A fault goes into one neuron (a Dense unit or a conv channel of a zoo model)
+and has a *strength* ``s``; each kind climbs its ladder of strengths and
+bisects until the fault's accuracy drop falls in a window (see
+:func:`plant_faults`). The kinds, by family (:data:`FAULT_FAMILIES`), and
+why each is a fault a real network can have:
 
-* ``push_last``: a neuron of the last probed layer that, when active, pushes
-  the logits toward a wrong class ``t``: its outgoing weights move by
-  ``strength * |w|`` along the gradient of the mean ``log p(t)`` with respect
-  to them (``|w|``: their norm).
-* ``push_early``: the same for a neuron of an earlier probed layer.
-* ``always_on``: the neuron's bias is raised until it is active on every
-  input (and every position of a channel) of the model it is planted in
-  (a later fault in an earlier layer may change that), and its outgoing
-  weights are multiplied by ``strength``.
-* ``corrupt_in``: Gaussian noise of norm ``strength * |w|`` is added to the
-  neuron's incoming weights.
+* ``output-coupled``: the neuron's outgoing weights pull toward a wrong class.
 
-A fault that reaches no measurable drop at the largest strength is not
-planted: another neuron is tried, and a trial without any is reported as
-skipped, with the reason.
+  * ``push_last``: outgoing weights of a last-layer neuron moved along the
+    gradient of a wrong class's log-probability (a backdoor-like learned
+    shortcut: a feature wired to the wrong answer).
+  * ``push_early``: the same in an earlier probed layer (the shortcut sits
+    deeper, behind other neurons).
+
+* ``activation``: the neuron's firing pattern is broken.
+
+  * ``always_on``: bias raised until the neuron fires on every input, outgoing
+    weights scaled by ``s`` (a stuck-at-one unit, as after a bias blow-up).
+  * ``dying``: bias lowered so the neuron falls silent on a share ``s`` of the
+    inputs it fired on (a dying ReLU, as after a too-large learning-rate step).
+
+* ``incoming``: what the neuron computes is corrupted.
+
+  * ``corrupt_in``: Gaussian noise on the incoming weights (noisy or
+    under-trained weights, bit-flip-like perturbations).
+  * ``in_sign``: the signs of a fraction ``s`` of the incoming weights flipped
+    (sign-bit errors in storage or quantization).
+  * ``in_scale``: incoming weights and bias scaled by ``1 + s`` (a mis-set
+    normalization or quantization scale).
+  * ``in_zero``: a fraction ``s`` of the incoming weights zeroed, largest first
+    (broken connections, over-aggressive pruning).
+
+* ``outgoing``: what the neuron's output means downstream is corrupted.
+
+  * ``out_swap``: its outgoing weights to two consumer units (classes) partly
+    exchanged (a label mix-up learned into one feature).
+  * ``out_scale``: outgoing weights scaled by ``1 + s`` (an over-amplified
+    feature, as with a wrong dequantization scale).
 
 The trials that score localizers on planted faults are in :mod:`deepfault_jax.faultbench`.
 """
@@ -31,9 +50,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,27 +66,25 @@ from deepfault_jax.probe import Probe
 from deepfault_jax.zoo import Model
 
 __all__ = [
+    "FAULT_FAMILIES",
     "FAULT_KINDS",
+    "FaultKind",
     "PlantedFault",
+    "Planting",
+    "fault_kind",
+    "fault_kinds",
     "plant_faults",
 ]
 
-FAULT_KINDS = ("push_last", "push_early", "always_on", "corrupt_in")
+
+def _doubling(lo: int, hi: int) -> tuple[float, ...]:
+    """Strengths ``2**lo, 2**(lo + 1), ..., 2**hi`` (bisection refines between steps)."""
+    return tuple(2.0**i for i in range(lo, hi + 1))
 
 
-def _ladder(lo: float, hi: float) -> tuple[float, ...]:
-    """Strengths from ``lo`` to ``hi``, each sqrt(2) times the last (rounded to 3 digits)."""
-    steps = round(2 * np.log2(hi / lo))
-    return tuple(float(f"{lo * 2 ** (i / 2):.3g}") for i in range(steps + 1))
-
-
-_LADDERS = {
-    "push_last": _ladder(0.25, 32.0),
-    "push_early": _ladder(0.25, 32.0),
-    "always_on": _ladder(1.0, 64.0)[1:],
-    "corrupt_in": _ladder(0.5, 32.0),
-}
-_MIN_ACTIVE = 0.1  # a pushing neuron must be active on at least this share of inputs
+_FRACTIONS = (0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0)
+_MIN_ACTIVE = 0.1  # a pushing or dying neuron must be active on at least this share of inputs
+_BISECTIONS = 8  # halvings of the strength interval when a ladder step overshoots the window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,21 +93,39 @@ class PlantedFault:
 
     Attributes:
       kind: one of :data:`FAULT_KINDS`.
+      family: its family (:data:`FAULT_FAMILIES`).
       layer: the zoo layer (``dense_1``, ``conv_0``).
       unit: the unit or channel.
       neuron: its id in the probe's :class:`~deepfault_jax.probe.NeuronIndex`.
-      strength: the strength used (see the module docstring).
+      strength: the strength used (see the kind's function).
       target_class: the class a ``push_*`` fault pushes toward (else None).
       accuracy_drop: accuracy before this fault minus after it.
     """
 
     kind: str
+    family: str
     layer: str
     unit: int
     neuron: int
     strength: float
     target_class: int | None
     accuracy_drop: float
+
+
+class Planting(NamedTuple):
+    """What :func:`plant_faults` returns.
+
+    Attributes:
+      params: the faulty parameters (the model's own layout: linen dict or NNX state).
+      faults: the planted faults, in the order planted.
+      notes: why attempts were rejected or faults not planted.
+      rejected: attempts rejected (a neuron whose drop could not be put into the window).
+    """
+
+    params: Any
+    faults: list[PlantedFault]
+    notes: list[str]
+    rejected: int
 
 
 # --------------------------------------------------------------------------- parameters
@@ -246,39 +282,316 @@ def _push_direction(p: _Params, layer: str, unit: int, target: int, x) -> tuple:
     return nxt, idx, total[idx] / len(x)
 
 
-def _apply(kind, p: _Params, layer, unit, strength, *, direction, key, lift):
-    q = p.copy()
-    if kind in ("push_last", "push_early"):
-        nxt, idx, grad = direction
-        w = q.kernel(nxt)[idx]
-        norm = np.linalg.norm(grad)
-        q.tree[nxt]["kernel"][idx] = w + strength * np.linalg.norm(w) * grad / max(norm, 1e-30)
-    elif kind == "always_on":
-        q.tree[layer]["bias"][unit] += lift
-        nxt, idx = q.outgoing(layer, unit)
-        q.tree[nxt]["kernel"][idx] = q.kernel(nxt)[idx] * strength
-    else:  # corrupt_in
-        w = q.kernel(layer)[..., unit]  # the unit's incoming weights
-        noise = np.asarray(jax.random.normal(key, w.shape), np.float32)
-        scale = strength * np.linalg.norm(w) / np.linalg.norm(noise)
-        q.tree[layer]["kernel"][..., unit] = w + scale * noise
+# --------------------------------------------------------------------------- fault kinds
+
+
+class _Site(NamedTuple):
+    """Where a fault goes, and what preparing it may read: the parameters before it
+    (``p``), the neuron (``layer``, ``unit``), the fault's PRNG ``key``, the inputs ``x, y``
+    the drop is measured on, their pre-activation extremes under ``p`` (``values``, see
+    :func:`_raw_values`) and the number of classes."""
+
+    p: _Params
+    layer: str
+    unit: int
+    key: jax.Array
+    x: np.ndarray
+    y: np.ndarray
+    values: dict
+    classes: int
+
+
+def _share(s: float, n: int) -> int:
+    """How many of ``n`` weights a fraction ``s`` covers: ``round(s n)``, at least 1 (monotone
+    in ``s``: a larger ``s`` covers a superset of the same order)."""
+    return min(n, max(1, round(s * n)))
+
+
+def _set_incoming(q: _Params, layer: str, unit: int, flat: np.ndarray) -> _Params:
+    kernel = q.kernel(layer)
+    kernel[..., unit] = flat.reshape(kernel.shape[:-1])
     return q
 
 
-def _checked_inputs(kind: str, probe: Probe, count, min_drop, tries, x, y):
-    """``x`` and ``y`` as arrays, once the options of :func:`plant_faults` are checked."""
-    if kind not in FAULT_KINDS:
-        raise InputError(f"kind must be one of {', '.join(FAULT_KINDS)}; got {kind!r}")
+def _nothing(site: _Site) -> dict:
+    return {}
+
+
+def _prepare_push(site: _Site) -> dict:
+    target = _wrong_class(site.key, site.values, site.y, site.layer, site.unit, site.classes)
+    nxt, idx, grad = _push_direction(site.p, site.layer, site.unit, target, site.x)
+    return {"target": target, "nxt": nxt, "idx": idx, "grad": grad}
+
+
+def _push(site: _Site, prep: dict, s: float) -> _Params:
+    """Outgoing weights pushed toward a wrong class ``t``: ``w <- w + s |w| g / |g|``.
+
+    ``w``: the weights reading the neuron (its row of the consumer's kernel; every
+    position's row for a channel); ``g``: the gradient of the mean ``log p(t | x)`` over
+    the inputs with respect to ``w``; ``t``: a class that the inputs the neuron is active
+    on mostly do not belong to (drawn with the key); ``s > 0``: the relative step.
+    """
+    q = site.p.copy()
+    nxt, idx, g = prep["nxt"], prep["idx"], prep["grad"]
+    w = q.kernel(nxt)[idx]
+    q.tree[nxt]["kernel"][idx] = w + s * np.linalg.norm(w) * g / max(np.linalg.norm(g), 1e-30)
+    return q
+
+
+def _prepare_always_on(site: _Site) -> dict:
+    low = float(site.values["min"][site.layer][:, site.unit].min())
+    return {"lift": max(0.0, -low) * 1.05 + 1e-3}
+
+
+def _always_on(site: _Site, prep: dict, s: float) -> _Params:
+    """Stuck on: ``b <- b + lift`` and ``w_out <- s w_out``.
+
+    ``lift = 1.05 max(0, -min_x min_pos z(x)) + 0.001`` makes the pre-activation ``z``
+    positive on every input (and every position of a channel) of the model the fault is
+    planted in (a later fault in an earlier layer may change that); ``s > 0`` scales the
+    outgoing weights ``w_out``.
+    """
+    q = site.p.copy()
+    q.tree[site.layer]["bias"][site.unit] += prep["lift"]
+    nxt, idx = q.outgoing(site.layer, site.unit)
+    q.tree[nxt]["kernel"][idx] = q.kernel(nxt)[idx] * s
+    return q
+
+
+def _prepare_noise(site: _Site) -> dict:
+    shape = site.p.kernel(site.layer)[..., site.unit].shape
+    return {"noise": np.asarray(jax.random.normal(site.key, shape), np.float32)}
+
+
+def _corrupt_in(site: _Site, prep: dict, s: float) -> _Params:
+    """Gaussian noise on the incoming weights: ``w <- w + s |w| n / |n|``.
+
+    ``n ~ N(0, I)`` is drawn once with the key (the same direction at every strength).
+    """
+    q = site.p.copy()
+    w, noise = q.kernel(site.layer)[..., site.unit], prep["noise"]
+    q.tree[site.layer]["kernel"][..., site.unit] = (
+        w + s * np.linalg.norm(w) / np.linalg.norm(noise) * noise
+    )
+    return q
+
+
+def _prepare_permutation(site: _Site) -> dict:
+    n = site.p.kernel(site.layer)[..., site.unit].size
+    return {"order": np.asarray(jax.random.permutation(site.key, n))}
+
+
+def _in_sign(site: _Site, prep: dict, s: float) -> _Params:
+    """Sign errors: ``w_i <- -w_i`` for a fraction ``s`` in (0, 1] of the incoming weights.
+
+    The flipped weights are the first ``k = max(1, round(s n))`` of the ``n`` incoming
+    weights in a random order drawn with the key, so a larger ``s`` flips a superset; at
+    ``s = 1`` the bias flips too (``b <- -b``): the pre-activation is negated exactly.
+    """
+    q = site.p.copy()
+    flat = q.kernel(site.layer)[..., site.unit].reshape(-1).copy()
+    flipped = prep["order"][: _share(s, flat.size)]
+    flat[flipped] = -flat[flipped]
+    if s >= 1:
+        q.tree[site.layer]["bias"][site.unit] *= -1
+    return _set_incoming(q, site.layer, site.unit, flat)
+
+
+def _in_scale(site: _Site, prep: dict, s: float) -> _Params:
+    """A wrong scale: ``w <- (1 + s) w`` and ``b <- (1 + s) b``, so ``z <- (1 + s) z``.
+
+    ``s > 0``; with a (leaky) ReLU, the neuron's output is scaled by ``1 + s`` as well.
+    """
+    q = site.p.copy()
+    q.tree[site.layer]["kernel"][..., site.unit] *= 1 + s
+    q.tree[site.layer]["bias"][site.unit] *= 1 + s
+    return q
+
+
+def _prepare_largest(site: _Site) -> dict:
+    w = site.p.kernel(site.layer)[..., site.unit].reshape(-1)
+    return {"order": np.argsort(-np.abs(w), kind="stable")}
+
+
+def _in_zero(site: _Site, prep: dict, s: float) -> _Params:
+    """Broken connections: ``w_i <- 0`` for a fraction ``s`` in (0, 1] of the incoming weights.
+
+    The zeroed weights are the ``k = max(1, round(s n))`` of the ``n`` with the largest
+    ``|w_i|`` (ties in index order), so a larger ``s`` zeroes a superset.
+    """
+    q = site.p.copy()
+    flat = q.kernel(site.layer)[..., site.unit].reshape(-1).copy()
+    flat[prep["order"][: _share(s, flat.size)]] = 0.0
+    return _set_incoming(q, site.layer, site.unit, flat)
+
+
+def _prepare_swap(site: _Site) -> dict:
+    nxt, idx = site.p.outgoing(site.layer, site.unit)
+    w = site.p.kernel(nxt)[idx]
+    total = w.reshape(-1, w.shape[-1]).sum(axis=0)  # per consumer unit, over positions
+    a = int(np.argmax(total))
+    others = np.delete(np.arange(total.size), a)
+    b = int(others[int(jax.random.randint(site.key, (), 0, others.size))])
+    return {"nxt": nxt, "idx": idx, "a": a, "b": b}
+
+
+def _out_swap(site: _Site, prep: dict, s: float) -> _Params:
+    """Two consumer units' weights partly exchanged, ``s`` in (0, 1]:
+    ``w_a, w_b <- (1 - s) w_a + s w_b, (1 - s) w_b + s w_a``.
+
+    ``w_u``: the weights from the neuron to consumer unit ``u`` (a class, for the last probed
+    layer; a channel's every position, or kernel tap, in turn); ``a``: the unit with the
+    largest outgoing weight (summed over positions); ``b``: another unit drawn with the
+    key. ``s = 1`` swaps them, ``s = 1/2`` makes them equal.
+    """
+    q = site.p.copy()
+    nxt, idx, a, b = prep["nxt"], prep["idx"], prep["a"], prep["b"]
+    w = q.kernel(nxt)[idx].copy()
+    w[..., a], w[..., b] = (1 - s) * w[..., a] + s * w[..., b], (1 - s) * w[..., b] + s * w[..., a]
+    q.tree[nxt]["kernel"][idx] = w
+    return q
+
+
+def _out_scale(site: _Site, prep: dict, s: float) -> _Params:
+    """An over-amplified feature: ``w_out <- (1 + s) w_out``, ``s > 0``."""
+    q = site.p.copy()
+    nxt, idx = q.outgoing(site.layer, site.unit)
+    q.tree[nxt]["kernel"][idx] = q.kernel(nxt)[idx] * (1 + s)
+    return q
+
+
+def _prepare_dying(site: _Site) -> dict:
+    z = site.values["max"][site.layer][:, site.unit]
+    return {"positive": z[z > 0]}
+
+
+def _dying(site: _Site, prep: dict, s: float) -> _Params:
+    """A dying ReLU: ``b <- b - Q_s``, ``s`` in (0, 1].
+
+    ``Q_s``: the ``s``-quantile of the neuron's positive pre-activations (a channel's max
+    over positions) over the inputs; the neuron falls silent on the inputs whose value was
+    at most ``Q_s``, a share ``s`` of those it was active on (all of them at ``s = 1``).
+    """
+    q = site.p.copy()
+    q.tree[site.layer]["bias"][site.unit] -= np.float32(np.quantile(prep["positive"], s))
+    return q
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultKind:
+    """A kind of planted fault (see the module docstring for the kinds).
+
+    Attributes:
+      name: one of :data:`FAULT_KINDS`.
+      family: ``"output-coupled"``, ``"activation"``, ``"incoming"`` or ``"outgoing"``.
+      ladder: strengths from weak to strong (:func:`plant_faults` climbs it, then bisects).
+      layers: the probed layers it may go into: ``"last"``, ``"early"`` (all but the last)
+        or ``"any"``.
+      summary: what it does, in one line.
+      apply: ``(site, prepared, strength) -> faulty parameters``, a changed copy of the
+        parameters before the fault; its docstring gives the mathematics.
+      prepare: ``site -> dict``, what does not depend on the strength (drawn with the
+        fault's key); ``"target"``: the class the fault pushes toward, if any.
+      min_active: the share of the inputs a neuron must be active on to host the fault.
+    """
+
+    name: str
+    family: str
+    ladder: tuple[float, ...]
+    layers: str
+    summary: str
+    apply: Callable[[_Site, dict, float], _Params]
+    prepare: Callable[[_Site], dict] = _nothing
+    min_active: float = 0.0
+
+
+_KINDS = (
+    FaultKind("push_last", "output-coupled", _doubling(-6, 4), "last",
+              "outgoing weights pushed toward a wrong class (last probed layer)",
+              _push, _prepare_push, _MIN_ACTIVE),
+    FaultKind("push_early", "output-coupled", _doubling(-6, 4), "early",
+              "outgoing weights pushed toward a wrong class (earlier probed layers)",
+              _push, _prepare_push, _MIN_ACTIVE),
+    FaultKind("always_on", "activation", _doubling(-4, 3), "any",
+              "bias raised until active on every input, outgoing weights scaled",
+              _always_on, _prepare_always_on),
+    FaultKind("corrupt_in", "incoming", _doubling(-3, 6), "any",
+              "Gaussian noise on the incoming weights", _corrupt_in, _prepare_noise),
+    FaultKind("in_sign", "incoming", _FRACTIONS, "any",
+              "signs of a fraction of the incoming weights flipped", _in_sign,
+              _prepare_permutation),
+    FaultKind("in_scale", "incoming", _doubling(-3, 6), "any",
+              "incoming weights and bias scaled by 1 + s", _in_scale),
+    FaultKind("in_zero", "incoming", _FRACTIONS, "any",
+              "a fraction of the incoming weights zeroed, largest first", _in_zero,
+              _prepare_largest),
+    FaultKind("out_swap", "outgoing", _FRACTIONS, "any",
+              "outgoing weights to two consumer units partly exchanged", _out_swap,
+              _prepare_swap),
+    FaultKind("out_scale", "outgoing", _doubling(-3, 6), "any",
+              "outgoing weights scaled by 1 + s", _out_scale),
+    FaultKind("dying", "activation", _FRACTIONS, "any",
+              "bias lowered until silent on a share s of the inputs it was active on",
+              _dying, _prepare_dying, _MIN_ACTIVE),
+)  # fmt: skip
+_REGISTRY = {k.name: k for k in _KINDS}
+
+#: The fault kinds' names (the order is stable: new kinds are appended).
+FAULT_KINDS: tuple[str, ...] = tuple(_REGISTRY)
+#: Each fault kind's family.
+FAULT_FAMILIES: dict[str, str] = {k.name: k.family for k in _KINDS}
+
+
+def fault_kind(name: str) -> FaultKind:
+    """The :class:`FaultKind` called ``name``; an InputError lists the known names."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise InputError(f"kind must be one of {', '.join(FAULT_KINDS)}; got {name!r}")
+    return _REGISTRY[name]
+
+
+def fault_kinds(family: str | None = None) -> tuple[str, ...]:
+    """The names of the fault kinds of ``family`` (every kind when None), in registry order.
+
+    Example: ``fault_kinds("outgoing") == ("out_swap", "out_scale")``.
+    """
+    if family is None:
+        return FAULT_KINDS
+    families = tuple(dict.fromkeys(FAULT_FAMILIES.values()))
+    if family not in families:
+        raise InputError(f"family must be one of {', '.join(families)}; got {family!r}")
+    return tuple(k for k, f in FAULT_FAMILIES.items() if f == family)
+
+
+# --------------------------------------------------------------------------- planting
+
+
+_EPS = 1e-9  # accuracies are shares of the inputs: compare drops with this slack
+
+
+def _checked_drop(drop: Any) -> tuple[float, float]:
+    expected = "drop must be two finite floats (lo, hi) with 0 < lo < hi < 1"
+    try:
+        lo, hi = (float(v) for v in drop)
+    except (TypeError, ValueError):
+        raise InputError(f"{expected}; got {drop!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi < 1):
+        raise InputError(f"{expected}; got {drop!r}")
+    return lo, hi
+
+
+def _checked_inputs(kind: str, probe: Probe, count, drop, tries, x, y):
+    """The kind, the window and ``x, y`` as arrays, once the options of :func:`plant_faults`
+    are checked."""
+    fk = fault_kind(kind)
     if probe.conv_reduce == "none":
         raise InputError(
             "faults are planted in units and channels: conv_reduce must be 'mean' or 'max'; "
             "got 'none'"
         )
-    if int(count) != count or count < 1:
+    if isinstance(count, bool) or int(count) != count or count < 1:
         raise InputError(f"count must be a positive integer; got {count!r}")
-    if not 0 < min_drop < 1:
-        raise InputError(f"min_drop must lie in (0, 1); got {min_drop}")
-    if int(tries) != tries or tries < 1:
+    window = _checked_drop(drop)
+    if isinstance(tries, bool) or int(tries) != tries or tries < 1:
         raise InputError(f"tries must be a positive integer; got {tries!r}")
     x = np.asarray(x, np.float32)
     y = np.asarray(y)
@@ -287,35 +600,36 @@ def _checked_inputs(kind: str, probe: Probe, count, min_drop, tries, x, y):
             f"x must be [n >= 1, {', '.join(map(str, probe.input_shape))}] with one label each; "
             f"got x {list(x.shape)} and y {list(y.shape)}"
         )
-    return x, y
+    return fk, window, x, y
 
 
-def _fault_layers(kind: str, probe: Probe, p: _Params) -> list[str]:
-    """The probed layers a fault of ``kind`` may go into."""
+def _fault_layers(fk: FaultKind, probe: Probe, p: _Params) -> list[str]:
+    """The probed layers a fault of kind ``fk`` may go into."""
     names = list(probe.index.layer_names)
     for name in names:
         if name not in p.tree or name == p.layers[-1]:
             raise InputError(
                 f"faults need probed zoo layers (one of {', '.join(p.layers[:-1])}); got {name!r}"
             )
-    if kind == "push_last":
+    if fk.layers == "last":
         return [names[-1]]
-    if kind == "push_early":
+    if fk.layers == "early":
         if len(names) < 2:
             raise InputError(
-                f"push_early needs two or more probed layers; got {names} (use push_last)"
+                f"{fk.name} needs two or more probed layers; got {names} (use a kind that may "
+                "go into the last layer, such as push_last)"
             )
         return names[:-1]
     return names
 
 
-def _next_candidate(cursor: int, order, candidates, used, kind: str, values) -> int:
-    """The first position from ``cursor`` on in ``order`` of a candidate not yet used (for a
-    push: one active on at least ``_MIN_ACTIVE`` of the inputs); ``len(order)``: none left."""
+def _next_candidate(cursor: int, order, candidates, used, fk: FaultKind, values) -> int:
+    """The first position from ``cursor`` on in ``order`` of a candidate not yet used and
+    active on at least ``fk.min_active`` of the inputs; ``len(order)``: none left."""
     while cursor < len(order):
         layer, unit = candidates[order[cursor]]
         if (layer, unit) not in used and (
-            not kind.startswith("push") or np.mean(values["max"][layer][:, unit] > 0) >= _MIN_ACTIVE
+            not fk.min_active or np.mean(values["max"][layer][:, unit] > 0) >= fk.min_active
         ):
             break
         cursor += 1
@@ -330,15 +644,35 @@ def _wrong_class(key: jax.Array, values, y: np.ndarray, layer: str, unit: int, c
     return int(options[int(jax.random.randint(key, (), 0, options.size))])
 
 
-def _climb(kind, model, p: _Params, layer, unit, x, y, accuracy, min_drop, **how):
-    """The first strength of the ladder whose fault drops the accuracy by ``min_drop``:
-    ``(strength, faulty parameters, their accuracy)``, or None."""
-    for strength in _LADDERS[kind]:
-        q = _apply(kind, p, layer, unit, strength, **how)
-        acc = zoo.accuracy(model, q.build(), x, y)
-        if accuracy - acc >= min_drop:
+def _calibrate(fk: FaultKind, site: _Site, prep: dict, accuracy_of, accuracy, lo, hi):
+    """Puts the fault's drop into ``[lo, hi]``: the first ladder strength whose drop reaches
+    ``lo``, bisected toward the step before (0 before the first) while the drop exceeds
+    ``hi``. Returns ``(strength, faulty parameters, their accuracy)``, or why not (a str)."""
+    below, most = 0.0, -math.inf
+    for strength in fk.ladder:
+        q = fk.apply(site, prep, strength)
+        acc = accuracy_of(q)
+        if accuracy - acc >= lo - _EPS:
+            break
+        below, most = strength, max(most, accuracy - acc)
+    else:
+        return f"drop {most:.4f} < {lo:g} at the largest strength {fk.ladder[-1]:g}"
+    above, overshoot = strength, accuracy - acc
+    bracket = [below, above]
+    for i in range(_BISECTIONS + 1):
+        d = accuracy - acc
+        if lo - _EPS <= d <= hi + _EPS:
             return strength, q, acc
-    return None
+        if i == _BISECTIONS:
+            break
+        bracket[d < lo] = strength  # raise the floor when below the window, else lower the top
+        strength = (bracket[0] + bracket[1]) / 2
+        q = fk.apply(site, prep, strength)
+        acc = accuracy_of(q)
+    return (
+        f"drop {overshoot:.4f} > {hi:g} at strength {above:g}, and {_BISECTIONS} bisections "
+        f"from {below:g} missed the window (last drop {d:.4f} at {strength:.4g})"
+    )
 
 
 def plant_faults(
@@ -351,72 +685,87 @@ def plant_faults(
     *,
     kind: str,
     count: int = 1,
-    min_drop: float = 0.02,
+    drop: tuple[float, float] = (0.005, 0.01),
     tries: int = 8,
-) -> tuple[Any, list[PlantedFault], list[str]]:
-    """Plants ``count`` faults of one kind in distinct neurons of a zoo model.
+) -> Planting:
+    """Plants ``count`` faults of one kind in distinct neurons of a zoo model, each with a
+    strength calibrated so that it drops the accuracy into a window.
 
-    Each fault's strength climbs its ladder until the accuracy on ``(x, y)``
-    drops by at least ``min_drop`` below the accuracy before that fault; a
-    neuron that never gets there is given up and another drawn (up to
-    ``tries`` per fault).
+    A fault's drop is the accuracy on ``(x, y)`` before it (with the faults planted before
+    it) minus after it. Its strength is the first of the kind's ladder whose drop reaches
+    ``drop[0]``; when that drop exceeds ``drop[1]``, the strength is bisected between the
+    step before (0 before the first) and this one, up to 8 halvings, until the drop lies in
+    the window. A neuron whose drop cannot be put in the window (it never reaches
+    ``drop[0]``, or it overshoots and the bisection misses) is a rejected attempt: counted,
+    noted, and the next candidate neuron (in an order drawn with ``key``) tried, up to
+    ``tries`` per fault.
 
     Args:
-      key: PRNG key (neurons, target classes, noise).
+      key: PRNG key (neurons, target classes, noise, permutations, partners).
       model: the zoo model; ``params`` its parameters (linen or NNX).
-      probe: its probe (faults go into probed Dense units or conv channels).
-      x, y: the inputs the drop is measured on (the localization inputs).
-      kind: one of :data:`FAULT_KINDS`.
+      probe: its probe (faults go into probed Dense units or conv channels; the probe's
+        ``conv_reduce`` must not be ``"none"``).
+      x, y: ``float32[n, *input_shape]`` inputs and ``int[n]`` labels the drop is measured
+        on: a held-out part of the test set, distinct from the part localizers see (so the
+        calibration does not tune faults to the localizers' own inputs).
+      kind: one of :data:`FAULT_KINDS` (see :func:`fault_kind`).
       count: faults to plant.
-      min_drop: accuracy drop each fault must cause.
-      tries: neurons tried per fault before giving up.
+      drop: ``(lo, hi)``, the window of each fault's accuracy drop, ``0 < lo < hi < 1``.
+      tries: attempts (neurons) per fault before giving up.
 
     Returns:
-      ``(faulty params, planted faults, notes)``; fewer faults than ``count``
-      when some could not reach ``min_drop`` (the notes say why).
+      A :class:`Planting`: the faulty parameters, the planted faults, notes, and the
+      number of rejected attempts. Fewer faults than ``count`` when a fault found no neuron
+      in ``tries`` attempts (planting stops there; the notes say why).
+
+    Example:
+      >>> planting = plant_faults(key, model, params, probe, x_held, y_held,
+      ...                         kind="in_sign", count=2, drop=(0.005, 0.01))
+      >>> [f.neuron for f in planting.faults], planting.rejected
     """
-    x, y = _checked_inputs(kind, probe, count, min_drop, tries, x, y)
+    fk, (lo, hi), x, y = _checked_inputs(kind, probe, count, drop, tries, x, y)
     p = _Params(model, params)
-    candidates = [(layer, u) for layer in _fault_layers(kind, probe, p)
+    candidates = [(layer, u) for layer in _fault_layers(fk, probe, p)
                   for u in range(p.kernel(layer).shape[-1])]  # fmt: skip
     values = _raw_values(model, params, probe, x)
     order = np.asarray(jax.random.permutation(jax.random.fold_in(key, 0), len(candidates)))
     accuracy = zoo.accuracy(model, p.build(), x, y)
     planted: list[PlantedFault] = []
     notes: list[str] = []
-    used, cursor = set(), 0  # (layer, unit)s tried; the position in order
+    rejected, used, cursor = 0, set(), 0  # (layer, unit)s tried; the position in order
+
+    def accuracy_of(q: _Params) -> float:
+        return zoo.accuracy(model, q.build(), x, y)
+
     for f in range(int(count)):
-        done = False
-        for _ in range(tries):
-            cursor = _next_candidate(cursor, order, candidates, used, kind, values)
+        fault, attempts = None, 0
+        while fault is None and attempts < tries:
+            cursor = _next_candidate(cursor, order, candidates, used, fk, values)
             if cursor >= len(order):
                 break
             layer, unit = candidates[order[cursor]]
-            cursor += 1
-            fkey = jax.random.fold_in(key, 1000 + cursor)
-            target = direction = None
-            if kind.startswith("push"):
-                target = _wrong_class(fkey, values, y, layer, unit, probe.num_classes)
-                direction = _push_direction(p, layer, unit, target, x)
-            lift = max(0.0, -float(values["min"][layer][:, unit].min())) * 1.05 + 1e-3
-            found = _climb(kind, model, p, layer, unit, x, y, accuracy, min_drop,
-                           direction=direction, key=fkey, lift=lift)  # fmt: skip
+            cursor, attempts = cursor + 1, attempts + 1
             used.add((layer, unit))
-            if found is not None:
-                strength, p, acc = found
-                neuron = probe.index.neuron_id(layer, unit)
-                planted.append(PlantedFault(kind, layer, int(unit), neuron, float(strength),
-                                            target, float(accuracy - acc)))  # fmt: skip
-                accuracy, done = acc, True
-                values = _raw_values(model, p.build(), probe, x)  # for the next fault
-                break
+            site = _Site(p, layer, unit, jax.random.fold_in(key, 1000 + cursor), x, y,
+                         values, probe.num_classes)  # fmt: skip
+            prep = fk.prepare(site)
+            found = _calibrate(fk, site, prep, accuracy_of, accuracy, lo, hi)
+            if isinstance(found, str):
+                rejected += 1
+                notes.append(f"{fk.name} on {layer}:{unit} rejected: {found}")
+                continue
+            strength, p, acc = found
+            fault = PlantedFault(fk.name, fk.family, layer, unit,
+                                 probe.index.neuron_id(layer, unit), float(strength),
+                                 prep.get("target"), float(accuracy - acc))  # fmt: skip
+            accuracy = acc
+        if fault is None:
+            why = f"{attempts} attempts rejected" if attempts == tries else "no neuron left"
             notes.append(
-                f"{kind} on {layer}:{unit} dropped accuracy by less than {min_drop} at strength "
-                f"{_LADDERS[kind][-1]}; not planted"
-            )
-        if not done:
-            notes.append(
-                f"fault {f + 1} of {count} ({kind}) not planted: no neuron reached the drop"
+                f"fault {f + 1} of {count} ({fk.name}) not planted: no neuron's drop fit the "
+                f"window [{lo:g}, {hi:g}] ({why})"
             )
             break
-    return p.build(), planted, notes
+        planted.append(fault)
+        values = _raw_values(model, p.build(), probe, x)  # for the next fault
+    return Planting(p.build(), planted, notes, rejected)

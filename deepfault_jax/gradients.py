@@ -37,7 +37,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from deepfault_jax.errors import check_finite, check_int
+from deepfault_jax.errors import InputError, check_finite, check_int
 from deepfault_jax.neuron_params import NeuronLayout, neuron_layout, pure_params
 from deepfault_jax.probe import Probe
 
@@ -232,6 +232,10 @@ def refit_scores(
     inputs = check_int("inputs", inputs, lo=2)
     layout = neuron_layout(probe, params, what="refit")
     x, y = x[:inputs], y[:inputs]
+    if len(x) < 2:
+        raise InputError(
+            f"refit needs at least 2 inputs (half to fit, half to score); got {len(x)}"
+        )
     xa, ya, xb, yb = (jnp.asarray(a) for a in (x[0::2], y[0::2], x[1::2], y[1::2]))
     tree = jax.tree.map(jnp.asarray, pure_params(params))
     out = []

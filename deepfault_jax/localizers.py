@@ -140,6 +140,17 @@ def _check_options(info: LocalizerInfo, per_class: bool, options: Mapping[str, A
         raise InputError(f"localizer {info.name!r} has no per-class variant; got per_class=True")
 
 
+def _options_key(options: Mapping[str, Any]) -> tuple:
+    """``options`` as a hashable key (lists and arrays as tuples)."""
+
+    def frozen(value):
+        if isinstance(value, (list, tuple, np.ndarray)):
+            return tuple(frozen(v) for v in np.asarray(value, dtype=object).ravel().tolist())
+        return value
+
+    return tuple(sorted(((k, frozen(v)) for k, v in options.items()), key=str))
+
+
 class Evidence:
     """One model on one set of labelled inputs, and everything localizers read from them.
 
@@ -179,16 +190,19 @@ class Evidence:
             self._memo[key] = compute()
         return self._memo[key]
 
-    def spectrum(self, *, threshold: float = 0.0) -> Spectrum:
-        """The hit spectrum with attribution sums (margin mode)."""
+    def spectrum(self, *, threshold: float = 0.0, attribution: bool = False) -> Spectrum:
+        """The hit spectrum, with attribution sums (margin mode) if asked; a spectrum with
+        attribution sums computed already serves a count-only request too."""
         from deepfault_jax.streaming import compute_spectrum
 
         threshold = check_finite("threshold", threshold)
+        if not attribution and ("spectrum", threshold, True) in self._memo:
+            return self._memo[("spectrum", threshold, True)]
         return self.memo(
-            ("spectrum", threshold),
+            ("spectrum", threshold, bool(attribution)),
             lambda: compute_spectrum(
                 self.probe, self.params, self.x, self.y, batch_size=self.batch_size,
-                threshold=threshold, attribution=True,
+                threshold=threshold, attribution=bool(attribution),
             ),
         )  # fmt: skip
 
@@ -208,7 +222,7 @@ class Evidence:
         ``per_class``; higher = more suspicious, never NaN."""
         info = localizer_info(name)
         _check_options(info, per_class, options)
-        key = ("scores", info.name, bool(per_class), tuple(sorted(options.items(), key=str)))
+        key = ("scores", info.name, bool(per_class), _options_key(options))
         if key not in self._memo:
             start = time.perf_counter()
             score = np.asarray(info.fn(self, per_class=bool(per_class), **options), np.float32)
@@ -272,7 +286,7 @@ class _SpectrumEvidence:
     def __init__(self, spectrum: Spectrum):
         self._spectrum = spectrum
 
-    def spectrum(self, *, threshold: float = 0.0) -> Spectrum:
+    def spectrum(self, *, threshold: float = 0.0, attribution: bool = False) -> Spectrum:
         if check_finite("threshold", threshold) != float(self._spectrum.threshold):
             raise InputError(
                 f"a saved spectrum was counted at threshold {self._spectrum.threshold}; got "
@@ -310,7 +324,7 @@ def _measure_localizer(name: str) -> None:
     params = measures.measure_parameters(name)
 
     def fn(evidence, *, per_class: bool, threshold: float = 0.0, **hyper):
-        spectrum = evidence.spectrum(threshold=threshold)
+        spectrum = evidence.spectrum(threshold=threshold, attribution=family == "attribution")
         return localize.suspiciousness(spectrum, name, pooled=not per_class, **hyper)
 
     # the measure's hyperparameters become keyword-only options beside the threshold
@@ -542,7 +556,7 @@ def _aggregate(
     evidence: Evidence,
     *,
     per_class: bool,
-    methods: tuple[str, ...] = ("gradxact", "grad_snr"),
+    methods: tuple[str, ...] = ("gradxact", "grad_norm"),
     combine: str = "rrf",
     k: float = 10.0,
 ) -> np.ndarray:

@@ -11,9 +11,13 @@ each usable alone:
 3. :func:`select_inputs` picks up to ``inputs_per_class`` correctly
    classified test inputs of each class (with a key from the seed); a class
    with none is reported and skipped;
-4. :func:`suspicious_sets` gives every measure's ``[classes, k]`` table, and
+4. :func:`run_scores` scores the neurons with every localizer of the run (count and
+   attribution measures on the spectrum, per class; any other localizer on the
+   same inputs with :class:`~deepfault_jax.localizers.Evidence`, per class where
+   it has a per-class variant, else pooled), :func:`select_sets` (and
+   :func:`suspicious_sets`) gives each one's ``[classes, k]`` table, and
    :func:`random_sets` the random baseline's tables of the same size from the
-   same layers (excluding the measures' neurons);
+   same layers (excluding the localizers' neurons);
 5. :func:`synthesize_inputs` synthesizes toward a table, and
    ``evaluate_synthesis`` (:mod:`deepfault_jax.evaluate`) measures the result;
 6. :func:`build_report` gathers everything into a typed :class:`RunReport`;
@@ -40,7 +44,9 @@ from deepfault_jax import (
     data,
     evaluate,
     localize,
+    localizers,
     measures,
+    model_source,
     probe,
     report,
     spectrum,
@@ -71,7 +77,9 @@ __all__ = [
     "load_model",
     "random_sets",
     "run",
+    "run_scores",
     "select_inputs",
+    "select_sets",
     "suspicious_sets",
     "synthesize_inputs",
     "write_outputs",
@@ -88,6 +96,7 @@ RUN_FILES = (
 )
 FAULTBENCH_FILES = ("faultbench.json", "faultbench.md", "faultbench.png")
 FAULTBENCH_FORMAT = "deepfault-jax-faultbench"
+_MEASURE_FAMILIES = ("counts", "attribution")  # localizers that read the run's spectrum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +108,9 @@ class RunConfig:
       activation: its hidden activation (``relu`` or ``leaky_relu``).
       dataset: data set spec.
       checkpoint: a checkpoint directory to use instead of the zoo model.
-      measures: measure names.
+      measures: the localizers that choose the suspicious neurons
+        (:func:`~deepfault_jax.localizers.localizer_names`): count and attribution
+        measures, or any other localizer.
       k: suspicious set sizes.
       classes: the classes to synthesize from (None: all).
       mode: ``"deepfault"`` or ``"pgd"``.
@@ -145,9 +156,10 @@ class RunConfig:
     def validate(self) -> None:
         """Raises :class:`InputError` for a configuration that cannot run (before any work)."""
         if not self.measures:
-            raise InputError("measures must name at least one measure; got none")
+            raise InputError("measures must name at least one localizer; got none")
         for name in self.measures:
-            measures.get_measure(name, **self.measure_params(name))
+            if localizers.localizer_info(name).family in _MEASURE_FAMILIES:
+                measures.get_measure(name, **self.measure_params(name))
         if not self.k or len(set(self.k)) != len(self.k):
             raise InputError(f"k must list distinct positive integers; got {list(self.k)}")
         for k in self.k:
@@ -157,17 +169,12 @@ class RunConfig:
                 raise InputError(f"classes must list distinct classes; got {list(self.classes)}")
             for c in self.classes:
                 check_int("classes", c, lo=0)
-        if self.mode not in synthesis.MODES:
-            raise InputError(f"mode must be one of {', '.join(synthesis.MODES)}; got {self.mode!r}")
+        _check_choice("mode", self.mode, synthesis.MODES)
         # inputs lie in [0, 1]: a larger distance allows any input
         check_finite("d (the maximum L-inf distance)", self.d, lo=0.0, hi=1.0, lo_open=True)
         if self.step_size is not None:
             check_finite("step_size", self.step_size, lo=0.0, lo_open=True)
-        directions = (*synthesis.DIRECTIONS, "adam")
-        if self.direction not in directions:
-            raise InputError(
-                f"direction must be one of {', '.join(directions)}; got {self.direction!r}"
-            )
+        _check_choice("direction", self.direction, (*synthesis.DIRECTIONS, "adam"))
         check_int("inputs_per_class", self.inputs_per_class, lo=1)
         check_int("random_repeats", self.random_repeats, lo=1)
         check_int("steps", self.steps, lo=1)
@@ -175,15 +182,8 @@ class RunConfig:
         check_seed(self.seed)
         check_finite("threshold", self.threshold)
         check_finite("star", self.star, lo=0.0, lo_open=True)
-        if self.conv_reduce not in probe.CONV_REDUCTIONS:
-            raise InputError(
-                f"conv_reduce must be one of {', '.join(probe.CONV_REDUCTIONS)}; "
-                f"got {self.conv_reduce!r}"
-            )
-        if self.values not in probe.VALUES:
-            raise InputError(
-                f"values must be one of {', '.join(probe.VALUES)}; got {self.values!r}"
-            )
+        _check_choice("conv_reduce", self.conv_reduce, probe.CONV_REDUCTIONS)
+        _check_choice("values", self.values, probe.VALUES)
 
     def resolved_step_size(self) -> float:
         """The step size in use."""
@@ -195,29 +195,38 @@ class RunConfig:
         """The hyperparameters this run passes to measure ``name`` (DStar's ``star``)."""
         return {"star": self.star} if "star" in measures.measure_parameters(name) else {}
 
+    def localizer_options(self, name: str) -> dict:
+        """The options this run passes to localizer ``name``: DStar's ``star``, and the
+        run's ``threshold`` to those that take one; the others keep their defaults."""
+        info = localizers.localizer_info(name)
+        options = {"star": self.star} if "star" in info.options else {}
+        if "threshold" in info.options:
+            options["threshold"] = float(self.threshold)
+        return options
+
     def needs_attribution(self) -> bool:
         """Whether a measure of the run reads attribution sums (then the spectrum gathers them)."""
-        return any(measures.measure_kind(name) == "attribution" for name in self.measures)
+        return any(
+            localizers.localizer_info(name).family == "attribution" for name in self.measures
+        )
+
+
+def _check_choice(name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise InputError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 # --------------------------------------------------------------------------- steps
 
 
 def load_model(config: RunConfig, dataset: data.Dataset, *, progress: Progress | None = None):
-    """The run's model: ``(model, params, meta)`` from ``config.checkpoint`` or the zoo (cached)."""
-    if config.checkpoint is not None:
-        model, params, meta = checkpoints.load_checkpoint(
-            config.checkpoint, input_shape=dataset.input_shape
-        )
-        if model.num_classes != dataset.num_classes:
-            raise InputError(
-                f"checkpoint {config.checkpoint} has {model.num_classes} classes; "
-                f"data set {dataset.name!r} has {dataset.num_classes}"
-            )
-        return model, params, meta
-    return checkpoints.load_or_train(
-        config.model, dataset, seed=config.seed, activation=config.activation, progress=progress
-    )
+    """The run's model: ``(model, params, meta)`` from ``config.checkpoint`` or the zoo (cached);
+    :func:`build_probe` checks the layers and k on it (on the untrained zoo model: before any
+    training)."""
+    return model_source.load_model(
+        config, dataset, check=lambda model, params: build_probe(config, model, params),
+        progress=progress,
+    )  # fmt: skip
 
 
 def build_probe(config: RunConfig, model: zoo.Model, params: Any) -> probe.Probe:
@@ -232,10 +241,7 @@ def build_probe(config: RunConfig, model: zoo.Model, params: Any) -> probe.Probe
                 f"{', '.join(map(repr, other))} (the output layer's values are the logits "
                 "whose classification is being localised)"
             )
-    prb = probe.model_probe(
-        model, params, layers=list(config.layers) if config.layers else None,
-        conv_reduce=config.conv_reduce, values=config.values,
-    )  # fmt: skip
+    prb = model_source.model_probe(config, model, params)
     for k in config.k:
         if k > prb.index.num_neurons:
             raise InputError(
@@ -245,19 +251,12 @@ def build_probe(config: RunConfig, model: zoo.Model, params: Any) -> probe.Probe
     return prb
 
 
-def _check_before_work(config: RunConfig, dataset: data.Dataset) -> tuple[int, ...]:
-    """Checks what needs the data set, and the probe's layers on an untrained zoo model (cheap),
-    before any training; returns the classes to synthesize from."""
+def _check_classes(config: RunConfig, dataset: data.Dataset) -> tuple[int, ...]:
+    """The classes to synthesize from, checked against the data set (before any training)."""
     classes = tuple(range(dataset.num_classes)) if config.classes is None else config.classes
     bad = [c for c in classes if not 0 <= c < dataset.num_classes]
     if bad:
         raise InputError(f"classes must lie in [0, {dataset.num_classes}); got {bad}")
-    if config.checkpoint is None:
-        model = zoo.create_model(
-            config.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
-            activation=config.activation,
-        )  # fmt: skip
-        build_probe(config, model, zoo.init_params(jax.random.key(0), model))
     return tuple(int(c) for c in classes)
 
 
@@ -290,14 +289,57 @@ def select_inputs(key: jax.Array, y: np.ndarray, pred: np.ndarray, classes, per_
     return Selection(rows, per_class, skipped)
 
 
-def suspicious_sets(config: RunConfig, spec: spectrum.Spectrum, k: int) -> dict[str, np.ndarray]:
-    """Every measure's suspicious sets of size ``k``: name -> ``int32[classes, k]``."""
-    return {
-        name: np.asarray(
-            localize.suspicious_neurons(spec, name, k, **config.measure_params(name)), np.int32
-        )
-        for name in config.measures
-    }
+def run_scores(
+    config: RunConfig,
+    spec: spectrum.Spectrum,
+    evidence: localizers.Evidence | None = None,
+    *,
+    progress: Progress | None = None,
+) -> dict[str, np.ndarray]:
+    """Every localizer's scores: name -> ``float32[classes, neurons]`` (per class) or
+    ``float32[neurons]`` (pooled, for a localizer without a per-class variant).
+
+    Count and attribution measures score ``spec`` per class (as the paper); the other
+    localizers score ``evidence``: the model on the inputs ``spec`` counted (its spectrum
+    pass is not repeated when ``spec`` has attribution sums).
+    """
+    scores, others = {}, [n for n in config.measures if not _is_measure(n)]
+    if others and evidence is None:
+        raise InputError(f"localizers {others} need the model: give evidence")
+    if others and spec.attribution is not None:
+        evidence.memo(("spectrum", float(spec.threshold)), lambda: spec)
+    for name in config.measures:
+        info, options = localizers.localizer_info(name), config.localizer_options(name)
+        if info.family in _MEASURE_FAMILIES:
+            scores[name] = localizers.spectrum_scores(name, spec, per_class=True, **options)
+        else:
+            scores[name] = evidence.scores(name, per_class=info.per_class, **options)
+            notify(progress, "localizers", others.index(name) + 1, len(others))
+    return scores
+
+
+def select_sets(scores: dict[str, np.ndarray], k: int, num_classes: int) -> dict[str, np.ndarray]:
+    """The suspicious sets of size ``k`` from each localizer's scores: name ->
+    ``int32[classes, k]``, each class's own top k (per-class scores) or the same pooled
+    top k for every class (``[neurons]`` scores); ties: lower neuron id first."""
+    tables = {}
+    for name, score in scores.items():
+        top = localize.top_k_neurons(score, k)
+        tables[name] = np.asarray(np.broadcast_to(top, (num_classes, k)), np.int32)
+    return tables
+
+
+def suspicious_sets(
+    config: RunConfig, spec: spectrum.Spectrum, k: int, *, scores: dict | None = None
+) -> dict[str, np.ndarray]:
+    """Every localizer's suspicious sets of size ``k``: name -> ``int32[classes, k]`` (from
+    ``scores`` of :func:`run_scores`; without, the measures' on ``spec``)."""
+    scores = run_scores(config, spec) if scores is None else scores
+    return select_sets(scores, k, spec.num_classes)
+
+
+def _is_measure(name: str) -> bool:
+    return localizers.localizer_info(name).family in _MEASURE_FAMILIES
 
 
 def random_sets(
@@ -360,8 +402,8 @@ class _Synthesis:
     interrupt: Interrupt | None = None
 
 
-def _synthesize_all_sets(config, synth, prb, params, spec, x0, y0, key, state, progress) -> None:
-    """For every k: synthesis toward each measure's sets and the random repeats."""
+def _synthesize_all_sets(config, synth, prb, params, scores, x0, y0, key, state, progress):
+    """For every k: synthesis toward each localizer's sets and the random repeats."""
     total = len(config.k) * (len(config.measures) + config.random_repeats)
 
     def measure(tag: str, table: np.ndarray) -> dict:
@@ -379,12 +421,12 @@ def _synthesize_all_sets(config, synth, prb, params, spec, x0, y0, key, state, p
         return metrics
 
     for k in config.k:
-        tables = suspicious_sets(config, spec, k)
+        tables = select_sets(scores, k, prb.num_classes)
         rows = [(name, k, measure(f"{name}_k{k}", table)) for name, table in tables.items()]
         repeats = []
         for r in range(config.random_repeats):
             rkey = jax.random.fold_in(jax.random.fold_in(key, k), r)
-            table = random_sets(rkey, prb.index, k, spec.num_classes, list(tables.values()))
+            table = random_sets(rkey, prb.index, k, prb.num_classes, list(tables.values()))
             metrics = measure(f"random_k{k}_r{r}", table)
             repeats.append(metrics)
             state.random_runs.append(RandomRun(k, r, metrics))
@@ -411,13 +453,14 @@ def run(config: RunConfig, out_dir: str | Path, *, progress: Progress | None = N
     out_dir = Path(out_dir)
     check_replaceable(out_dir, owned=_is_run_dir)  # before any work
     dataset = data.load_dataset(config.dataset)
-    classes = _check_before_work(config, dataset)
+    classes = _check_classes(config, dataset)
     model, params, model_meta = load_model(config, dataset, progress=progress)
     prb = build_probe(config, model, params)
     spec = streaming.compute_spectrum(
         prb, params, dataset.x_test, dataset.y_test, batch_size=config.batch_size,
         threshold=config.threshold, attribution=config.needs_attribution(), progress=progress,
     )  # fmt: skip
+    scores, seconds = _localize_all(config, prb, params, spec, dataset, progress)
     pred = zoo.predict(model, params, dataset.x_test)
     select_key, random_key = jax.random.split(jax.random.key(config.seed))
     selection = select_inputs(select_key, dataset.y_test, pred, classes, config.inputs_per_class)
@@ -433,10 +476,12 @@ def run(config: RunConfig, out_dir: str | Path, *, progress: Progress | None = N
     state = _Synthesis(arrays)
     synth = make_run_synthesizer(config, prb)
     with deferred_interrupt() as state.interrupt:
-        _synthesize_all_sets(config, synth, prb, params, spec, x0, y0, random_key, state, progress)
+        _synthesize_all_sets(config, synth, prb, params, scores, x0, y0, random_key, state,
+                             progress)  # fmt: skip
     out = build_report(
         config, classes, dataset, model, model_meta, prb, spec, selection, state.results,
         state.random_runs, out_dir, time.perf_counter() - start, steps=synth.num_steps,
+        chosen_by=_localizers_summary(config, scores, seconds),
     )  # fmt: skip
     state.arrays["meta"] = np.str_(
         json.dumps({"probe": out.probe, "checkpoint": out.model["checkpoint"]})
@@ -445,50 +490,55 @@ def run(config: RunConfig, out_dir: str | Path, *, progress: Progress | None = N
     return out
 
 
+def _localize_all(config, prb, params, spec, dataset, progress) -> tuple[dict, dict]:
+    """:func:`run_scores` on the test split (the inputs the spectrum counted), and the
+    seconds each localizer other than the measures took."""
+    evidence = None
+    if not all(_is_measure(name) for name in config.measures):
+        evidence = localizers.Evidence(prb, params, dataset.x_test, dataset.y_test,
+                                       batch_size=config.batch_size)  # fmt: skip
+    scores = run_scores(config, spec, evidence, progress=progress)
+    return scores, ({} if evidence is None else dict(evidence.seconds))
+
+
+def _localizers_summary(config: RunConfig, scores: dict, seconds: dict) -> dict:
+    """Per localizer of the run: family, options, how it chose the sets, seconds."""
+    summary = {}
+    for name, score in scores.items():
+        info = localizers.localizer_info(name)
+        summary[name] = {
+            "family": info.family,
+            "options": config.localizer_options(name),
+            "selection": "per-class" if score.ndim == 2 else "pooled",
+            "seconds": round(seconds[info.name], 3) if info.name in seconds else None,
+        }
+    return summary
+
+
 def build_report(
     config: RunConfig, classes, dataset: data.Dataset, model: zoo.Model, model_meta: dict,
     prb: probe.Probe, spec: spectrum.Spectrum, selection: Selection,
     results: list[MeasureResult], random_runs: list[RandomRun], out_dir: Path, seconds: float,
-    *, steps: int,
+    *, steps: int, chosen_by: dict | None = None,
 ) -> RunReport:  # fmt: skip
-    """Gathers a run's parts into its :class:`RunReport` (``steps``: the synthesizer's steps)."""
+    """Gathers a run's parts into its :class:`RunReport` (``steps``: the synthesizer's steps;
+    ``chosen_by``: per localizer, how it chose the suspicious sets)."""
     n_pass, n_fail = int(spec.n_pass.sum()), int(spec.n_fail.sum())
     return RunReport(
-        config=config,
-        classes=tuple(classes),
-        dataset=dataset.summary(),
-        model={
-            "name": model.name,
-            "activation": model.activation,
-            "checkpoint": model_meta.get("checkpoint"),
-            "test_accuracy": n_pass / (n_pass + n_fail),
-        },
-        probe={
-            "layers": list(prb.index.layer_names),
-            "layer_sizes": list(prb.index.layer_sizes),
-            "conv_reduce": config.conv_reduce,
-            "values": config.values,
-            "threshold": config.threshold,
-        },
-        spectrum={
-            "num_pass": n_pass,
-            "num_fail": n_fail,
-            "layers": spectrum.layer_summary(spec),
-        },  # fmt: skip
-        synthesis={
-            "mode": config.mode,
-            "d": config.d,
-            "step_size": config.resolved_step_size(),
-            "steps": steps,
-            "direction": config.direction if config.mode == "pgd" else None,
-        },
-        selection=selection,
-        results=results,
-        random_runs=random_runs,
-        files={name: str(out_dir / name) for name in RUN_FILES},
-        seconds=round(seconds, 3),
-        versions=checkpoints.package_versions(),
-    )
+        config=config, classes=tuple(classes), dataset=dataset.summary(),
+        model={"name": model.name, "activation": model.activation,
+               "checkpoint": model_meta.get("checkpoint"),
+               "test_accuracy": n_pass / (n_pass + n_fail)},
+        probe={"layers": list(prb.index.layer_names), "layer_sizes": list(prb.index.layer_sizes),
+               "conv_reduce": config.conv_reduce, "values": config.values,
+               "threshold": config.threshold},
+        spectrum={"num_pass": n_pass, "num_fail": n_fail, "layers": spectrum.layer_summary(spec)},
+        synthesis={"mode": config.mode, "d": config.d, "step_size": config.resolved_step_size(),
+                   "steps": steps, "direction": config.direction if config.mode == "pgd" else None},
+        selection=selection, results=results, random_runs=random_runs,
+        files={name: str(out_dir / name) for name in RUN_FILES}, seconds=round(seconds, 3),
+        versions=checkpoints.package_versions(), localizers=chosen_by or {},
+    )  # fmt: skip
 
 
 def write_outputs(
@@ -505,27 +555,9 @@ def write_outputs(
         report.write_json(tmp / "report.json", report_json)
         report.write_bytes(tmp / "report.md", report.markdown_report(report_json).encode())
         report.plot_misclassification(report_json, tmp / "misclassification.png")
-        _plot_examples(out, arrays, tmp / "examples.png")
+        report.plot_run_examples(report_json, arrays, tmp / "examples.png")
 
     replace_directory(out_dir, fill, owned=_is_run_dir)
-
-
-def _plot_examples(out: RunReport, arrays: dict[str, np.ndarray], path: Path) -> None:
-    """examples.png: the first input of up to six classes, and each measure's synthesis at the
-    largest k beside the first random repeat."""
-    config = out.config
-    top_k = max(config.k)
-    x0, y0 = arrays["x_original"], arrays["y"]
-    shown = np.unique(y0, return_index=True)[1][:6]
-    names = [*config.measures, "random"]
-    tags = {m: (f"{m}_k{top_k}" if m != "random" else f"random_k{top_k}_r0") for m in names}
-    report.plot_examples(
-        x0[shown],
-        {f"{m} k={top_k}": arrays[f"{tags[m]}__x"][shown] for m in names},
-        y0[shown],
-        {f"{m} k={top_k}": arrays[f"{tags[m]}__pred"][shown] for m in names},
-        path,
-    )
 
 
 # --------------------------------------------------------------------------- output directories
@@ -567,6 +599,8 @@ def faultbench(
     Returns:
       The content of ``faultbench.json``.
     """
+    from deepfault_jax.faultbench_report import faultbench_markdown, plot_faultbench
+
     out_dir = Path(out_dir)
     config.validate()
     check_replaceable(out_dir, owned=_is_faultbench_dir)  # before any work
@@ -576,8 +610,8 @@ def faultbench(
 
     def fill(tmp: Path) -> None:
         report.write_json(tmp / "faultbench.json", result)
-        report.write_bytes(tmp / "faultbench.md", report.faultbench_markdown(result).encode())
-        report.plot_faultbench(result, tmp / "faultbench.png")
+        report.write_bytes(tmp / "faultbench.md", faultbench_markdown(result).encode())
+        plot_faultbench(result, tmp / "faultbench.png")
 
     replace_directory(out_dir, fill, owned=_is_faultbench_dir)
     return result

@@ -20,14 +20,10 @@ __all__ = [
     "RandomRun",
     "RunReport",
     "Selection",
-    "faultbench_kinds_table",
-    "faultbench_markdown",
-    "faultbench_overview",
-    "faultbench_table",
     "markdown_report",
-    "plot_faultbench",
     "plot_examples",
     "plot_misclassification",
+    "plot_run_examples",
     "write_bytes",
     "write_json",
     "write_npz",
@@ -53,10 +49,11 @@ class Selection:
 
 @dataclasses.dataclass(frozen=True)
 class MeasureResult:
-    """Synthesis toward one measure's suspicious sets of size ``k``, beside the random baseline.
+    """Synthesis toward one localizer's suspicious sets of size ``k``, beside the random
+    baseline.
 
     Attributes:
-      measure: the measure's name.
+      measure: the localizer's name (a measure's, or any other localizer's).
       k: suspicious neurons per class.
       metrics: :func:`~deepfault_jax.evaluate.evaluate_synthesis`'s numbers.
       random: the random baseline of the same k: metric -> ``{"mean", "std"}``
@@ -91,11 +88,15 @@ class RunReport:
       spectrum: passing and failing inputs and the per-layer summary.
       synthesis: mode, d, step size, steps and direction in use.
       selection: the inputs synthesized from.
-      results: one :class:`MeasureResult` per measure and k.
+      results: one :class:`MeasureResult` per localizer (measure) and k.
       random_runs: every :class:`RandomRun`.
       files: file name -> path written.
       seconds: wall time of the run.
       versions: package versions.
+      localizers: per localizer of the run: ``family``, ``options``, ``selection``
+        (``"per-class"``: each class's own top k; ``"pooled"``: the top k of the scores
+        pooled over classes, the same for every class, for a localizer without a per-class
+        variant) and ``seconds`` (None for the measures, read off the spectrum).
     """
 
     config: Any  # the run's RunConfig (a dataclass)
@@ -111,6 +112,7 @@ class RunReport:
     files: dict[str, str]
     seconds: float
     versions: dict[str, str]
+    localizers: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         """The content of ``report.json`` (strict JSON: no NaN or infinity)."""
@@ -134,6 +136,7 @@ class RunReport:
                 for r in self.results
             ],
             "random_runs": [{"k": r.k, "repeat": r.repeat, **r.metrics} for r in self.random_runs],
+            "localizers": self.localizers,
             "files": self.files,
             "seconds": self.seconds,
         }
@@ -188,6 +191,14 @@ def markdown_report(report: dict) -> str:
         "excluding those the measures chose.",
         "",
     ]
+    pooled = [n for n, v in report.get("localizers", {}).items() if v["selection"] == "pooled"]
+    if pooled:
+        lines += [
+            f"Suspicious sets of {', '.join(pooled)} (no per-class variant): the top k of the "
+            "scores pooled over all classes, the same for every class; the others: each "
+            "class's own top k.",
+            "",
+        ]
     skipped = report["selection"]["skipped_classes"]
     if skipped:
         lines += [
@@ -282,6 +293,23 @@ def plot_misclassification(report: dict, path: str | os.PathLike) -> Path:
     return write_bytes(path, _figure_bytes(_misclassification_figure(report)))
 
 
+def plot_run_examples(report: dict, arrays: dict[str, np.ndarray], path: str | os.PathLike):
+    """A run's examples.png: the first input of up to six classes, and each localizer's
+    synthesis at the largest k beside the first random repeat (``arrays``: synthesized.npz)."""
+    top_k = max(report["config"]["k"])
+    x0, y0 = arrays["x_original"], arrays["y"]
+    shown = np.unique(y0, return_index=True)[1][:6]
+    names = [*report["config"]["measures"], "random"]
+    tags = {m: (f"{m}_k{top_k}" if m != "random" else f"random_k{top_k}_r0") for m in names}
+    return plot_examples(
+        x0[shown],
+        {f"{m} k={top_k}": arrays[f"{tags[m]}__x"][shown] for m in names},
+        y0[shown],
+        {f"{m} k={top_k}": arrays[f"{tags[m]}__pred"][shown] for m in names},
+        path,
+    )
+
+
 def _examples_figure(
     originals: np.ndarray,
     synthesized: dict[str, np.ndarray],
@@ -371,184 +399,3 @@ def _figure_bytes(fig) -> bytes:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
-
-
-def faultbench_table(result: dict, model: str, faults: int) -> list[str]:
-    """Markdown table rows: every method's recall and mean rank for one model and fault count,
-    best top-10 recall first, the random ranking last."""
-    rows = [r for r in result["summary"] if r["model"] == model and r["faults"] == faults]
-    random_rows = [r for r in rows if r["method"].startswith("random")]
-    rows = sorted((r for r in rows if not r["method"].startswith("random")),
-                  key=lambda r: (-r["top10_recall"], r["mean_rank"]))  # fmt: skip
-    lines = [
-        "| method | top-5 recall | top-10 recall | mean rank | trials |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for r in [*rows, *random_rows]:
-        lines.append(
-            f"| {r['method']} | {r['top5_recall']:.2f} ± {r['top5_recall_std']:.2f} "
-            f"| {r['top10_recall']:.2f} ± {r['top10_recall_std']:.2f} "
-            f"| {r['mean_rank']:.1f} ± {r['mean_rank_std']:.1f} | {r['trials']} |"
-        )
-    return lines
-
-
-def faultbench_overview(result: dict) -> list[str]:
-    """Markdown table rows: per method, top-10 recall and mean rank of every (model, number
-    of faults), methods in the order of the configuration, the random ranking last."""
-    cfg = result["config"]
-    panels = [(m, c) for m in result["models"] for c in cfg["faults"]]
-    by = {(r["model"], r["faults"], r["method"]): r for r in result["summary"]}
-    head = " | ".join(f"{m}, {c} fault{'s' if c > 1 else ''}" for m, c in panels)
-    lines = [f"| method | {head} |", "|---|" + "---:|" * len(panels)]
-    for method in [*cfg["methods"], "random (expected)"]:
-        cells = []
-        for m, c in panels:
-            r = by.get((m, c, method))
-            cells.append("-" if r is None else f"{r['top10_recall']:.2f} / {r['mean_rank']:.1f}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def faultbench_kinds_table(result: dict, methods: list[str] | None = None) -> list[str]:
-    """Markdown table rows: top-10 recall per fault kind (all fault counts and seeds), per
-    model and method."""
-    cfg = result["config"]
-    methods = methods or [*cfg["methods"], "random"]
-    kinds = cfg["kinds"]
-    lines = ["| model | method | " + " | ".join(kinds) + " |", "|---|---|" + "---:|" * len(kinds)]
-    for model in result["models"]:
-        for method in methods:
-            cells = []
-            for kind in kinds:
-                trials = [t for t in result["trials"] if t["model"] == model
-                          and t["kind"] == kind and not t["skipped"]]  # fmt: skip
-                values = [
-                    t["scores"][method]["top10_recall"] for t in trials if method in t["scores"]
-                ]
-                cells.append(f"{np.mean(values):.2f}" if values else "-")
-            lines.append(f"| {model} | {method} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def faultbench_markdown(result: dict) -> str:
-    """The planted-fault benchmark as a Markdown page: one table per model and fault count."""
-    cfg = result["config"]
-    lines = [
-        "# Planted-fault benchmark",
-        "",
-        f"Data: `{result['dataset']['name']}`, the first {result['dataset']['inputs']} test "
-        f"inputs. Fault kinds {', '.join(cfg['kinds'])}; {', '.join(map(str, cfg['faults']))} "
-        f"fault(s) per trial; seeds {', '.join(map(str, cfg['seeds']))}; each fault lowers the "
-        f"accuracy by at least {cfg['min_drop']}. Probe: {cfg['values']}-activation values, "
-        f"conv_reduce {cfg['conv_reduce']}. Scores are means ± (population) standard "
-        "deviations over the trials (all kinds and seeds); a method's rank of a neuron is 1 for "
-        "its most suspicious, and a planted neuron tied with others counts as the expectation "
-        "over random tie-breaking.",
-        "",
-    ]
-    lines += ["## Overview: top-10 recall / mean rank", "", *faultbench_overview(result), ""]
-    lines += ["## Top-10 recall by fault kind", "", *faultbench_kinds_table(result), ""]
-    for model, info in result["models"].items():
-        trials = [t for t in result["trials"] if t["model"] == model and not t["skipped"]]
-        drops = [sum(f["accuracy_drop"] for f in t["faults"]) for t in trials]
-        lines += [
-            f"## {model}",
-            "",
-            f"{info['neurons']} probed neurons in {', '.join(info['layers'])}; clean accuracy "
-            f"{info['accuracy']:.4f}"
-            + (
-                f"; planted faults lowered it by {np.mean(drops):.3f} on average "
-                f"(range {np.min(drops):.3f}-{np.max(drops):.3f})."
-                if drops
-                else "."
-            ),
-            "",
-        ]
-        for count in cfg["faults"]:
-            lines += [f"### {count} planted fault{'s' if count > 1 else ''}", ""]
-            lines += faultbench_table(result, model, count)
-            lines.append("")
-    if result["skipped"]:
-        lines += ["## Skipped trials", ""]
-        for s in result["skipped"]:
-            lines.append(
-                f"- {s['model']} {s['kind']} x{s['faults']} seed {s['seed']}: {s['reason']}"
-            )
-        lines.append("")
-    lines += [
-        "Methods: count measures and attribution measures, pooled over classes or per class "
-        "(a neuron's best rank in any class); `ablation` = exact single-neuron ablation "
-        "(fixes minus breaks), `ablation_loss` = its mean loss drop; `random` = the mean of "
-        "100 random rankings per trial, `random (expected)` = k / N and (N + 1) / 2.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _faultbench_family(method: str) -> str:
-    """The legend entry of a faultbench method: its family of localizers."""
-    from deepfault_jax import measures
-
-    name = method.split("/")[0]
-    if name == "random":
-        return "random ranking (mean of random permutations)"
-    if name in ("ablation", "ablation_loss"):
-        return "exact single-neuron ablation"
-    if measures.measure_kind(name) == "attribution":
-        return "attribution measures"
-    return "count measures (spectrum)"
-
-
-_FAULTBENCH_COLORS = {
-    "count measures (spectrum)": "C0",
-    "attribution measures": "C1",
-    "exact single-neuron ablation": "C2",
-    "random ranking (mean of random permutations)": "0.6",
-}
-
-
-def _faultbench_figure(result: dict):
-    """The figure :func:`plot_faultbench` writes, as a :class:`matplotlib.figure.Figure`."""
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
-    panels = [(m, c) for m in result["models"] for c in result["config"]["faults"]]
-    methods = [m for m in result["config"]["methods"]] + ["random"]
-    families = [_faultbench_family(m) for m in methods]
-    fig = Figure(figsize=(max(6.0, 0.45 * len(methods)), 2.6 * len(panels) + 0.8), dpi=110,
-                 layout="constrained")  # fmt: skip
-    axes = fig.subplots(len(panels), 1, squeeze=False)
-    for ax, (model, count) in zip(axes[:, 0], panels, strict=True):
-        by = {
-            r["method"]: r
-            for r in result["summary"]
-            if r["model"] == model and r["faults"] == count
-        }
-        # a method without results has no bar (NaN), not a bar of 0
-        values = [by[m]["top10_recall"] if m in by else np.nan for m in methods]
-        errors = [by[m]["top10_recall_std"] if m in by else 0.0 for m in methods]
-        colors = [_FAULTBENCH_COLORS[f] for f in families]
-        ax.bar(np.arange(len(methods)), values, yerr=errors, capsize=2, color=colors)
-        ax.set_xticks(np.arange(len(methods)), methods, rotation=60, ha="right", fontsize=7)
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel("top-10 recall", fontsize=8)
-        trials = sorted({r["trials"] for r in by.values()})
-        n = f"{trials[0]}-{trials[-1]}" if len(trials) > 1 else (trials or [0])[0]
-        ax.set_title(f"{model}, {count} planted fault{'s' if count > 1 else ''} ({n} trials)",
-                     fontsize=9)  # fmt: skip
-    handles = [Patch(color=_FAULTBENCH_COLORS[f], label=f) for f in dict.fromkeys(families)]
-    handles.append(Line2D([], [], color="black", marker="|", markersize=10, linestyle="none",
-                          label="error bars: ±1 std (population) over the trials"))  # fmt: skip
-    fig.legend(handles=handles, loc="outside upper center", ncols=2, fontsize=7)
-    return fig
-
-
-def plot_faultbench(result: dict, path: str | os.PathLike) -> Path:
-    """Bars: top-10 recall of every method, one panel per model and fault count, coloured
-    by family (legend), error bars ±1 population standard deviation over the trials."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    return write_bytes(path, _figure_bytes(_faultbench_figure(result)))

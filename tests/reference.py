@@ -220,3 +220,243 @@ def mlp_attribution_loops(x, y, layers, activation, *, num_classes, linearised, 
                     out["breaks"][label, neuron] += 1
             neuron += 1
     return out
+
+
+# --------------------------------------------------------------------------- localizers
+
+
+def relu64(z):
+    return np.maximum(z, 0.0)
+
+
+def leaky_relu64(z, slope=0.01):
+    return np.where(z >= 0, z, slope * z)
+
+
+#: float64 activations of the zoo models and their derivatives (``jax.nn.relu`` has slope 0
+#: at 0, ``jax.nn.leaky_relu`` slope 1 at 0).
+ACTIVATIONS64 = {
+    "relu": (relu64, lambda z: (z > 0).astype(np.float64)),
+    "leaky_relu": (leaky_relu64, lambda z: np.where(z >= 0, 1.0, 0.01)),
+}
+
+
+def cross_entropy64(logits, labels):
+    """Per-input cross-entropy ``logsumexp(z) - z_y`` in float64."""
+    z = np.asarray(logits, np.float64)
+    top = z.max(axis=1, keepdims=True)
+    lse = top[:, 0] + np.log(np.exp(z - top).sum(axis=1))
+    return lse - z[np.arange(len(z)), np.asarray(labels)]
+
+
+def mlp_backprop(x, y, layers, activation):
+    """Per-input cross-entropy gradients of a Dense MLP, by hand, input by input, in float64.
+
+    ``layers`` = [(kernel, bias)] hidden then output; ``activation`` a key of
+    :data:`ACTIVATIONS64`. Returns ``(loss [n], grads, pre, dpre)``: ``grads[j] =
+    (dkernel [n, fan_in, units], dbias [n, units])`` per layer (output layer last),
+    ``pre[j]`` the hidden layer's pre-activation values ``[n, units]`` and ``dpre[j]`` the
+    gradient of the input's loss with respect to them.
+    """
+    act, dact = ACTIVATIONS64[activation]
+    layers = [(np.asarray(k, np.float64), np.asarray(b, np.float64)) for k, b in layers]
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    n = len(x)
+    loss = np.zeros(n)
+    grads = [(np.zeros((n, *k.shape)), np.zeros((n, *b.shape))) for k, b in layers]
+    pre = [np.zeros((n, k.shape[1])) for k, _ in layers[:-1]]
+    dpre = [np.zeros((n, k.shape[1])) for k, _ in layers[:-1]]
+    for i in range(n):
+        inputs, zs = [x[i]], []
+        for kernel, bias in layers[:-1]:
+            z = inputs[-1] @ kernel + bias
+            zs.append(z)
+            inputs.append(act(z))
+        logits = inputs[-1] @ layers[-1][0] + layers[-1][1]
+        shifted = np.exp(logits - logits.max())
+        softmax = shifted / shifted.sum()
+        loss[i] = math.log(shifted.sum()) + logits.max() - logits[int(y[i])]
+        delta = softmax.copy()  # d loss / d logits
+        delta[int(y[i])] -= 1.0
+        for j in range(len(layers) - 1, -1, -1):
+            grads[j][0][i] = np.outer(inputs[j], delta)
+            grads[j][1][i] = delta
+            if j == 0:
+                break
+            d_input = layers[j][0] @ delta  # d loss / d (layer j's input) = hidden j-1's output
+            delta = d_input * dact(zs[j - 1])
+            pre[j - 1][i] = zs[j - 1]
+            dpre[j - 1][i] = delta
+    return loss, grads, pre, dpre
+
+
+def mlp_neuron_gradients(grads, layer, unit):
+    """``[n, P]``: per input, the gradient of the neuron's own parameters from
+    :func:`mlp_backprop`'s ``grads``: incoming column, bias, outgoing row."""
+    (dk, db), (dk_next, _) = grads[layer], grads[layer + 1]
+    return np.concatenate([dk[:, :, unit], db[:, unit : unit + 1], dk_next[:, unit, :]], axis=1)
+
+
+def grad_norm_snr_loops(grads, sizes):
+    """``(grad_norm, grad_snr)`` per neuron from per-input gradients, from their definitions:
+    ``|| mean_i g_i ||`` and the mean over the neuron's parameters of
+    ``(sum_i g_ip)^2 / (n sum_i g_ip^2)`` (0 where the denominator is 0)."""
+    norms, snrs = [], []
+    for layer, size in enumerate(sizes):
+        for unit in range(size):
+            g = mlp_neuron_gradients(grads, layer, unit)
+            n, p = g.shape
+            norms.append(math.sqrt(sum((g[:, q].sum() / n) ** 2 for q in range(p))))
+            ratios = []
+            for q in range(p):
+                first, second = g[:, q].sum(), (g[:, q] ** 2).sum()
+                ratios.append(0.0 if second == 0 else first**2 / (n * second))
+            snrs.append(sum(ratios) / p)
+    return np.array(norms), np.array(snrs)
+
+
+def gain_ablation_loops(x, y, layers, activation, gains):
+    """Per gain, neuron and input: the cross-entropy with the neuron's pre-activation times
+    the gain, and whether the input is then classified right, in float64. Returns
+    ``(base_loss [n], base_right [n], loss [gains, neurons, n], right [gains, neurons, n])``."""
+    act = ACTIVATIONS64[activation][0]
+    sizes = [np.asarray(k).shape[1] for k, _ in layers[:-1]]
+    ones = [np.ones(s) for s in sizes]
+    base = mlp_logits(x, layers, ones, act)
+    base_loss = cross_entropy64(base, y)
+    base_right = np.argmax(base, axis=1) == np.asarray(y)
+    total = sum(sizes)
+    loss = np.zeros((len(gains), total, len(x)))
+    right = np.zeros((len(gains), total, len(x)), bool)
+    for g, gain in enumerate(gains):
+        neuron = 0
+        for layer, size in enumerate(sizes):
+            for unit in range(size):
+                gates = [o.copy() for o in ones]
+                gates[layer][unit] = gain
+                logits = mlp_logits(x, layers, gates, act)
+                loss[g, neuron] = cross_entropy64(logits, y)
+                right[g, neuron] = np.argmax(logits, axis=1) == np.asarray(y)
+                neuron += 1
+    return base_loss, base_right, loss, right
+
+
+def adam_refit_loops(x, y, layers, activation, layer, unit, *, steps, learning_rate,
+                     b1=0.9, b2=0.999, eps=1e-8):  # fmt: skip
+    """The held-out loss drop of refitting one hidden neuron's own parameters with Adam.
+
+    Written from the definitions: the neuron's pieces (incoming column, bias,
+    outgoing row) are ``theta = start + delta * scale`` with ``scale`` the
+    piece's RMS plus 1e-6; ``steps`` Adam steps from ``delta = 0`` (``m = b1 m +
+    (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``, ``delta -= lr * m_hat / (sqrt(v_hat) +
+    eps)`` with the bias corrections ``1 - b^t``) on the mean cross-entropy of the
+    even-positioned inputs; the score is the mean cross-entropy of the odd-positioned
+    inputs before minus after. In float64.
+    """
+    x_fit, y_fit, x_out, y_out = x[0::2], y[0::2], x[1::2], y[1::2]
+    layers = [(np.array(k, np.float64), np.array(b, np.float64)) for k, b in layers]
+    start = [
+        layers[layer][0][:, unit].copy(),
+        np.array([layers[layer][1][unit]]),
+        layers[layer + 1][0][unit, :].copy(),
+    ]
+    scale = [math.sqrt(float(np.mean(s * s))) + 1e-6 for s in start]
+
+    def with_delta(delta):
+        out = [(k.copy(), b.copy()) for k, b in layers]
+        theta = [s + d * c for s, d, c in zip(start, delta, scale, strict=True)]
+        out[layer][0][:, unit] = theta[0]
+        out[layer][1][unit] = theta[1][0]
+        out[layer + 1][0][unit, :] = theta[2]
+        return out
+
+    def mean_loss(delta, xs, ys):
+        act = ACTIVATIONS64[activation][0]
+        model = with_delta(delta)
+        ones = [np.ones(k.shape[1]) for k, _ in model[:-1]]
+        return float(cross_entropy64(mlp_logits(xs, model, ones, act), ys).mean())
+
+    delta = [np.zeros_like(s) for s in start]
+    m = [np.zeros_like(s) for s in start]
+    v = [np.zeros_like(s) for s in start]
+    for t in range(1, steps + 1):
+        _, grads, _, _ = mlp_backprop(x_fit, y_fit, with_delta(delta), activation)
+        g = mlp_neuron_gradients(grads, layer, unit).mean(axis=0)  # d mean loss / d theta
+        sizes = [len(s) for s in start]
+        pieces = np.split(g, np.cumsum(sizes)[:-1])
+        for q in range(3):
+            grad = pieces[q] * scale[q]  # chain rule: d theta / d delta = scale
+            m[q] = b1 * m[q] + (1 - b1) * grad
+            v[q] = b2 * v[q] + (1 - b2) * grad**2
+            m_hat = m[q] / (1 - b1**t)
+            v_hat = v[q] / (1 - b2**t)
+            delta[q] = delta[q] - learning_rate * m_hat / (np.sqrt(v_hat) + eps)
+    zero = [np.zeros_like(s) for s in start]
+    return mean_loss(zero, x_out, y_out) - mean_loss(delta, x_out, y_out)
+
+
+def middle_ranks_loops(score):
+    """1-based ranks, higher first; a tie of ``e`` scores after ``g`` greater ones shares
+    ``g + (e + 1) / 2``, neuron by neuron."""
+    s = [float(v) for v in np.asarray(score).ravel()]
+    out = np.zeros(len(s))
+    for i, v in enumerate(s):
+        greater = sum(1 for w in s if w > v)
+        equal = sum(1 for w in s if w == v)
+        out[i] = greater + (equal + 1) / 2.0
+    return out
+
+
+def confusion_loops(predicted, values, gxa, y, *, num_classes, measure, threshold=0.0,
+                    min_failures=3):  # fmt: skip
+    """Minus each neuron's best rank over the confusion pairs, pair by pair.
+
+    For every pair (t, p), t != p, with at least ``min_failures`` inputs of class t
+    predicted p: ``measure`` ``"gradxact"`` scores each neuron by the mean of its
+    ``gxa`` over those inputs; a count measure (:func:`measure_loops`) by its counts
+    over them (failing) and the inputs of class t predicted t (passing), active
+    meaning ``value > threshold``. Pairs whose scores are all equal are left out.
+    """
+    y, predicted = np.asarray(y), np.asarray(predicted)
+    n, neurons = np.asarray(values).shape
+    best = None
+    for t in range(num_classes):
+        for p in range(num_classes):
+            if t == p:
+                continue
+            fail = [i for i in range(n) if y[i] == t and predicted[i] == p]
+            passing = [i for i in range(n) if y[i] == t and predicted[i] == t]
+            if len(fail) < min_failures:
+                continue
+            score = np.zeros(neurons)
+            for k in range(neurons):
+                if measure == "gradxact":
+                    score[k] = sum(float(gxa[i, k]) for i in fail) / len(fail)
+                else:
+                    a_f = sum(1 for i in fail if values[i, k] > threshold)
+                    a_s = sum(1 for i in passing if values[i, k] > threshold)
+                    score[k] = measure_loops(
+                        measure, [a_s], [a_f], [len(passing) - a_s], [len(fail) - a_f]
+                    )[0]
+            if max(score) == min(score):
+                continue
+            ranks = middle_ranks_loops(score)
+            best = ranks if best is None else np.minimum(best, ranks)
+    return np.zeros(neurons) if best is None else -best
+
+
+def aggregate_loops(scores, combine, k=10.0):
+    """Rank aggregation of several localizers' ``[neurons]`` scores (middle-of-tie ranks):
+    ``rrf`` ``sum_m 1 / (k + r_m)``, ``best`` ``-min_m r_m``, ``mean`` ``-mean_m r_m``."""
+    ranks = [middle_ranks_loops(s) for s in scores]
+    n = len(ranks[0])
+    out = np.zeros(n)
+    for i in range(n):
+        r = [rank[i] for rank in ranks]
+        if combine == "rrf":
+            out[i] = sum(1.0 / (k + v) for v in r)
+        elif combine == "best":
+            out[i] = -min(r)
+        else:
+            out[i] = -sum(r) / len(r)
+    return out

@@ -91,6 +91,7 @@ BAD_VALUES = [
     (["run", "--mode", "fgsm"], "--mode", "'fgsm'"),
     (["run", "--measures", "nope"], "--measures", "'nope'"),
     (["run", "--measures", "ochiai,ochiai"], "--measures", "ochiai"),
+    (["run", "--methods", "ochiai,grad_nrm"], "--measures", "'grad_nrm'"),
     (["run", "--activation", "pre"], "--activation", "'pre'"),
     (["run", "--values", "relu"], "--values", "'relu'"),
     # faultbench
@@ -128,7 +129,8 @@ def test_bad_option_value_is_exit_2_and_writes_nothing(capsys, tmp_path, argv, o
     ("argv", "option", "shown"),
     [
         (["--star", "x"], "--star", "'x'"),
-        (["--star", "2"], "--star", "tarantula"),  # a parameter of dstar only
+        (["--measure", "tarantula", "--star", "2"], "--star", "tarantula"),  # dstar's only
+        (["--star", "2"], "--star is a parameter of dstar", "gradxact"),  # the default method
         # the measure checks its parameter (and localize the k) before the file is read
         (["--measure", "dstar", "--star", "inf"], "star must be a finite number", "inf"),
         (["--measure", "dstar", "--star", "-1"], "star must lie in (0, inf]", "-1"),
@@ -136,6 +138,17 @@ def test_bad_option_value_is_exit_2_and_writes_nothing(capsys, tmp_path, argv, o
         (["--class", "-1"], "--class", "-1"),
         (["--class", "x"], "--class", "'x'"),
         (["--layers", ","], "--layers", "','"),
+        # methods and their options: checked before the spectrum file is read
+        (["--method", "nope"], "--method: unknown localizer 'nope'", "grad_norm"),
+        (["--measure", "nope"], "--measure: unknown measure 'nope'", "ochiai"),
+        (["--measure", "ablation"], "--measure", "use --method ablation"),
+        (["--option", "foo=1"], "--option: localizer 'gradxact' takes options", "foo"),
+        (["--option", "foo"], "--option must be KEY=VALUE", "'foo'"),
+        (["--option", "1x=2"], "--option must be KEY=VALUE", "'1x=2'"),
+        (["--method", "refit", "--option", "step=1"], "takes options [steps", "step"),
+        (["--method", "grad_snr", "--class", "1"], "--class", "grad_snr"),
+        (["--method", "grad_norm"], "--method grad_norm needs the model", "--checkpoint DIR"),
+        (["--values", "post"], "--values goes with a model", "--spectrum"),
     ],
 )
 def test_localize_bad_option_value(capsys, tmp_path, argv, option, shown):

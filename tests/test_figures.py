@@ -8,15 +8,13 @@ import matplotlib.colors as mcolors
 import numpy as np
 import pytest
 from matplotlib.container import BarContainer
-from matplotlib.patches import Patch
 
-from deepfault_jax import faultbench, pipeline, report
+from deepfault_jax import pipeline, report
 
 pytestmark = pytest.mark.usefixtures("model_cache")
 
 K = (1, 3)
 REPEATS = 2
-FB_METHODS = ("ochiai/pooled", "gradxact/per-class", "ablation/pooled")
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +25,6 @@ def finished_run(tmp_path_factory):
     with np.load(out / "synthesized.npz", allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files}
     return result, arrays, out
-
-
-@pytest.fixture(scope="module")
-def faultbench_result(tmp_path_factory):
-    config = faultbench.FaultbenchConfig(kinds=("push_last", "corrupt_in"), faults=(1, 2),
-                                         seeds=(0,), inputs=200, methods=FB_METHODS)  # fmt: skip
-    return pipeline.faultbench(config, tmp_path_factory.mktemp("fb"))
 
 
 def png_size(path) -> tuple[int, int]:
@@ -130,45 +121,3 @@ def test_misclassification_figure_says_its_error_bars_are_the_std_over_the_rando
     assert str(result["selection"]["inputs"]) in ax.get_ylabel()
     path = report.plot_misclassification(result, tmp_path / "m.png")
     assert png_size(path) == png_size(out / "misclassification.png") == figure_pixels(fig)
-
-
-def test_faultbench_figure_has_a_legend_of_method_families_and_error_bars(
-    faultbench_result, tmp_path
-):
-    result = faultbench_result
-    fig = report._faultbench_figure(result)
-    (legend,) = fig.legends
-    entries = [t.get_text() for t in legend.get_texts()]
-    colour_of = {t: h.get_facecolor() for t, h in zip(entries, legend.legend_handles, strict=True)
-                 if isinstance(h, Patch)}  # fmt: skip
-    family = {
-        "ochiai/pooled": "count measures (spectrum)",
-        "gradxact/per-class": "attribution measures",
-        "ablation/pooled": "exact single-neuron ablation",
-        "random": "random ranking (mean of random permutations)",
-    }
-    assert list(colour_of) == list(family.values())
-    assert entries == [*family.values(), "error bars: ±1 std (population) over the trials"]
-    panels = fig.axes
-    assert len(panels) == 2  # one model, fault counts 1 and 2
-    for ax, count in zip(panels, (1, 2), strict=True):
-        rows = {r["method"]: r for r in result["summary"] if r["faults"] == count}
-        trials = {r["trials"] for r in rows.values()}
-        assert ax.get_title() == f"mlp-3x50, {count} planted fault{'s' if count > 1 else ''} " + (
-            f"({trials.pop()} trials)"
-        )
-        ticks = [t.get_text() for t in ax.get_xticklabels()]
-        assert ticks == [*FB_METHODS, "random"]
-        (bars,) = bar_containers(ax)
-        segments = bars.errorbar.lines[2][0].get_segments()
-        for method, rect, seg in zip(ticks, bars.patches, segments, strict=True):
-            # each bar has its family's legend colour, its height the mean recall and its
-            # error bar the population std of the trials
-            assert mcolors.same_color(rect.get_facecolor(), colour_of[family[method]])
-            assert rect.get_height() == pytest.approx(rows[method]["top10_recall"])
-            values = [t["scores"][method]["top10_recall"] for t in result["trials"]
-                      if t["count"] == count and not t["skipped"]
-                      and len(t["faults"]) == count]  # fmt: skip
-            assert (seg[1, 1] - seg[0, 1]) / 2 == pytest.approx(np.std(values, ddof=0))
-    path = report.plot_faultbench(result, tmp_path / "f.png")
-    assert png_size(path) == figure_pixels(fig)

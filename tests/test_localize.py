@@ -236,7 +236,9 @@ def test_localize_one_class_and_layers(capsys, spec, spec_file):
     )
     assert [n["id"] for n in out["neurons"]] == expected.tolist()
     assert {n["layer"] for n in out["neurons"]} == {"dense_1"}
-    code = cli.main(["localize", "--spectrum", str(spec_file), "--k", "2"])
+    code = cli.main(
+        ["localize", "--spectrum", str(spec_file), "--measure", "tarantula", "--k", "2"]
+    )
     human = capsys.readouterr().out
     assert code == 0 and "top 2 neurons by tarantula (all classes pooled)" in human
 
@@ -245,18 +247,20 @@ def test_localize_one_class_and_layers(capsys, spec, spec_file):
     ("extra", "fragment"),
     [
         (["--measure", "foo"], "unknown measure 'foo'; expected one of tarantula, ochiai, dstar"),
-        (["--k", "0"], "k must lie in [1, 20]"),
-        (["--k", "21"], "k must lie in [1, 20]"),
+        (["--measure", "tarantula", "--k", "0"], "k must lie in [1, 20]"),
+        (["--measure", "tarantula", "--k", "21"], "k must lie in [1, 20]"),
         (["--class", "3"], "--class must lie in [0, 3); got 3"),
         (["--star", "2"], "--star is a parameter of dstar"),
         (["--measure", "dstar", "--star", "inf"], "dstar's star must be a finite number; got inf"),
         (["--measure", "dstar", "--star", "nan"], "dstar's star must be a finite number; got nan"),
         (["--measure", "dstar", "--star", "0"], "dstar's star must lie in (0, inf]; got 0"),
-        (["--layers", "x"], "unknown layer 'x'"),
+        (["--measure", "tarantula", "--layers", "x"], "unknown layer 'x'"),
         (["--class", "1", "--pooled"], "not allowed with argument"),
     ],
 )
 def test_localize_usage_errors(capsys, spec_file, extra, fragment):
+    if "--measure" not in extra:  # the default, gradxact, needs attribution sums
+        extra = ["--measure", "tarantula", *extra]
     code = cli.main(["localize", "--spectrum", str(spec_file), *extra])
     captured = capsys.readouterr()
     assert code == 2 and captured.out == ""

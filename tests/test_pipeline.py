@@ -180,7 +180,7 @@ def test_class_without_correct_inputs_is_reported(tmp_path):
             {"layers": ("logits",)},
             r"layers must be hidden layers of mlp-3x50 \(dense_0, dense_1, dense_2\); got 'logits'",
         ),
-        ({"measures": ("tarantula", "nope")}, "unknown measure 'nope'"),
+        ({"measures": ("tarantula", "nope")}, "unknown localizer 'nope'; expected one of"),
         (
             {"layers": ("dense_2",), "k": (51,)},
             "k must be <= 50, the neurons of the probed layers dense_2; got 51",
@@ -307,3 +307,53 @@ def test_ctrl_c_during_a_run_exits_130_cleanly_and_writes_nothing(tmp_path, mode
     assert child.stderr.rstrip().endswith("deepfault-jax: interrupted"), child.stderr
     assert "Traceback" not in child.stderr and "Fatal Python error" not in child.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_run_with_localizers_beyond_the_measures(capsys, tmp_path):
+    """Any localizer chooses suspicious sets: per class where it has a per-class variant
+    (ablation), else its pooled top k for every class (grad_norm); the measures' sets and
+    results are those of a run of the measures alone."""
+    from deepfault_jax import localize, localizers, spectrum_io
+
+    base = ["--k", "2", "--inputs-per-class", "2", "--random-repeats", "1", "--no-progress"]
+    code = cli.main(["run", "--methods", "ochiai,grad_norm,ablation", *base,
+                     "--out", str(tmp_path / "r"), "--json"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    assert result["config"]["measures"] == ["ochiai", "grad_norm", "ablation"]
+    assert [r["measure"] for r in result["results"]] == ["ochiai", "grad_norm", "ablation"]
+    chosen = result["localizers"]
+    assert [chosen[m]["selection"] for m in ("ochiai", "grad_norm", "ablation")] == [
+        "per-class", "pooled", "per-class"]  # fmt: skip
+    assert chosen["grad_norm"]["family"] == "gradient" and chosen["grad_norm"]["seconds"] >= 0
+    assert (
+        "Suspicious sets of grad_norm (no per-class variant)"
+        in (tmp_path / "r" / "report.md").read_text()
+    )
+
+    digits = data.load_dataset("digits")
+    model, params, _ = checkpoints.load_or_train("mlp-3x50", digits, seed=0)
+    prb = probe.model_probe(model, params)
+    x, y, batch = digits.x_test, digits.y_test, pipeline.RunConfig().batch_size
+    grad_norm = localizers.localize_neurons("grad_norm", prb, params, x, y, batch_size=batch)
+    ablation = localizers.localize_neurons("ablation", prb, params, x, y, per_class=True,
+                                           batch_size=batch)  # fmt: skip
+    saved = spectrum_io.load_spectrum(tmp_path / "r" / "spectrum.npz")
+    with np.load(tmp_path / "r" / "synthesized.npz", allow_pickle=False) as f:
+        top = localize.top_k_neurons(grad_norm, 2)
+        np.testing.assert_array_equal(f["grad_norm_k2__table"], np.tile(top, (10, 1)))
+        np.testing.assert_array_equal(f["ablation_k2__table"], localize.top_k_neurons(ablation, 2))
+        ochiai_table = f["ochiai_k2__table"]
+        np.testing.assert_array_equal(ochiai_table, localize.suspicious_neurons(saved, "ochiai", 2))
+
+    # the measure alone: the same suspicious sets, the same synthesis and figures
+    code = cli.main(["run", "--measures", "ochiai", *base, "--out", str(tmp_path / "o"), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    alone = json.loads(captured.out)
+    with np.load(tmp_path / "o" / "synthesized.npz", allow_pickle=False) as f:
+        np.testing.assert_array_equal(f["ochiai_k2__table"], ochiai_table)
+    mine = {k: v for k, v in result["results"][0].items() if k != "random"}
+    assert mine == {k: v for k, v in alone["results"][0].items() if k != "random"}
+    assert alone["localizers"] == {"ochiai": chosen["ochiai"]}
