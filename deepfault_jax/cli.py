@@ -391,6 +391,8 @@ def _faultbench_parser(sub) -> None:
          shown="the cheap methods among --methods")  # fmt: skip
     _add(p, "--top-k", _BENCH.top_k, "recall cutoffs in neurons", _listed(_int(lo=1)),
          metavar="K1,K2,...")  # fmt: skip
+    _add(p, "--tries", _BENCH.tries, "neurons tried per fault before a trial is given up",
+         _int(lo=1), metavar="N")  # fmt: skip
     _probe_options(p, _BENCH, conv_reductions=FaultbenchConfig.CONV_REDUCTIONS, threshold=False)
     _add(p, "--batch-size", _BENCH.batch_size, "inputs per step", _int(lo=1), metavar="B")
     _output_options(

@@ -300,15 +300,20 @@ def _localize_spectrum(args: argparse.Namespace, info, options: dict) -> dict:
     """localize from a saved spectrum: count and attribution measures."""
     from deepfault_jax import localize
 
-    if info.needs not in ("spectrum", "attribution"):
-        raise UsageError(f"--method {info.name} needs the model ({info.needs}), not a saved "
-                         "spectrum: pass --checkpoint DIR or --model NAME --dataset SPEC "
-                         "instead of --spectrum")  # fmt: skip
     given = [d for d, default in args.model_only.items() if getattr(args, d) != default]
     if given:
         flag = "--" + given[0].replace("_", "-")
         raise UsageError(f"{flag} goes with a model (--checkpoint or --model); got --spectrum")
-    spec = spectrum_io.load_spectrum(args.spectrum)
+    if info.needs not in ("spectrum", "attribution") and (args.method or args.measure):
+        raise UsageError(f"--method {info.name} needs the model ({info.needs}), not a saved "
+                         "spectrum: pass --checkpoint DIR or --model NAME --dataset SPEC "
+                         "instead of --spectrum")  # fmt: skip
+    spec = spectrum_io.load_spectrum(args.spectrum)  # a missing or damaged file first
+    if info.needs not in ("spectrum", "attribution"):
+        raise UsageError(f"the default method {info.name} needs the model, not a saved spectrum: "
+                         "pass --checkpoint DIR or --model NAME --dataset SPEC, or name a "
+                         "measure of the spectrum (--method ochiai; --method gradxact for one "
+                         "computed with --attribution)")  # fmt: skip
     if (
         info.needs == "attribution"
         and spec.attribution is None
@@ -339,15 +344,7 @@ def _localize_spectrum(args: argparse.Namespace, info, options: dict) -> dict:
 
 def _spectrum_at_hand(evidence, info, options: dict):
     """The spectrum the localizer computed on the way (then its counts cost nothing), or None."""
-    if info.family in ("counts", "attribution"):
-        return evidence.spectrum(threshold=options.get("threshold", 0.0))
-    if info.family == "aggregate":
-        methods = options.get("methods", info.options.get("methods", ()))
-        names = (methods,) if isinstance(methods, str) else tuple(methods)
-        families = {localizers.localizer_info(n).family for n in names}
-        if families & {"counts", "attribution"}:
-            return evidence.spectrum()
-    return None
+    return evidence.held_spectrum(threshold=options.get("threshold", 0.0))
 
 
 def _localize_model(args: argparse.Namespace, info, options: dict) -> dict:

@@ -94,13 +94,13 @@ def _best_class_rank(per_class: np.ndarray) -> Ranks:
 _DEFAULT_METHODS = (
     "tarantula", "ochiai", "dstar", "gradxact", "actdiff", "linear_ablation",
     "gradxact/per-class", "ablation", "ablation_loss", "gain_ablation", "grad_norm",
-    "grad_snr", "confusion", "aggregate",
+    "grad_snr", "confusion", "aggregate", "consensus",
 )  # fmt: skip
 
 #: Candidates for the recommended default: methods costing at most a few passes.
 _DEFAULT_CANDIDATES = (
     "ochiai", "dstar", "gradxact", "linear_ablation", "gradxact/per-class", "grad_norm",
-    "confusion", "aggregate",
+    "grad_snr", "confusion", "aggregate", "consensus",
 )  # fmt: skip
 
 
@@ -194,15 +194,19 @@ def run_trial(
     methods: Sequence[str],
     cut: dict[str, int],
     batch_size: int = 512,
+    tries: int = 16,
     labels: dict[str, Any] | None = None,
 ) -> Trial:
     """Plants ``count`` faults of ``kind`` (drops measured on ``measure_xy``), then scores every
-    method on ``localize_xy``; ``labels`` (model_seed, seed) are recorded as given."""
+    method on ``localize_xy``; ``tries``: neurons tried per fault; ``labels`` (model_seed,
+    seed) are recorded as given."""
     labels = labels or {}
     start = time.perf_counter()
     xm, ym = measure_xy
     before = zoo.accuracy(model, params, xm, ym)
-    planting = plant_faults(key, model, params, probe, xm, ym, kind=kind, count=count, drop=drop)
+    planting = plant_faults(
+        key, model, params, probe, xm, ym, kind=kind, count=count, drop=drop, tries=tries
+    )
     n = probe.index.num_neurons
     base = {
         "model": model.name, "model_seed": int(labels.get("model_seed", 0)), "kind": kind,
@@ -281,11 +285,13 @@ def leave_one_out(
             continue
         chosen = max(candidates, key=lambda m: (np.nan_to_num(mean(train, m), nan=-1.0), -candidates.index(m)))  # fmt: skip
         best = max(candidates, key=lambda m: np.nan_to_num(mean(test, m), nan=-1.0))
+        default = mean(test, DEFAULT_LOCALIZER)
         rows.append({
             by: held, "trials": len(test), "chosen": chosen,
             "chosen_on_others": mean(train, chosen), "chosen_held_out": mean(test, chosen),
             "best_held_out": best, "best_held_out_score": mean(test, best),
-            "default": DEFAULT_LOCALIZER, "default_held_out": mean(test, DEFAULT_LOCALIZER),
+            "default": DEFAULT_LOCALIZER,
+            "default_held_out": None if np.isnan(default) else default,
         })  # fmt: skip
     return rows
 
@@ -317,6 +323,8 @@ class FaultbenchConfig:
       candidates: the methods leave-one-kind-out chooses among (None: the cheap defaults
         that are in ``methods``).
       top_k: recall cutoffs in neurons; top_percent: in percent of the probed neurons.
+      tries: neurons tried per fault before a trial is given up (weak kinds such as
+        ``out_swap`` in wide layers reject many).
       layers: probed layers (None: every hidden Dense/Conv).
       conv_reduce: one of :attr:`CONV_REDUCTIONS` (faults are planted in whole channels).
       values: ``"pre"`` or ``"post"`` activation values.
@@ -341,6 +349,7 @@ class FaultbenchConfig:
     candidates: tuple[str, ...] | None = None
     top_k: tuple[int, ...] = (5, 10)
     top_percent: tuple[float, ...] = (5.0, 10.0)
+    tries: int = 16
     layers: tuple[str, ...] | None = None
     conv_reduce: str = "mean"
     values: str = "pre"
@@ -385,6 +394,7 @@ class FaultbenchConfig:
         check_int("inputs", self.inputs, lo=self.MIN_INPUTS)
         check_int("measure_inputs", self.measure_inputs, lo=self.MIN_INPUTS)
         check_int("batch_size", self.batch_size, lo=1)
+        check_int("tries", self.tries, lo=1)
         if self.conv_reduce not in self.CONV_REDUCTIONS:
             raise InputError(
                 f"conv_reduce must be one of {', '.join(self.CONV_REDUCTIONS)} (faults are "
@@ -539,7 +549,7 @@ def run_faultbench(config: FaultbenchConfig, *, progress: Progress | None = None
                                 _trial_key(seed, kind, w, count, model_seed), model, params,
                                 prb, localize_xy, measure_xy, kind=kind, drop=tuple(drop),
                                 count=count, methods=methods, cut=cut,
-                                batch_size=config.batch_size,
+                                batch_size=config.batch_size, tries=config.tries,
                                 labels={"model_seed": model_seed, "seed": seed},
                             )  # fmt: skip
                             trials.append(dataclasses.asdict(trial) | {"model": spec})

@@ -25,6 +25,10 @@ def _cell(row: dict | None, score: str) -> str:
     return "-" if row is None else f"{row[score]:.2f}"
 
 
+def _maybe(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def leave_one_out_table(rows: list[dict], by: str) -> list[str]:
     """Markdown rows: per held-out kind (or family), the method chosen on the others, its
     top-10 recall there and on the held-out trials, the best method in hindsight and the
@@ -38,15 +42,16 @@ def leave_one_out_table(rows: list[dict], by: str) -> list[str]:
         lines.append(
             f"| {r[by]} | {r['trials']} | {r['chosen']} | {r['chosen_on_others']:.2f} "
             f"| {r['chosen_held_out']:.2f} | {r['best_held_out']} "
-            f"({r['best_held_out_score']:.2f}) | {r['default_held_out']:.2f} |"
+            f"({r['best_held_out_score']:.2f}) | {_maybe(r['default_held_out'])} |"
         )
     if rows:
-        mean = {k: np.mean([r[k] for r in rows]) for k in ("chosen_held_out", "default_held_out")}
+        chosen = np.mean([r["chosen_held_out"] for r in rows])
+        defaults = [r["default_held_out"] for r in rows]
+        default = None if None in defaults else float(np.mean(defaults))
         best = np.mean([r["best_held_out_score"] for r in rows])
         lines.append(
-            f"| **mean** | {sum(r['trials'] for r in rows)} | | | "
-            f"**{mean['chosen_held_out']:.2f}** | ({best:.2f}) | "
-            f"**{mean['default_held_out']:.2f}** |"
+            f"| **mean** | {sum(r['trials'] for r in rows)} | | | **{chosen:.2f}** | "
+            f"({best:.2f}) | **{_maybe(default)}** |"
         )
     return lines
 

@@ -16,7 +16,9 @@ With ``l_i(theta)`` the cross-entropy of input ``i`` (of ``n``) and
   diagonal empirical-Fisher Newton step on the neuron's parameters is
   predicted to lower the loss by ``(n/2) * P_k * grad_snr``: the score asks
   "would the inputs agree on fixing this neuron?", whatever the fault did
-  to it.
+  to it. The units ``i`` may be single inputs or groups of inputs (their
+  summed gradients, :func:`gradient_stats` ``groups=``): the same question at
+  a coarser resolution, at the cost of one batched backward pass per group.
 * ``refit``: the held-out loss drop reached by re-fitting only the neuron's
   parameters: ``steps`` Adam steps on the mean loss of one half of the inputs
   (even positions), each parameter moving in units of the RMS of its piece
@@ -135,23 +137,51 @@ def _relevant(tree: dict, layout: NeuronLayout) -> dict:
 
 
 def gradient_stats(
-    probe: Probe, params: Any, x: np.ndarray, y: np.ndarray, *, batch_size: int = 512
+    probe: Probe,
+    params: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    batch_size: int = 512,
+    groups: int | None = None,
 ) -> GradientStats:
-    """:class:`GradientStats` of the cross-entropy over ``(x, y)``: one backward pass per input
-    (vmapped in chunks; per-input gradients of the probed layers and their consumers)."""
+    """:class:`GradientStats` of the cross-entropy over ``(x, y)`` (the probed layers and
+    their consumers).
+
+    With ``groups=None`` the units are single inputs: one backward pass per input
+    (vmapped in chunks). With ``groups=m`` the inputs are cut into ``m`` consecutive
+    groups of equal size (the last one padded) and the units are the groups' summed
+    gradients: ``m`` batched backward passes, the same statistics at the resolution of
+    groups (``n`` of the result is ``m``).
+    """
     from deepfault_jax.data import iterate_batches
 
     layout = neuron_layout(probe, params, what="a gradient localizer")
     tree = pure_params(params)
-    size = sum(int(np.size(a)) for a in jax.tree.leaves(_relevant(tree, layout)))
-    # per-input gradients take chunk * size floats: keep them near 2**24
-    chunk = max(1, min(int(batch_size), (1 << 24) // max(size, 1)))
     first = second = None
-    for batch in iterate_batches(x, y, batch_size=chunk):
-        f, s = _grad_sums(params, tree, batch.x, batch.y, batch.mask, probe=probe)
+
+    def add(f, s):
+        nonlocal first, second
         f, s = (jax.tree.map(lambda a: np.asarray(a, np.float64), _relevant(t, layout)) for t in (f, s))  # fmt: skip
         first = f if first is None else jax.tree.map(np.add, first, f)
         second = s if second is None else jax.tree.map(np.add, second, s)
+
+    if groups is not None:
+        groups = check_int("groups", groups, lo=2)
+        if len(x) < groups:
+            raise InputError(f"groups must be at most the {len(x)} inputs; got {groups}")
+        size = -(-len(x) // groups)
+        count = 0
+        for batch in iterate_batches(x, y, batch_size=size):
+            g = _grad_sum(params, tree, batch.x, batch.y, batch.mask, probe=probe)
+            add(g, jax.tree.map(jnp.square, g))
+            count += 1
+        return GradientStats(first, second, count, layout)
+    size = sum(int(np.size(a)) for a in jax.tree.leaves(_relevant(tree, layout)))
+    # per-input gradients take chunk * size floats: keep them near 2**24
+    chunk = max(1, min(int(batch_size), (1 << 24) // max(size, 1)))
+    for batch in iterate_batches(x, y, batch_size=chunk):
+        add(*_grad_sums(params, tree, batch.x, batch.y, batch.mask, probe=probe))
     return GradientStats(first, second, len(x), layout)
 
 

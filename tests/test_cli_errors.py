@@ -38,8 +38,8 @@ BAD_VALUES = [
     (["faultbench", "--seeds", "0,-1"], "--seeds", "-1"),
     (["faultbench", "--seeds", "0,0"], "--seeds", "0,0"),
     (["faultbench", "--seeds", "a,b"], "--seeds", "'a,b'"),
-    (["faultbench", "--model-seed", BIG_SEED], "--model-seed", BIG_SEED),
-    (["faultbench", "--model-seed", "-2"], "--model-seed", "-2"),
+    (["faultbench", "--model-seeds", f"0,{BIG_SEED}"], "--model-seeds", BIG_SEED),
+    (["faultbench", "--model-seeds", "-2"], "--model-seeds", "-2"),
     # train
     (["train", "--epochs", "0"], "--epochs", "0"),
     (["train", "--epochs", "2.5"], "--epochs", "'2.5'"),
@@ -99,16 +99,19 @@ BAD_VALUES = [
     (["faultbench", "--faults", "x"], "--faults", "'x'"),
     (["faultbench", "--faults", "1,1"], "--faults", "1,1"),
     (["faultbench", "--inputs", "5"], "--inputs", "5"),
-    (["faultbench", "--min-drop", "nan"], "--min-drop", "nan"),
-    (["faultbench", "--min-drop", "1"], "--min-drop", "1"),
-    (["faultbench", "--min-drop", "0"], "--min-drop", "0"),
+    (["faultbench", "--drop", "0.01:nan"], "--drop", "nan"),
+    (["faultbench", "--drop", "0.01:1"], "--drop", "1"),
+    (["faultbench", "--drop", "0:0.01"], "--drop", "0"),
+    (["faultbench", "--measure-inputs", "5"], "--measure-inputs", "5"),
+    (["faultbench", "--tries", "0"], "--tries", "0"),
     (["faultbench", "--conv-reduce", "none"], "--conv-reduce", "'none'"),
     (["faultbench", "--models", "resnet"], "--models", "'resnet'"),
     (["faultbench", "--models", "lenet1,lenet1"], "--models", "lenet1"),
     (["faultbench", "--kinds", "flip"], "--kinds", "'flip'"),
     (["faultbench", "--values", "x"], "--values", "'x'"),
-    (["faultbench", "--methods", "ochiai"], "--methods", "'ochiai'"),
-    (["faultbench", "--methods", "ablation/per-class"], "--methods", "ablation/per-class"),
+    (["faultbench", "--methods", "ochiai/all"], "--methods", "'ochiai/all'"),
+    (["faultbench", "--methods", "grad_snr/per-class"], "--methods", "grad_snr/per-class"),
+    (["faultbench", "--methods", "nope"], "--methods", "'nope'"),
 ]
 
 
@@ -130,7 +133,7 @@ def test_bad_option_value_is_exit_2_and_writes_nothing(capsys, tmp_path, argv, o
     [
         (["--star", "x"], "--star", "'x'"),
         (["--measure", "tarantula", "--star", "2"], "--star", "tarantula"),  # dstar's only
-        (["--star", "2"], "--star is a parameter of dstar", "gradxact"),  # the default method
+        (["--star", "2"], "--star is a parameter of dstar", "consensus"),  # the default method
         # the measure checks its parameter (and localize the k) before the file is read
         (["--measure", "dstar", "--star", "inf"], "star must be a finite number", "inf"),
         (["--measure", "dstar", "--star", "-1"], "star must lie in (0, inf]", "-1"),
@@ -142,7 +145,7 @@ def test_bad_option_value_is_exit_2_and_writes_nothing(capsys, tmp_path, argv, o
         (["--method", "nope"], "--method: unknown localizer 'nope'", "grad_norm"),
         (["--measure", "nope"], "--measure: unknown measure 'nope'", "ochiai"),
         (["--measure", "ablation"], "--measure", "use --method ablation"),
-        (["--option", "foo=1"], "--option: localizer 'gradxact' takes options", "foo"),
+        (["--option", "foo=1"], "--option: localizer 'consensus' takes options", "foo"),
         (["--option", "foo"], "--option must be KEY=VALUE", "'foo'"),
         (["--option", "1x=2"], "--option must be KEY=VALUE", "'1x=2'"),
         (["--method", "refit", "--option", "step=1"], "takes options [steps", "step"),
@@ -187,8 +190,8 @@ def test_localize_missing_spectrum_is_exit_2(capsys, tmp_path):
 def test_seed_beyond_2_63_is_refused_by_faultbench_config():
     with pytest.raises(InputError, match="seeds must lie in"):
         faultbench.FaultbenchConfig(seeds=(0, 2**63)).validate()
-    with pytest.raises(InputError, match="model_seed must lie in"):
-        faultbench.FaultbenchConfig(model_seed=-1).validate()
+    with pytest.raises(InputError, match="model_seeds must lie in"):
+        faultbench.FaultbenchConfig(model_seeds=(-1,)).validate()
 
 
 # --------------------------------------------------------------------------- JAX_PLATFORMS
@@ -218,7 +221,7 @@ def test_faultbench_more_faults_than_neurons_is_exit_2_before_training(capsys, t
     code, stdout, err = run_cli(capsys, "faultbench", "--models", "mlp-3x50,lenet1",
                                 "--faults", "1,1000", "--out", str(out))  # fmt: skip
     assert_usage_error(code, stdout, err,
-                          "--faults must be <= 16, the probed neurons of lenet1; got 1000")  # fmt: skip
+                          "faults must be <= 16, the probed neurons of lenet1; got 1000")  # fmt: skip
     assert not out.exists()
     assert not (tmp_path / "cache").exists()  # no model was trained
 
@@ -280,8 +283,9 @@ def test_defaults_come_from_the_configs():
         assert getattr(run, field) == getattr(want, field), field
     bench = cli._parser().parse_args(["faultbench"])
     want = faultbench.FaultbenchConfig()
-    for field in ("models", "dataset", "kinds", "faults", "seeds", "inputs", "min_drop",
-                  "methods", "layers", "conv_reduce", "values", "model_seed"):  # fmt: skip
+    for field in ("models", "dataset", "kinds", "drops", "faults", "seeds", "inputs",
+                  "measure_inputs", "methods", "candidates", "top_k", "tries", "layers",
+                  "conv_reduce", "values", "model_seeds", "batch_size"):  # fmt: skip
         assert getattr(bench, field) == getattr(want, field), field
     spec = cli._parser().parse_args(["spectrum", "--out", "s.npz"])
     assert (spec.values, spec.activation, spec.conv_reduce) == ("pre", "relu", "mean")

@@ -92,8 +92,8 @@ def test_default_method_with_a_checkpoint_and_human_table(capsys, tmp_path, mlp)
     model, _, _ = checkpoints.load_or_train("mlp-3x50", digits, seed=0)
     ck = checkpoints.save_checkpoint(tmp_path / "ck", model, params)
     result = _localize_json(capsys, "--checkpoint", str(ck), "--k", "5")
-    assert result["method"] == localizers.DEFAULT_LOCALIZER == "gradxact"
-    _assert_ranks(result, localizers.localize_neurons("gradxact", prb, params, x, y), 5)
+    assert result["method"] == localizers.DEFAULT_LOCALIZER == "consensus"
+    _assert_ranks(result, localizers.localize_neurons("consensus", prb, params, x, y), 5)
     assert result["model_source"] == str(ck.absolute()) and result["counts"] is True
     code, out, err = run_cli(capsys, "localize", "--model", "mlp-3x50", "--method", "grad_norm",
                              "--k", "3", "--no-progress")  # fmt: skip
@@ -159,7 +159,7 @@ def test_list_plain_and_json(capsys):
         (["--method", "grad_norm", "--class", "2"], ["--class", "grad_norm", "per-class"]),
         (["--measure", "grad_norm"], ["--measure", "use --method grad_norm"]),
         (["--k", "151"], ["--k must lie in [1, 150]", "got 151"]),
-        (["--class", "10"], ["--class must lie in [0, 10); got 10"]),
+        (["--method", "ablation", "--class", "10"], ["--class must lie in [0, 10); got 10"]),
         (["--inputs", "450"], ["--inputs must be <= 449", "got 450"]),
         (["--layers", "dense_9"], ["unknown layer 'dense_9'"]),
         (["--method", "grad_norm", "--conv-reduce", "none", "--model", "lenet1"],
@@ -191,8 +191,8 @@ def test_default_method_on_a_count_only_spectrum_says_what_to_do(capsys, tmp_pat
                            "--out", str(out))  # fmt: skip
     assert code == 0, err
     code, stdout, err = run_cli(capsys, "localize", "--spectrum", str(out))
-    assert_usage_error(code, stdout, err, "the default method gradxact needs a spectrum computed "
-                       "with --attribution", "--method ochiai")  # fmt: skip
+    assert_usage_error(code, stdout, err, f"the default method {localizers.DEFAULT_LOCALIZER} "
+                       "needs the model", "--method ochiai")  # fmt: skip
     result = _localize_json(capsys, "--spectrum", str(out), "--method", "ochiai", "--k", "3")
     spec = spectrum_io.load_spectrum(out)
     _assert_ranks(result, localizers.spectrum_scores("ochiai", spec), 3)

@@ -191,13 +191,27 @@ def test_grad_norm_and_grad_snr_match_hand_backprop(mlp, subset):
     norm, snr = grad_norm_snr_loops(grads, [50, 50, 50])
     assert norm.min() >= 0 and 0 <= snr.min() and snr.max() <= 1 + 1e-12
     got_norm = localize_neurons("grad_norm", prb, params, x, y, batch_size=32)
-    got_snr = localize_neurons("grad_snr", prb, params, x, y, batch_size=32)
+    got_snr = localize_neurons("grad_snr", prb, params, x, y, batch_size=32, groups=None)
     assert got_norm.dtype == got_snr.dtype == np.float32
     # float32 gradients summed over 100 inputs: relative rounding ~1e-6 (measured 4e-7)
     np.testing.assert_allclose(got_norm, norm, rtol=1e-5, atol=1e-6 * norm.max())
     # ratios in [0, 1] from float32 sums (measured error 3e-8); parameters no input moves
     # (inputs of always-zero pixels, dead units) give exactly 0 on both sides
     np.testing.assert_allclose(got_snr, snr, rtol=0, atol=1e-5)
+    # groups: the units are the summed gradients of consecutive groups (25 inputs each)
+    for groups in (4, 7):
+        size = -(-len(x) // groups)
+
+        def by_group(g, size=size):
+            return np.stack([g[i : i + size].sum(axis=0) for i in range(0, len(g), size)])
+
+        grouped = [tuple(by_group(g) for g in layer) for layer in grads]
+        _, want = grad_norm_snr_loops(grouped, [50, 50, 50])
+        got = localize_neurons("grad_snr", prb, params, x, y, groups=groups)
+        # float32 sums of 25 gradients per group: rounding ~1e-6 of the ratio
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    # the default is 64 groups, clamped to the inputs (100 here: 64 groups of 2)
+    assert localizer_info("grad_snr").options == {"groups": 64}
 
 
 def _random_params(model, seed=0):
@@ -319,7 +333,7 @@ def test_grad_norm_and_snr_of_lenet1_match_jax_grad_sliced_by_hand(lenet, digits
     got = localize_neurons("grad_norm", prb, params, x, y, batch_size=16)
     # float32 gradients of two XLA programs (the probe's conv layers, flax's): rounding ~1e-6
     np.testing.assert_allclose(got, norms, rtol=1e-5, atol=1e-6 * max(norms))
-    got_snr = localize_neurons("grad_snr", prb, params, x, y)
+    got_snr = localize_neurons("grad_snr", prb, params, x, y, groups=None)
     np.testing.assert_allclose(got_snr, snrs, rtol=0, atol=1e-5)
 
 
