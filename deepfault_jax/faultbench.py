@@ -497,6 +497,27 @@ def _trial_key(seed: int, kind: str, window: int, count: int, model_seed: int) -
     return key
 
 
+def standalone_seconds(
+    probe: Probe,
+    params: Any,
+    xy: tuple[np.ndarray, np.ndarray],
+    methods: Sequence[str],
+    *,
+    batch_size: int,
+) -> dict[str, float]:
+    """Seconds of each method alone (a fresh :class:`Evidence`, nothing shared), on ``xy``,
+    after one warm-up call (compilation excluded)."""
+    out = {}
+    for method in methods:
+        name, per_class = _split_method(method)
+        for _ in range(2):  # the first call compiles
+            evidence = Evidence(probe, params, *xy, batch_size=batch_size)
+            start = time.perf_counter()
+            evidence.scores(name, per_class=per_class)
+            out[method] = time.perf_counter() - start
+    return out
+
+
 def _model_info(model: Model, params: Any, prb: Probe, meta: dict, xy) -> dict:
     index = prb.index
     return {
@@ -519,7 +540,8 @@ def run_faultbench(config: FaultbenchConfig, *, progress: Progress | None = None
     Returns:
       The result as a JSON-ready dict: ``config``, ``versions``, ``dataset``, ``models``,
       ``trials``, ``summary``, ``by_kind``, ``leave_one_kind_out``,
-      ``leave_one_family_out``, ``method_seconds``, ``rejected``, ``skipped``, ``seconds``.
+      ``leave_one_family_out``, ``leave_one_kind_out_percent`` (by top-10% recall),
+      ``method_seconds``, ``rejected``, ``skipped``, ``seconds``.
     """
     config.validate()
     start = time.perf_counter()
@@ -539,7 +561,11 @@ def run_faultbench(config: FaultbenchConfig, *, progress: Progress | None = None
                 name, dataset, seed=model_seed, activation=activation, progress=progress
             )
             prb = config.probe(model, params)
-            models[f"{spec}@{model_seed}"] = _model_info(model, params, prb, meta, measure_xy)
+            info = _model_info(model, params, prb, meta, measure_xy)
+            info["method_seconds"] = standalone_seconds(
+                prb, params, localize_xy, methods, batch_size=config.batch_size
+            )
+            models[f"{spec}@{model_seed}"] = info
             cut = cutoffs(prb.index.num_neurons, config.top_k, config.top_percent)
             for kind in config.kinds:
                 for w, drop in enumerate(config.drops):
@@ -560,10 +586,6 @@ def run_faultbench(config: FaultbenchConfig, *, progress: Progress | None = None
 
 def _result(config, dataset, models, trials, methods, start, parts) -> dict:
     candidates = config.resolved_candidates()
-    seconds: dict[str, dict[str, float]] = {}
-    for t in _complete(trials):
-        for method, s in t["method_seconds"].items():
-            seconds.setdefault(t["model"], {}).setdefault(method, []).append(s)
     return {
         "config": dataclasses.asdict(config)
         | {"methods": list(methods), "candidates": list(candidates)},
@@ -576,10 +598,8 @@ def _result(config, dataset, models, trials, methods, start, parts) -> dict:
         "by_model_kind": summarize(trials, ("model", "kind")),
         "leave_one_kind_out": leave_one_out(trials, candidates, by="kind"),
         "leave_one_family_out": leave_one_out(trials, candidates, by="family"),
-        "method_seconds": {
-            model: {m: float(np.median(v)) for m, v in per.items()}
-            for model, per in seconds.items()
-        },
+        "leave_one_kind_out_percent": leave_one_out(trials, candidates, score="top10%"),
+        "method_seconds": {model: info["method_seconds"] for model, info in models.items()},
         "rejected": int(sum(t["rejected"] for t in trials)),
         "skipped": [
             {k: t[k] for k in ("model", "model_seed", "kind", "drop", "count", "seed", "skipped")}

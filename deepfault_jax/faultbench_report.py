@@ -112,7 +112,8 @@ def by_kind_table(result: dict, model: str | None = None) -> list[str]:
 
 
 def seconds_table(result: dict) -> list[str]:
-    """Markdown rows: median seconds per trial of every method, per model."""
+    """Markdown rows: seconds of every method alone on the localization inputs of each
+    clean model (after a warm-up call)."""
     models = list(result["method_seconds"])
     lines = ["| method | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
     for method in result["config"]["methods"]:
@@ -173,6 +174,11 @@ def faultbench_markdown(result: dict) -> str:
         "",
         *leave_one_out_table(result["leave_one_kind_out"], "kind"),
         "",
+        "The same by top-10% recall (k = 10% of each model's probed neurons; fairer to "
+        "small models):",
+        "",
+        *leave_one_out_table(result["leave_one_kind_out_percent"], "kind"),
+        "",
         "## Leave one fault family out",
         "",
         *leave_one_out_table(result["leave_one_family_out"], "family"),
@@ -189,7 +195,17 @@ def faultbench_markdown(result: dict) -> str:
     for model in result["models"]:
         name = model.split("@")[0]
         lines += [f"### {name}", "", *by_kind_table(result, name), ""]
-    lines += ["## Seconds per trial (median)", "", *seconds_table(result), ""]
+    lines += [
+        "## Seconds per method",
+        "",
+        "Each method alone (nothing shared with the others) on the localization inputs of "
+        "the clean model, after a warm-up call. Within a trial the methods share their passes "
+        "(the spectrum, the ablations, the gradients): each trial's `method_seconds` holds "
+        "what each method added.",
+        "",
+        *seconds_table(result),
+        "",
+    ]
     if result["skipped"]:
         lines += ["## Skipped trials", ""]
         for s in result["skipped"]:
