@@ -241,7 +241,7 @@ class Evidence:
             if score.shape != want or np.isnan(score).any():
                 raise AssertionError(f"localizer {info.name} gave {score.shape} or NaN scores")
             self._memo[key] = score
-        return self._memo[key]
+        return self._memo[key].copy()  # the caller's to change; the kept one stays
 
 
 def localize_neurons(

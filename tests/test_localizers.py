@@ -629,3 +629,18 @@ def test_refit_needs_two_inputs(relu_mlp, subset):
     x, y = subset
     with pytest.raises(ValueError, match=r"(?i)refit.*input"):
         localize_neurons("refit", prb, params, x[:1], y[:1], steps=1)
+
+
+def test_evidence_computes_each_pass_once_and_hands_out_copies(mlp, subset):
+    _, params, prb, _ = mlp
+    x, y = subset
+    evidence = localizers.Evidence(prb, params, x, y)
+    first = evidence.scores("gradxact")
+    spectrum = evidence.held_spectrum()
+    assert spectrum is not None and spectrum.attribution is not None
+    first[:] = -1.0  # a caller changing its copy changes nothing kept
+    again = evidence.scores("gradxact")
+    np.testing.assert_array_equal(again, localize_neurons("gradxact", prb, params, x, y))
+    evidence.scores("ochiai")  # served by the spectrum with attribution sums: no new pass
+    assert evidence.held_spectrum() is spectrum
+    assert evidence.held_spectrum(threshold=0.5) is None
