@@ -16,12 +16,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from deepfault_jax.data import iterate_batches
 from deepfault_jax.errors import InputError, InputTypeError, check_finite
 from deepfault_jax.probe import NeuronIndex, Probe
 
-__all__ = ["ABLATION_SCORES", "Ablation", "ablation_scores", "exact_ablation"]
+__all__ = ["ABLATION_SCORES", "Ablation", "ablation_scores", "checked_inputs", "exact_ablation"]
 
 #: What :func:`ablation_scores` can rank by.
 ABLATION_SCORES = ("fixes-breaks", "loss")
@@ -46,10 +47,6 @@ class Ablation(NamedTuple):
     index: NeuronIndex
 
 
-def _cross_entropy(logits, labels):
-    return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], axis=-1)[:, 0]
-
-
 @functools.partial(jax.jit, static_argnames=("probe",))
 def _logits(params, x, *, probe: Probe):
     return probe(params, x)[0]
@@ -62,7 +59,7 @@ def _ablate_chunk(params, x, y, mask, base, ids, gain, *, probe: Probe):
     model as it is."""
     num_classes = probe.num_classes
     base_right = jnp.argmax(base, axis=-1) == y
-    base_loss = _cross_entropy(base, y)
+    base_loss = optax.softmax_cross_entropy_with_integer_labels(base, y)
     member = (jax.nn.one_hot(y, num_classes) * mask[:, None]).astype(jnp.float32)  # [B, C]
     offsets = probe.index.offsets
 
@@ -79,13 +76,13 @@ def _ablate_chunk(params, x, y, mask, base, ids, gain, *, probe: Probe):
         right = jnp.argmax(logits, axis=-1) == y
         fixes = (right & ~base_right).astype(jnp.float32) @ member
         breaks = (~right & base_right).astype(jnp.float32) @ member
-        drop = (base_loss - _cross_entropy(logits, y)) @ member
+        drop = (base_loss - optax.softmax_cross_entropy_with_integer_labels(logits, y)) @ member
         return fixes, breaks, drop
 
     return jax.vmap(one)(ids)
 
 
-def _checked_data(probe: Probe, x, y) -> tuple[np.ndarray, np.ndarray]:
+def checked_inputs(probe: Probe, x, y) -> tuple[np.ndarray, np.ndarray]:
     """``x`` (float32, finite) and ``y`` (integer labels of the probe's classes) as arrays."""
     x, y = np.asarray(x, np.float32), np.asarray(y)
     if x.shape[1:] != probe.input_shape or len(x) != len(y) or not len(x):
@@ -146,7 +143,7 @@ def exact_ablation(
     from tqdm.auto import tqdm
 
     probe.require_gates("exact ablation")
-    x, y = _checked_data(probe, x, y)
+    x, y = checked_inputs(probe, x, y)
     n = probe.index.num_neurons
     ids = np.arange(n) if neurons is None else np.unique(np.asarray(neurons, np.int64))
     if ids.size == 0 or ids.min() < 0 or ids.max() >= n:

@@ -26,25 +26,23 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from deepfault_jax import measures
 from deepfault_jax.data import iterate_batches
 from deepfault_jax.errors import InputError, check_finite, check_int
+from deepfault_jax.localize import middle_ranks
 from deepfault_jax.probe import Probe
 from deepfault_jax.spectrum import Counts
 
-__all__ = ["confusion_scores", "middle_ranks", "per_input_values"]
-
-
-def _cross_entropy(logits, labels):
-    return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], axis=-1)[:, 0]
+__all__ = ["confusion_scores", "per_input_values"]
 
 
 @functools.partial(jax.jit, static_argnames=("probe",))
 def _batch(params, x, y, *, probe: Probe):
     def loss(gates):
         logits, acts = probe.gated(params, x, gates)
-        return jnp.sum(_cross_entropy(logits, y)), (logits, acts)
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y)), (logits, acts)
 
     gates = probe.ones(x.shape[0])
     grads, (logits, acts) = jax.grad(loss, has_aux=True)(gates)
@@ -69,15 +67,6 @@ def per_input_values(
         acts.append(np.asarray(a)[keep])
         gxas.append(np.asarray(g)[keep])
     return np.concatenate(preds), np.concatenate(acts), np.concatenate(gxas)
-
-
-def middle_ranks(score: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``[neurons]`` scores, higher first, a tie sharing the middle of its ranks."""
-    s = np.asarray(score, np.float64)
-    ascending = np.sort(s)
-    greater = s.size - np.searchsorted(ascending, s, side="right")
-    at_least = s.size - np.searchsorted(ascending, s, side="left")
-    return (greater + 1 + at_least) / 2.0
 
 
 def confusion_scores(

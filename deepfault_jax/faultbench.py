@@ -27,7 +27,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
@@ -35,6 +35,7 @@ import numpy as np
 from deepfault_jax import checkpoints, data, zoo
 from deepfault_jax.errors import InputError, check_finite, check_int, check_seed
 from deepfault_jax.faults import FAULT_FAMILIES, FAULT_KINDS, PlantedFault, plant_faults
+from deepfault_jax.localize import Ranks, tie_ranks
 from deepfault_jax.localizers import DEFAULT_LOCALIZER, Evidence, localizer_info
 from deepfault_jax.probe import VALUES, Probe, model_probe
 from deepfault_jax.progress import Progress, notify
@@ -42,7 +43,6 @@ from deepfault_jax.zoo import Model
 
 __all__ = [
     "FaultbenchConfig",
-    "Ranks",
     "Trial",
     "default_methods",
     "leave_one_out",
@@ -50,29 +50,7 @@ __all__ = [
     "run_faultbench",
     "run_trial",
     "summarize",
-    "tie_ranks",
 ]
-
-
-class Ranks(NamedTuple):
-    """Tie-aware 1-based ranks of every neuron (``int64[neurons]`` each).
-
-    Neuron ``n`` and the neurons tied with it share the ranks ``first[n] ..
-    last[n]`` (``first == last`` without a tie).
-    """
-
-    first: np.ndarray
-    last: np.ndarray
-
-
-def tie_ranks(score: np.ndarray) -> Ranks:
-    """:class:`Ranks` of ``[neurons]`` scores, higher first (+inf above every finite score)."""
-    s = np.asarray(score, np.float64)
-    ascending = np.sort(s)
-    n = s.size
-    greater = n - np.searchsorted(ascending, s, side="right")
-    at_least = n - np.searchsorted(ascending, s, side="left")
-    return Ranks(greater.astype(np.int64) + 1, at_least.astype(np.int64))
 
 
 def _best_class_rank(per_class: np.ndarray) -> Ranks:
@@ -104,13 +82,9 @@ _DEFAULT_CANDIDATES = (
 )  # fmt: skip
 
 
-def default_methods(*, exact: bool = True) -> tuple[str, ...]:
-    """The methods faultbench scores by default (``NAME`` pooled, ``NAME/per-class``);
-    without ``exact``, those that cost one forward pass per neuron or more are left out."""
-    if exact:
-        return _DEFAULT_METHODS
-    costly = {"ablation", "ablation_loss", "gain_ablation", "refit"}
-    return tuple(m for m in _DEFAULT_METHODS if m.split("/")[0] not in costly)
+def default_methods() -> tuple[str, ...]:
+    """The methods faultbench scores by default (``NAME`` pooled, ``NAME/per-class``)."""
+    return _DEFAULT_METHODS
 
 
 def method_ranks(evidence: Evidence, method: str) -> Ranks:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -50,6 +49,7 @@ from flax import nnx
 
 from deepfault_jax import zoo
 from deepfault_jax.errors import InputError
+from deepfault_jax.neuron_params import layer_order, pure_params
 from deepfault_jax.probe import Probe
 from deepfault_jax.zoo import Model
 
@@ -119,11 +119,6 @@ class Planting(NamedTuple):
 # --------------------------------------------------------------------------- parameters
 
 
-def _order(name: str):
-    kind = 0 if name.startswith("conv") else 1 if name.startswith("dense") else 2
-    return kind, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
 class _Params:
     """A zoo model's parameters as a mutable dict of numpy arrays, and back.
 
@@ -134,10 +129,10 @@ class _Params:
 
     def __init__(self, model: Model, params: Any):
         self.model, self.original = model, params
-        tree = nnx.to_pure_dict(params) if model.is_nnx else params
+        tree = pure_params(params)
         self.dtypes = jax.tree.map(lambda a: np.asarray(a).dtype, dict(tree))
         self.tree = jax.tree.map(lambda a: np.array(a, np.float32), dict(tree))
-        self.layers = sorted(self.tree, key=_order)
+        self.layers = sorted(self.tree, key=layer_order)
 
     def consumer(self, layer: str) -> str:
         i = self.layers.index(layer)

@@ -55,10 +55,6 @@ def _rebuild(params: Any, tree: dict) -> Any:
     return tree
 
 
-def _cross_entropy(logits, labels):
-    return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], axis=-1)[:, 0]
-
-
 class GradientStats:
     """Sums over the inputs of the per-input loss gradient and of its square, per parameter.
 
@@ -88,7 +84,9 @@ class GradientStats:
 @functools.partial(jax.jit, static_argnames=("probe",))
 def _grad_sums(params, tree, x, y, mask, *, probe: Probe):
     def loss(t, xi, yi):
-        return _cross_entropy(probe.fn(_rebuild(params, t), xi[None])[0], yi[None])[0]
+        return optax.softmax_cross_entropy_with_integer_labels(
+            probe.fn(_rebuild(params, t), xi[None])[0], yi[None]
+        )[0]
 
     per = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(tree, x, y)
     weight = mask.astype(jnp.float32)
@@ -106,7 +104,9 @@ def _grad_sums(params, tree, x, y, mask, *, probe: Probe):
 @functools.partial(jax.jit, static_argnames=("probe",))
 def _grad_sum(params, tree, x, y, mask, *, probe: Probe):
     def loss(t):
-        per = _cross_entropy(probe.fn(_rebuild(params, t), x)[0], y)
+        per = optax.softmax_cross_entropy_with_integer_labels(
+            probe.fn(_rebuild(params, t), x)[0], y
+        )
         return jnp.sum(per * mask.astype(jnp.float32))
 
     return jax.grad(loss)(tree)
@@ -221,7 +221,7 @@ def _refit_layer(params, tree, units, xa, ya, xb, yb, lr, *, probe, layer, steps
 
     def loss(theta, u, x, y):
         logits = probe.fn(_rebuild(params, substitute(tree, u, theta)), x)[0]
-        return jnp.mean(_cross_entropy(logits, y))
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
     def one(u):
         start = pieces(tree, u)

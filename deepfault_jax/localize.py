@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -29,7 +29,10 @@ from deepfault_jax.spectrum import Counts, Spectrum
 ArrayLikeScores = jax.Array | np.ndarray
 
 __all__ = [
+    "Ranks",
     "measure_agreement",
+    "middle_ranks",
+    "tie_ranks",
     "allowed_neurons",
     "random_neurons",
     "ranking_table",
@@ -124,6 +127,34 @@ def _check_ids(what: str, ids: Any, num_neurons: int) -> np.ndarray:
             f"{what} ids must lie in [0, {num_neurons}); got range [{ids.min()}, {ids.max()}]"
         )
     return ids.astype(np.int64)
+
+
+class Ranks(NamedTuple):
+    """Tie-aware 1-based ranks of every neuron (``int64[neurons]`` each).
+
+    Neuron ``n`` and the neurons tied with it share the ranks ``first[n] ..
+    last[n]`` (``first == last`` without a tie).
+    """
+
+    first: np.ndarray
+    last: np.ndarray
+
+
+def tie_ranks(score: np.ndarray) -> Ranks:
+    """:class:`Ranks` of ``[neurons]`` scores, higher first (+inf above every finite score)."""
+    s = np.asarray(score, np.float64)
+    ascending = np.sort(s)
+    n = s.size
+    greater = n - np.searchsorted(ascending, s, side="right")
+    at_least = n - np.searchsorted(ascending, s, side="left")
+    return Ranks(greater.astype(np.int64) + 1, at_least.astype(np.int64))
+
+
+def middle_ranks(score: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``[neurons]`` scores, higher first, a tie sharing the middle of its
+    ranks (float64)."""
+    r = tie_ranks(score)
+    return (r.first + r.last) / 2.0
 
 
 def top_k_neurons(

@@ -178,7 +178,7 @@ class Evidence:
         progress: bool = False,
     ):
         self.probe, self.params = probe, params
-        self.x, self.y = ablation_lib._checked_data(probe, x, y)
+        self.x, self.y = ablation_lib.checked_inputs(probe, x, y)
         self.batch_size = check_int("batch_size", batch_size, lo=1)
         self.progress = bool(progress)
         self.seconds: dict[str, float] = {}  # per localizer name: time of its first call
@@ -583,13 +583,11 @@ def _aggregate(
     scores ``-min_m r_m(n)`` (a neuron any method puts first is first);
     ``"mean"`` scores ``-mean_m r_m(n)`` (Borda).
     """
-    from deepfault_jax.confusion import middle_ranks
-
     names = _parse_methods(methods)
     if combine not in COMBINE:
         raise InputError(f"combine must be one of {', '.join(COMBINE)}; got {combine!r}")
     k = check_finite("k", k, lo=0.0)
-    ranks = np.stack([middle_ranks(evidence.scores(name)) for name in names])
+    ranks = np.stack([localize.middle_ranks(evidence.scores(name)) for name in names])
     if combine == "rrf":
         return np.sum(1.0 / (k + ranks), axis=0)
     if combine == "best":

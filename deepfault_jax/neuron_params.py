@@ -31,10 +31,12 @@ from flax import nnx
 from deepfault_jax.errors import InputError
 from deepfault_jax.probe import Probe
 
-__all__ = ["LayerParams", "NeuronLayout", "neuron_layout", "pure_params"]
+__all__ = ["LayerParams", "NeuronLayout", "layer_order", "neuron_layout", "pure_params"]
 
 
-def _order(name: str):
+def layer_order(name: str):
+    """Sort key of zoo layer names: conv_*, then dense_*, then the rest (the output), each
+    in natural order."""
     kind = 0 if name.startswith("conv") else 1 if name.startswith("dense") else 2
     return kind, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
@@ -123,7 +125,7 @@ def neuron_layout(probe: Probe, params: Any, *, what: str = "this localizer") ->
         f"{what} needs parameters laid out by layer as the zoo models' are (a kernel and a "
         "bias per probed layer, called in the order conv_*, dense_*, output)"
     )
-    order = sorted(tree, key=_order)
+    order = sorted(tree, key=layer_order)
     layers = []
     for name, units in zip(probe.index.layer_names, probe.index.layer_sizes, strict=True):
         entry = tree.get(name)

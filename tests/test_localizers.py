@@ -439,8 +439,8 @@ def test_middle_ranks_equal_the_loops():
         score = rng.integers(0, 6, 40).astype(np.float32)  # many ties
         if trial == 0:
             score[:] = 1.0
-        np.testing.assert_array_equal(confusion.middle_ranks(score), middle_ranks_loops(score))
-    np.testing.assert_array_equal(confusion.middle_ranks([3.0, 1.0, 3.0, 2.0]), [1.5, 4, 1.5, 3])
+        np.testing.assert_array_equal(localize.middle_ranks(score), middle_ranks_loops(score))
+    np.testing.assert_array_equal(localize.middle_ranks([3.0, 1.0, 3.0, 2.0]), [1.5, 4, 1.5, 3])
 
 
 @pytest.mark.parametrize("combine", localizers.COMBINE)
