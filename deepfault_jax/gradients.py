@@ -37,22 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from deepfault_jax.errors import InputError, check_finite, check_int
-from deepfault_jax.neuron_params import NeuronLayout, neuron_layout, pure_params
+from deepfault_jax.neuron_params import NeuronLayout, neuron_layout, pure_params, rebuild_params
 from deepfault_jax.probe import Probe
 
 __all__ = ["GradientStats", "gradient_stats", "mean_gradient_norms", "refit_scores"]
-
-
-def _rebuild(params: Any, tree: dict) -> Any:
-    """``tree`` (a pure dict) in the form of ``params`` (an NNX state is filled)."""
-    if isinstance(params, nnx.State):
-        state = jax.tree.map(lambda a: a, params)
-        nnx.replace_by_pure_dict(state, tree)
-        return state
-    return tree
 
 
 class GradientStats:
@@ -85,7 +75,7 @@ class GradientStats:
 def _grad_sums(params, tree, x, y, mask, *, probe: Probe):
     def loss(t, xi, yi):
         return optax.softmax_cross_entropy_with_integer_labels(
-            probe.fn(_rebuild(params, t), xi[None])[0], yi[None]
+            probe.fn(rebuild_params(params, t), xi[None])[0], yi[None]
         )[0]
 
     per = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(tree, x, y)
@@ -105,7 +95,7 @@ def _grad_sums(params, tree, x, y, mask, *, probe: Probe):
 def _grad_sum(params, tree, x, y, mask, *, probe: Probe):
     def loss(t):
         per = optax.softmax_cross_entropy_with_integer_labels(
-            probe.fn(_rebuild(params, t), x)[0], y
+            probe.fn(rebuild_params(params, t), x)[0], y
         )
         return jnp.sum(per * mask.astype(jnp.float32))
 
@@ -220,7 +210,7 @@ def _refit_layer(params, tree, units, xa, ya, xb, yb, lr, *, probe, layer, steps
         }
 
     def loss(theta, u, x, y):
-        logits = probe.fn(_rebuild(params, substitute(tree, u, theta)), x)[0]
+        logits = probe.fn(rebuild_params(params, substitute(tree, u, theta)), x)[0]
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
     def one(u):

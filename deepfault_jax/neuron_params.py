@@ -31,7 +31,14 @@ from flax import nnx
 from deepfault_jax.errors import InputError
 from deepfault_jax.probe import Probe
 
-__all__ = ["LayerParams", "NeuronLayout", "layer_order", "neuron_layout", "pure_params"]
+__all__ = [
+    "LayerParams",
+    "NeuronLayout",
+    "layer_order",
+    "neuron_layout",
+    "pure_params",
+    "rebuild_params",
+]
 
 
 def layer_order(name: str):
@@ -51,6 +58,16 @@ def pure_params(params: Any) -> dict:
             f"parameters must be a dict of layers or an NNX state; got {type(params).__name__}"
         )
     return dict(params)
+
+
+def rebuild_params(params: Any, tree: dict) -> Any:
+    """``tree`` (a pure dict, as :func:`pure_params` gives) in the form of ``params``: an NNX
+    state is filled with it; a linen dict is ``tree`` itself."""
+    if isinstance(params, nnx.State):
+        state = jax.tree.map(lambda a: a, params)
+        nnx.replace_by_pure_dict(state, tree)
+        return state
+    return tree
 
 
 @dataclasses.dataclass(frozen=True)

@@ -460,3 +460,61 @@ def aggregate_loops(scores, combine, k=10.0):
         else:
             out[i] = -sum(r) / len(r)
     return out
+
+
+def repair_mask_loops(shapes, layers, neurons, part):
+    """Which parameters a repair of ``neurons`` trains, element by element, from the definition.
+
+    ``shapes``: ``{layer: {"kernel": shape, "bias": shape}}``; ``layers``: the probed layers
+    in order as ``(name, units, consumer, outgoing)`` with ``outgoing`` one of "dense",
+    "conv", "flatten"; ``neurons``: flat ids. A neuron's incoming weights are every
+    ``kernel[..., unit]``, its bias ``bias[unit]``, its outgoing weights every consumer weight
+    that reads it: ``kernel[unit, j]`` (dense), ``kernel[a, b, unit, j]`` (conv) or
+    ``kernel[i, j]`` with ``i % units == unit`` (flatten). Returns boolean masks per leaf.
+    """
+    mask = {n: {leaf: np.zeros(s, bool) for leaf, s in v.items()} for n, v in shapes.items()}
+    start = 0
+    for name, units, consumer, outgoing in layers:
+        for unit in range(units):
+            if start + unit not in set(int(i) for i in neurons):
+                continue
+            if part in ("both", "incoming"):
+                kernel = mask[name]["kernel"]
+                for idx in np.ndindex(kernel.shape):
+                    if idx[-1] == unit:
+                        kernel[idx] = True
+                mask[name]["bias"][unit] = True
+            if part in ("both", "outgoing"):
+                out = mask[consumer]["kernel"]
+                for idx in np.ndindex(out.shape):
+                    if outgoing == "dense" and idx[0] == unit:
+                        out[idx] = True
+                    elif outgoing == "conv" and idx[2] == unit:
+                        out[idx] = True
+                    elif outgoing == "flatten" and idx[0] % units == unit:
+                        out[idx] = True
+        start += units
+    return mask
+
+
+def adam_loops(grad_fn, params, mask, steps, lr, clip, b1=0.9, b2=0.999, eps=1e-8):
+    """Adam (optax's defaults) after clipping the global gradient norm to ``clip``, on the
+    parameters where ``mask`` is True, step by step in float64; ``grad_fn(t, params)``
+    returns the mean gradient of step ``t`` as a dict of arrays like ``params``. Returns
+    the parameters after every step (``[params after step 1, ...]``)."""
+    p = {k: np.asarray(v, np.float64).copy() for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(a) for k, a in p.items()}
+    out = []
+    for t in range(1, steps + 1):
+        g = {k: np.where(mask[k], a, 0.0) for k, a in grad_fn(t - 1, p).items()}
+        norm = math.sqrt(sum(float(np.sum(a * a)) for a in g.values()))
+        scale = min(1.0, clip / norm) if norm > 0 else 1.0
+        for k in p:
+            gk = g[k] * scale
+            m[k] = b1 * m[k] + (1 - b1) * gk
+            v[k] = b2 * v[k] + (1 - b2) * gk * gk
+            mhat, vhat = m[k] / (1 - b1**t), v[k] / (1 - b2**t)
+            p[k] = np.where(mask[k], p[k] - lr * mhat / (np.sqrt(vhat) + eps), p[k])
+        out.append({k: a.copy() for k, a in p.items()})
+    return out
