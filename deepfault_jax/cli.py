@@ -28,6 +28,8 @@ from deepfault_jax import (
     model_source,
     pipeline,
     probe,
+    repair,
+    repair_job,
     training,
     zoo,
 )
@@ -401,6 +403,55 @@ def _faultbench_parser(sub) -> None:
     p.set_defaults(func=commands.cmd_faultbench)
 
 
+_REPAIR = repair_job.RepairConfig()  # the defaults of repair
+
+
+def _repair_parser(sub) -> None:
+    p = sub.add_parser("repair", help="retrain only a localizer's top-k neurons, beside "
+                       "random neurons, the output layer and full fine-tuning",
+                       description="Localize (any localizer, on held-out training inputs), "
+                       "fine-tune only the chosen neurons' parameters with optax Adam on the "
+                       "training split (early-stopped on held-out training inputs), run the "
+                       "baselines on the same step budget, and write a repaired checkpoint, "
+                       "repair.json and repair.md into --out. The test split only measures; "
+                       "the input checkpoint is never modified.")  # fmt: skip
+    source = _model_options(p, checkpoint=True, seed_help="training seed of a --model, and "
+                            "the repair's seed")  # fmt: skip
+    del source
+    chosen = p.add_mutually_exclusive_group()
+    _add(chosen, "--method", _REPAIR.method, "localizer choosing the neurons (see `localize "
+         "--list`)", _method, metavar="NAME")  # fmt: skip
+    _add(chosen, "--neurons", None, "repair these neuron ids instead",
+         lambda _, text: repair_job.parse_neurons(text), metavar="ID,ID,...", shown="none")  # fmt: skip
+    _add(p, "--option", None, "an option of the method, repeatable (as localize's)",
+         lambda _, text: model_source.parse_option(text), action="append",
+         metavar="KEY=VALUE", shown="none")  # fmt: skip
+    _add(p, "--k", _REPAIR.k, "neurons to repair, at most the probed ones", _int(lo=1))
+    _add(p, "--part", _REPAIR.part, "what of each neuron is trained",
+         choices=repair.PARTS)  # fmt: skip
+    _add(p, "--budget", _REPAIR.budget, "optimiser steps of every repair", _int(lo=1),
+         metavar="STEPS")  # fmt: skip
+    _add(p, "--batch-size", _REPAIR.batch_size, "inputs per step", _int(lo=1), metavar="B")
+    _add(p, "--learning-rate", _REPAIR.learning_rate, "Adam step",
+         _float(lo=0.0, lo_open=True), metavar="LR")  # fmt: skip
+    _add(p, "--validation", _REPAIR.validation, "training inputs held out for early stopping "
+         "and localization (the last N; at most half)", _int(lo=1), metavar="N")  # fmt: skip
+    _add(p, "--synthesized", _REPAIR.synthesized, "synthesize N inputs from each of the "
+         "repair, validation and test inputs (projected gradient ascent on the chosen "
+         "neurons, labelled as their originals): repair data, validation data, and held-out "
+         "measure", _int(lo=0), metavar="N")  # fmt: skip
+    _add(p, "--d", _REPAIR.d, "the synthesis's maximum L-inf distance, in (0, 1]",
+         _float(lo=0.0, hi=1.0, lo_open=True))  # fmt: skip
+    _add(p, "--baselines", _REPAIR.baselines, "among random, output, full",
+         _listed(choices=repair.BASELINES, what="baseline"), metavar="A,B,...")  # fmt: skip
+    _add(p, "--random-repeats", _REPAIR.random_repeats, "random-neuron repairs", _int(lo=1))
+    p.add_argument("--search", action="store_true",
+                   help="also repair by differential evolution (evosax) on the same budget")  # fmt: skip
+    _probe_options(p, _RUN, threshold=False)
+    _output_options(p, default="runs/repair", help="output directory (default: runs/repair)")
+    p.set_defaults(func=commands.cmd_repair)
+
+
 def _info_parser(sub) -> None:
     p = sub.add_parser("info", help="versions, devices and the data sets available here",
                        description="Show package versions, JAX devices, and which data sets "
@@ -418,7 +469,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for build in (_train_parser, _spectrum_parser, _localize_parser, _run_parser,
-                  _faultbench_parser, _info_parser):  # fmt: skip
+                  _faultbench_parser, _repair_parser, _info_parser):  # fmt: skip
         build(sub)
     return parser
 

@@ -533,3 +533,15 @@ def cmd_info(args: argparse.Namespace) -> int:
               "y_test)", f"models: {', '.join(zoo.MODEL_NAMES)}"]  # fmt: skip
     emit(args, report, human)
     return 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    from deepfault_jax import repair_job
+
+    config = config_from(repair_job.RepairConfig, args)
+    config = dataclasses.replace(config, options=tuple(args.option or ()))
+    config.validate()
+    out = check_out_dir(args.out, repair_job._is_repair_dir)
+    result = repair_job.run_repair(config, out, progress=progress_bars(args))
+    emit(args, result, repair_job.repair_lines(result, out))
+    return 0
