@@ -541,7 +541,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
     config = config_from(repair_job.RepairConfig, args)
     config = dataclasses.replace(config, options=tuple(args.option or ()))
     config.validate()
-    out = check_out_dir(args.out, repair_job._is_repair_dir)
+    repair_job.check_paths(config, Path(args.out).expanduser())
+    out = check_out_dir(args.out, repair_job.is_repair_dir)
     result = repair_job.run_repair(config, out, progress=progress_bars(args))
     emit(args, result, repair_job.repair_lines(result, out))
     return 0

@@ -33,7 +33,15 @@ from deepfault_jax.errors import InputError, check_finite, check_int, check_seed
 from deepfault_jax.files import check_replaceable, replace_directory
 from deepfault_jax.progress import Progress, notify
 
-__all__ = ["REPAIR_FILES", "REPAIR_FORMAT", "RepairConfig", "repair_lines", "run_repair"]
+__all__ = [
+    "REPAIR_FILES",
+    "REPAIR_FORMAT",
+    "RepairConfig",
+    "check_paths",
+    "is_repair_dir",
+    "repair_lines",
+    "run_repair",
+]
 
 REPAIR_FORMAT = "deepfault-jax/repair/1"
 REPAIR_FILES = ("checkpoint", "repair.json", "repair.md")
@@ -119,7 +127,8 @@ class RepairConfig:
         check_seed(self.seed)
 
 
-def _is_repair_dir(path: Path) -> bool:
+def is_repair_dir(path: Path) -> bool:
+    """Whether ``path`` holds the outputs of a repair (its repair.json says so)."""
     try:
         content = json.loads((path / "repair.json").read_text())
     except (OSError, ValueError):
@@ -127,9 +136,8 @@ def _is_repair_dir(path: Path) -> bool:
     return isinstance(content, dict) and content.get("format") == REPAIR_FORMAT
 
 
-def _check_paths(config: RepairConfig, out: Path) -> None:
-    """``out`` may be replaced, and does not hold (and is not inside) the input checkpoint."""
-    check_replaceable(out, owned=_is_repair_dir, what="--out")
+def check_paths(config: RepairConfig, out: Path) -> None:
+    """``out`` does not hold (and is not inside) the input checkpoint, and may be replaced."""
     if config.checkpoint:
         src, dst = Path(config.checkpoint).expanduser().resolve(), out.expanduser().resolve()
         if src == dst or dst in src.parents or src in dst.parents:
@@ -137,6 +145,7 @@ def _check_paths(config: RepairConfig, out: Path) -> None:
                 f"--out must lie apart from the input checkpoint {config.checkpoint!r} (it is "
                 f"never modified); got {str(out)!r}"
             )
+    check_replaceable(out, owned=is_repair_dir, what="--out")
 
 
 def _splits(dataset: data.Dataset, config: RepairConfig):
@@ -178,7 +187,7 @@ def run_repair(config: RepairConfig, out: str | Path, *, progress: Progress | No
     start = time.perf_counter()
     config.validate()
     out = Path(out)
-    _check_paths(config, out)
+    check_paths(config, out)
     dataset = data.load_dataset(config.dataset)
     options = dict(config.options)
     info = localizers.localizer_info(config.method)
@@ -288,7 +297,7 @@ def run_repair(config: RepairConfig, out: str | Path, *, progress: Progress | No
         report.write_json(tmp / "repair.json", result)
         report.write_bytes(tmp / "repair.md", "\n".join(repair_markdown(result)).encode() + b"\n")
 
-    replace_directory(out, fill, owned=_is_repair_dir, what="--out")
+    replace_directory(out, fill, owned=is_repair_dir, what="--out")
     return result
 
 
