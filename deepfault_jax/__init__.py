@@ -37,6 +37,9 @@ The public API, by stage of the pipeline; every name is its module's own name
 - planted faults (:mod:`deepfault_jax.faults`, :mod:`deepfault_jax.faultbench`):
   :func:`plant_faults`, :class:`PlantedFault`, :data:`FAULT_KINDS`,
   :class:`FaultbenchConfig`, :func:`run_faultbench`.
+- repair (:mod:`deepfault_jax.repair`, :mod:`deepfault_jax.repair_job`): :func:`neuron_view`,
+  :func:`layer_view`, :class:`View`, :func:`fine_tune`, :class:`Fit`,
+  :func:`compare_repairs`, :func:`repair_metrics`, :class:`RepairConfig`, :func:`run_repair`.
 - the whole job (:mod:`deepfault_jax.pipeline`, :mod:`deepfault_jax.report`):
   :class:`RunConfig`, :func:`run`, and its typed report :class:`RunReport`
   (:class:`Selection`, :class:`MeasureResult`, :class:`RandomRun`).
@@ -90,6 +93,16 @@ from deepfault_jax.probe import (
     model_probe,
     nnx_probe,
 )
+from deepfault_jax.repair import (
+    Fit,
+    View,
+    compare_repairs,
+    fine_tune,
+    layer_view,
+    neuron_view,
+    repair_metrics,
+)
+from deepfault_jax.repair_job import RepairConfig, run_repair
 from deepfault_jax.report import MeasureResult, RandomRun, RunReport, Selection
 from deepfault_jax.spectrum import (
     Counts,
@@ -191,6 +204,16 @@ __all__ = [
     "FaultbenchConfig",
     "PlantedFault",
     "plant_faults",
+    # repair
+    "neuron_view",
+    "layer_view",
+    "View",
+    "fine_tune",
+    "Fit",
+    "compare_repairs",
+    "repair_metrics",
+    "RepairConfig",
+    "run_repair",
     "run_faultbench",
     # the whole job
     "MeasureResult",

@@ -182,7 +182,7 @@ def output_layer(params: Any) -> str:
     return sorted(pure_params(params), key=layer_order)[-1]
 
 
-def layer_view(params: Any, layers: Sequence[str] | None = None) -> View:
+def layer_view(params: Any, *, layers: Sequence[str] | None = None) -> View:
     """The :class:`View` of whole layers (``None``: every layer, i.e. full fine-tuning)."""
     tree = pure_params(params)
     names = list(tree) if layers is None else list(layers)
@@ -501,7 +501,7 @@ def compare_repairs(
             "std": {k: float(np.std([r[k] for r in runs])) for k in numeric},
         }
     if "output" in baselines:
-        out["output"] = run(500, layer_view(params, [output_layer(params)]))[0]
+        out["output"] = run(500, layer_view(params, layers=[output_layer(params)]))[0]
     if "full" in baselines:
         out["full"] = run(600, layer_view(params))[0]
     return out

@@ -28,9 +28,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from deepfault_jax import checkpoints, data, localizers, model_source, repair, report, synthesis
+from deepfault_jax import checkpoints, data, localizers, model_source, repair, synthesis
 from deepfault_jax.errors import InputError, check_finite, check_int, check_seed
-from deepfault_jax.files import check_replaceable, replace_directory
+from deepfault_jax.files import check_replaceable, replace_directory, write_atomic
 from deepfault_jax.progress import Progress, notify
 
 __all__ = [
@@ -294,8 +294,9 @@ def run_repair(config: RepairConfig, out: str | Path, *, progress: Progress | No
             tmp / "checkpoint", model, repaired,
             metadata={"dataset": dataset.name, "repaired_from": meta["source"], "repair": record},
         )  # fmt: skip
-        report.write_json(tmp / "repair.json", result)
-        report.write_bytes(tmp / "repair.md", "\n".join(repair_markdown(result)).encode() + b"\n")
+        text = json.dumps(result, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        write_atomic(tmp / "repair.json", text.encode())
+        write_atomic(tmp / "repair.md", ("\n".join(repair_markdown(result)) + "\n").encode())
 
     replace_directory(out, fill, owned=is_repair_dir, what="--out")
     return result

@@ -257,7 +257,7 @@ def test_compare_repairs_runs_every_baseline_on_the_same_budget(weak_mlp, digits
             lambda prb, p: repair.random_neurons(jax.random.key(0), 150, 151),
             r"k must lie in \[1, 150\]; got 151",
         ),
-        (lambda prb, p: repair.layer_view(p, ["nope"]), "nope"),
+        (lambda prb, p: repair.layer_view(p, layers=["nope"]), "nope"),
     ],
 )
 def test_bad_neurons_are_refused(call, message, weak_mlp):
