@@ -39,7 +39,9 @@ The public API, by stage of the pipeline; every name is its module's own name
   :class:`FaultbenchConfig`, :func:`run_faultbench`.
 - repair (:mod:`deepfault_jax.repair`, :mod:`deepfault_jax.repair_job`): :func:`neuron_view`,
   :func:`layer_view`, :class:`View`, :func:`fine_tune`, :class:`Fit`,
-  :func:`compare_repairs`, :func:`repair_metrics`, :class:`RepairConfig`, :func:`run_repair`.
+  :func:`compare_repairs`, :func:`repair_metrics`, :class:`RepairConfig`, :func:`run_repair`,
+  and the search-based repair (:mod:`deepfault_jax.repair_search`): :func:`search_repair`,
+  :class:`SearchFit`.
 - the whole job (:mod:`deepfault_jax.pipeline`, :mod:`deepfault_jax.report`):
   :class:`RunConfig`, :func:`run`, and its typed report :class:`RunReport`
   (:class:`Selection`, :class:`MeasureResult`, :class:`RandomRun`).
@@ -103,6 +105,7 @@ from deepfault_jax.repair import (
     repair_metrics,
 )
 from deepfault_jax.repair_job import RepairConfig, run_repair
+from deepfault_jax.repair_search import SearchFit, search_repair
 from deepfault_jax.report import MeasureResult, RandomRun, RunReport, Selection
 from deepfault_jax.spectrum import (
     Counts,
@@ -214,6 +217,8 @@ __all__ = [
     "repair_metrics",
     "RepairConfig",
     "run_repair",
+    "search_repair",
+    "SearchFit",
     "run_faultbench",
     # the whole job
     "MeasureResult",

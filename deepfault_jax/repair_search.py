@@ -14,7 +14,9 @@ parameters ``w0 + d`` and every other parameter as it was. The first
 population holds ``d = 0`` (the original model) and ``population - 1`` draws of
 ``d ~ N(0, (sigma * rms(w0))^2 I)``, where ``rms(w0) = sqrt(mean(w0^2))`` is
 the root mean square of the view's values (``sigma`` alone where they are all
-zero): ``sigma`` is the perturbation's scale relative to the parameters'.
+zero): ``sigma`` is the perturbation's scale relative to the parameters'. (The
+default 0.25 was measured on digits MLPs with a neuron's input scaled by 5 or by
+-1: 0.1 and 0.25 recovered as much, 0.5 a little less, and 1.0 overshot.)
 Differential evolution then grows or shrinks the steps from the population's
 own spread (``d_a + F (d_b - d_c)``, binomial crossover, greedy replacement;
 evosax's defaults: best member as base, ``F = 0.8``, crossover rate 0.9).
@@ -50,7 +52,6 @@ member's fitness at each measurement).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -157,7 +158,7 @@ def search_repair(
     population: int = 16,
     batch_size: int = 128,
     alpha: float = 1.0,
-    sigma: float = 0.5,
+    sigma: float = 0.25,
     eval_every: int = 25,
     patience: int = 4,
     progress: Callable[[int, int], None] | None = None,
@@ -263,6 +264,6 @@ def search_repair(
     out = params if kept else candidate(best_delta)
     return SearchFit(
         params=out, start_accuracy=first, best_accuracy=best, best_step=best_step, steps=done,
-        kept_original=kept, trained=int(math.prod(flat0.shape)),
+        kept_original=kept, trained=int(flat0.size),
         seconds=time.perf_counter() - start, history=tuple(history), fitness=tuple(record),
     )  # fmt: skip

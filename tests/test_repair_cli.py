@@ -180,3 +180,19 @@ def test_a_repair_that_cannot_help_keeps_the_original_and_says_so(capsys, tmp_pa
     _, kept, _ = checkpoints.load_checkpoint(out / "checkpoint")
     a, b = _leaves(original), _leaves(kept)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_search_runs_beside_the_gradient_repair_on_the_same_budget(
+    capsys, tmp_path, weak_checkpoint
+):
+    out = tmp_path / "rep"
+    code, text, err = run_cli(capsys, "repair", "--checkpoint", str(weak_checkpoint),
+                              "--neurons", "5,60", "--baselines", "output", "--budget", "25",
+                              "--search", "--out", str(out), "--json", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    rows = json.loads(text)["results"]
+    assert set(rows) == {"targeted", "search", "output"}
+    assert rows["search"]["neurons"] == rows["targeted"]["neurons"] == [5, 60]
+    assert rows["search"]["trained"] == rows["targeted"]["trained"]
+    assert rows["search"]["steps"] <= 25 and rows["search"]["changed"] <= rows["search"]["trained"]
+    assert "| targeted, search (DE) |" in (out / "repair.md").read_text()
