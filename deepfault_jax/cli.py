@@ -440,6 +440,9 @@ def _repair_parser(sub) -> None:
          "repair, validation and test inputs (projected gradient ascent on the chosen "
          "neurons, labelled as their originals): repair data, validation data, and held-out "
          "measure", _int(lo=0), metavar="N")  # fmt: skip
+    _add(p, "--synthesized-share", _REPAIR.synthesized_share, "the share of the repair data "
+         "the synthesized inputs make up (repeated to reach it), in [0, 1)",
+         _float(lo=0.0, hi=1.0, hi_open=True), metavar="S")  # fmt: skip
     _add(p, "--d", _REPAIR.d, "the synthesis's maximum L-inf distance, in (0, 1]",
          _float(lo=0.0, hi=1.0, lo_open=True))  # fmt: skip
     _add(p, "--baselines", _REPAIR.baselines, "among random, output, full",

@@ -9,8 +9,9 @@ accuracy before and after, the fix and break rates, and (with
 repaired neurons' activations within ``d``, :mod:`deepfault_jax.synthesis`)
 turns N correctly classified repair inputs, N validation inputs and N test
 inputs into synthesized ones labelled with their originals' labels: the first
-join the repair data, the second the validation data, the third are the
-held-out synthesized inputs.
+join the repair data (repeated until they make up ``synthesized_share`` of
+it), the second the validation data, the third are the held-out synthesized
+inputs.
 
 Outputs (one unit, :func:`deepfault_jax.files.replace_directory`):
 ``checkpoint/`` (the targeted repair's parameters in the usual checkpoint
@@ -66,6 +67,8 @@ class RepairConfig:
       validation: training inputs held out for validation and localization.
       localize_inputs: validation inputs the localizer reads (the first ones).
       synthesized: inputs synthesized from each of the repair, validation and test sets.
+      synthesized_share: the share of the repair data the synthesized inputs make up (they
+        are repeated to reach it; 0: each appears once).
       d: the synthesis's L-inf distance.
       baselines: among ``random``, ``output``, ``full``.
       random_repeats: random-neuron repairs (mean and spread).
@@ -89,6 +92,7 @@ class RepairConfig:
     validation: int = 5000
     localize_inputs: int = 2000
     synthesized: int = 0
+    synthesized_share: float = 0.25
     d: float = 0.1
     baselines: tuple[str, ...] = repair.BASELINES
     random_repeats: int = 3
@@ -117,6 +121,7 @@ class RepairConfig:
         check_int("validation", self.validation, lo=1)
         check_int("localize_inputs", self.localize_inputs, lo=1)
         check_int("synthesized", self.synthesized, lo=0)
+        check_finite("synthesized_share", self.synthesized_share, lo=0.0, hi=1.0, hi_open=True)
         check_finite("d (the maximum L-inf distance)", self.d, lo=0.0, hi=1.0, lo_open=True)
         unknown = [b for b in self.baselines if b not in repair.BASELINES]
         if unknown:
@@ -174,6 +179,13 @@ def _synthesize(prb, params, xy, neurons, count: int, d: float, classes: int):
     return np.concatenate(out), y[right]
 
 
+def _repeated(xy, clean: int, config: RepairConfig):
+    """``xy`` repeated so that it makes up ``synthesized_share`` of ``clean`` inputs and it."""
+    share = config.synthesized_share
+    times = max(1, round(share * clean / ((1 - share) * len(xy[1])))) if share > 0 else 1
+    return np.concatenate([xy[0]] * times), np.concatenate([xy[1]] * times)
+
+
 def _joined(a, b):
     return np.concatenate([a[0], b[0]]), np.concatenate([a[1], b[1]])
 
@@ -226,7 +238,7 @@ def run_repair(config: RepairConfig, out: str | Path, *, progress: Progress | No
         notify(progress, "synthesize", 0, 3)
         k = dict(prb=prb, params=params, neurons=neurons, count=config.synthesized, d=config.d,
                  classes=prb.num_classes)  # fmt: skip
-        fit = _joined(fit, _synthesize(xy=fit, **k))
+        fit = _joined(fit, _repeated(_synthesize(xy=fit, **k), len(fit[1]), config))
         val = _joined(val, _synthesize(xy=val, **k))
         synth_test = _synthesize(xy=test, **k)
         notify(progress, "synthesize", 3, 3)
