@@ -125,6 +125,8 @@ def _npz(path: Path, *, n_train: int, nan: bool = False) -> Path:
         (["--part", "weights"], ["--part", "'weights'"]),
         (["--baselines", "random,half"], ["--baselines", "'half'"]),
         (["--d", "0"], ["--d", "0"]),
+        (["--synthesized-share", "1"], ["--synthesized-share", "1"]),
+        (["--synthesized", "-1"], ["--synthesized", "-1"]),
         (["--learning-rate", "nan"], ["--learning-rate", "nan"]),
         (["--method", "nope"], ["--method", "nope"]),
         (["--dataset", "fashion-mnist"], ["trained on input shape (8, 8, 1)", "(28, 28, 1)"]),
@@ -196,3 +198,24 @@ def test_search_runs_beside_the_gradient_repair_on_the_same_budget(
     assert rows["search"]["trained"] == rows["targeted"]["trained"]
     assert rows["search"]["steps"] <= 25 and rows["search"]["changed"] <= rows["search"]["trained"]
     assert "| targeted, search (DE) |" in (out / "repair.md").read_text()
+
+
+def test_synthesized_inputs_join_the_repair_data_and_measure_apart(
+    capsys, tmp_path, weak_checkpoint
+):
+    out = tmp_path / "rep"
+    code, text, err = run_cli(capsys, "repair", "--checkpoint", str(weak_checkpoint), "--k", "4",
+                              "--synthesized", "20", "--synthesized-share", "0.5",
+                              "--baselines", "output", "--budget", "20", "--out", str(out),
+                              "--json", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    result = json.loads(text)
+    d = result["dataset"]
+    n_train = 1348  # digits: 1,348 training inputs; validation: the last half at most
+    v = min(5000, n_train // 2)
+    times = round(0.5 * (n_train - v) / (0.5 * 20))  # repeated to half the repair data
+    assert d["repair_inputs"] == n_train - v + 20 * times
+    assert d["validation_inputs"] == v + 20 and d["synthesized_test_inputs"] == 20
+    for row in (result["results"]["targeted"], result["results"]["output"]):
+        assert 0 <= row["synthesized_before"] <= 1 and 0 <= row["synthesized_after"] <= 1
+    assert "synth. before" in (out / "repair.md").read_text()
