@@ -50,10 +50,14 @@ from deepfault_jax.neuron_params import layer_order, neuron_layout, pure_params,
 from deepfault_jax.probe import Probe
 
 __all__ = [
+    "BASELINES",
     "PARTS",
+    "Batches",
+    "Best",
     "Block",
     "Fit",
     "View",
+    "changed_parameters",
     "compare_repairs",
     "fine_tune",
     "layer_view",
@@ -62,6 +66,7 @@ __all__ = [
     "predictions",
     "random_neurons",
     "repair_metrics",
+    "total_parameters",
 ]
 
 #: What of each chosen neuron a repair trains.
@@ -233,6 +238,51 @@ class Fit:
     history: tuple[tuple[int, float], ...]
 
 
+class Batches:
+    """Minibatch indices of ``n`` inputs: consecutive slices of permutations of ``range(n)``,
+    each permutation drawn with a fresh split of ``key`` when the last one runs out."""
+
+    def __init__(self, key: jax.Array, n: int, batch_size: int):
+        self.key, self.n, self.batch_size = key, n, min(batch_size, n)
+        self.order = np.zeros(0, np.int64)
+
+    def next(self) -> np.ndarray:
+        """The next ``batch_size`` indices."""
+        if self.order.size < self.batch_size:
+            self.key, sub = jax.random.split(self.key)
+            self.order = np.concatenate(
+                [self.order, np.asarray(jax.random.permutation(sub, self.n))]
+            )
+        take, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
+        return take
+
+
+class Best:
+    """Early stopping on validation accuracy: the best value measured, and what gave it.
+
+    Starts from the unrepaired ``value`` and its ``accuracy`` (step 0); only a strictly
+    higher accuracy replaces it.
+    """
+
+    def __init__(self, value: Any, accuracy: float):
+        self.value, self.accuracy, self.step, self.waited = value, accuracy, 0, 0
+        self.history: list[tuple[int, float]] = [(0, accuracy)]
+
+    @property
+    def kept_original(self) -> bool:
+        """No measurement beat the start."""
+        return self.step == 0
+
+    def measure(self, step: int, value: Any, accuracy: float, patience: int) -> bool:
+        """Records a measurement; True when ``patience`` measurements in a row did not improve."""
+        self.history.append((step, accuracy))
+        if accuracy > self.accuracy:
+            self.value, self.accuracy, self.step, self.waited = value, accuracy, step, 0
+            return False
+        self.waited += 1
+        return self.waited >= patience
+
+
 def _checked_xy(probe: Probe, x: Any, y: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim < 2 or len(x) == 0:
@@ -327,7 +377,6 @@ def fine_tune(
     values = view.gather(tree)
     optimizer = optax.chain(optax.clip_by_global_norm(clip), optax.adam(learning_rate))
     state = optimizer.init(values)
-    batch_size = min(batch_size, len(x))
 
     def loss(v, xb, yb):
         logits = probe.fn(rebuild_params(params, view.scatter(tree, v)), xb)[0]
@@ -343,33 +392,25 @@ def fine_tune(
         p = rebuild_params(params, view.scatter(tree, v))
         return float(np.mean(predictions(probe, p, xv) == yv))
 
-    best_values, best = values, accuracy(values)
-    first, best_step, history, waited, done = best, 0, [(0, best)], 0, 0
-    order = np.zeros(0, np.int64)
+    batches = Batches(key, len(x), batch_size)
+    best = Best(values, accuracy(values))
+    done = 0
     while done < steps:
-        if order.size < batch_size:
-            key, sub = jax.random.split(key)
-            order = np.concatenate([order, np.asarray(jax.random.permutation(sub, len(x)))])
-        take, order = order[:batch_size], order[batch_size:]
+        take = batches.next()
         values, state = step(values, state, x[take], y[take])
         done += 1
         if done % eval_every == 0 or done == steps:
-            acc = accuracy(values)
-            history.append((done, acc))
+            stop = best.measure(done, values, accuracy(values), patience)
             if progress is not None:
                 progress(done, steps)
-            if acc > best:
-                best_values, best, best_step, waited = values, acc, done, 0
-            else:
-                waited += 1
-                if waited >= patience:
-                    break
-    kept = best_step == 0
-    out = params if kept else rebuild_params(params, view.scatter(tree, best_values))
+            if stop:
+                break
+    out = params if best.kept_original else rebuild_params(params, view.scatter(tree, best.value))
     return Fit(
-        params=out, start_accuracy=first, best_accuracy=best, best_step=best_step, steps=done,
-        kept_original=kept, trained=view.size(tree), seconds=time.perf_counter() - start,
-        history=tuple(history),
+        params=out, start_accuracy=best.history[0][1], best_accuracy=best.accuracy,
+        best_step=best.step, steps=done, kept_original=best.kept_original,
+        trained=view.size(tree), seconds=time.perf_counter() - start,
+        history=tuple(best.history),
     )  # fmt: skip
 
 

@@ -66,7 +66,7 @@ from jax.flatten_util import ravel_pytree
 from deepfault_jax.errors import check_finite, check_int, check_key
 from deepfault_jax.neuron_params import pure_params, rebuild_params
 from deepfault_jax.probe import Probe
-from deepfault_jax.repair import Fit, View, _checked_xy, predictions
+from deepfault_jax.repair import Batches, Best, Fit, View, _checked_xy, predictions
 
 __all__ = ["MIN_POPULATION", "SearchFit", "repair_fitness", "search_repair"]
 
@@ -226,44 +226,29 @@ def search_repair(
     pop0 = _initial_population(key_init, flat0, population, sigma)
     # the members are re-scored on each generation's minibatch before use
     state = de.init(key_init, pop0, jnp.full(population, jnp.inf, flat0.dtype), de_params)
-    order = np.zeros(0, np.int64)
-
-    def next_batch() -> np.ndarray:
-        nonlocal order, key_order
-        if order.size < batch_size:
-            key_order, sub = jax.random.split(key_order)
-            order = np.concatenate([order, np.asarray(jax.random.permutation(sub, len(x)))])
-        take, order = order[:batch_size], order[batch_size:]
-        return take
-
-    take = next_batch()
+    batches = Batches(key_order, len(x), batch_size)
+    take = batches.next()
     start_fitness = float(fitness(pop0[0], x[take], y[take], failing[take]))
-    best_delta, best = pop0[0], accuracy(pop0[0])
-    first, best_step, history, record = best, 0, [(0, best)], [(0, start_fitness)]
-    waited, done = 0, 0
+    best = Best(pop0[0], accuracy(pop0[0]))
+    record, done = [(0, start_fitness)], 0
     while done < steps:
         if done:
-            take = next_batch()
+            take = batches.next()
         state, delta, fit = generation(
             state, jax.random.fold_in(key_search, done), x[take], y[take], failing[take]
         )
         done += 1
         if done % eval_every == 0 or done == steps:
-            acc = accuracy(delta)
-            history.append((done, acc))
             record.append((done, float(fit)))
+            stop = best.measure(done, delta, accuracy(delta), patience)
             if progress is not None:
                 progress(done, steps)
-            if acc > best:
-                best_delta, best, best_step, waited = delta, acc, done, 0
-            else:
-                waited += 1
-                if waited >= patience:
-                    break
-    kept = best_step == 0
-    out = params if kept else candidate(best_delta)
+            if stop:
+                break
+    out = params if best.kept_original else candidate(best.value)
     return SearchFit(
-        params=out, start_accuracy=first, best_accuracy=best, best_step=best_step, steps=done,
-        kept_original=kept, trained=int(flat0.size),
-        seconds=time.perf_counter() - start, history=tuple(history), fitness=tuple(record),
+        params=out, start_accuracy=best.history[0][1], best_accuracy=best.accuracy,
+        best_step=best.step, steps=done, kept_original=best.kept_original,
+        trained=int(flat0.size), seconds=time.perf_counter() - start,
+        history=tuple(best.history), fitness=tuple(record),
     )  # fmt: skip
