@@ -17,11 +17,12 @@ What is trained is a :class:`View` of the parameters:
   is full fine-tuning).
 
 The view gathers the chosen slices into leaves of their own; the optimiser
-(``optax.adam``, after ``optax.clip_by_global_norm``) runs on those leaves
-only, and :meth:`View.scatter` writes them back, so every other parameter is
-left bit for bit as it was. (optax's masks, ``optax.masked`` and
-``optax.freeze``, act on whole leaves; gathering the slices into leaves is
-what lets them, and the optimiser state, cover only the chosen ones.)
+(``optax.adam`` after ``optax.clip_by_global_norm``) and its state cover
+exactly those leaves, and :meth:`View.scatter` writes them back, so every
+other parameter is left bit for bit as it was. (optax's own masks,
+``optax.masked`` and ``optax.freeze``, select whole leaves: a kernel, not the
+column of one neuron; gathering the slices first is what lets a standard
+optax optimiser train single neurons.)
 
 :func:`fine_tune` takes minibatch steps of the mean cross-entropy of the
 repair inputs (their order drawn with the key), measures the validation

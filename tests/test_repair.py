@@ -295,3 +295,27 @@ def test_bad_fit_arguments_are_refused_before_work(change, message, weak_mlp, di
     view = repair.neuron_view(prb, params, [0])
     with pytest.raises(InputError, match=message):
         repair.fine_tune(key, prb, params, view, fit_xy, (x, y), **kwargs)
+
+
+def test_an_nnx_model_is_repaired_in_its_own_form(digits):
+    """An NNX state in, an NNX state out; only the view's entries differ."""
+    from flax import nnx
+
+    model = zoo.create_model("nnx-mlp-3x50", input_shape=digits.input_shape, num_classes=10)
+    params = training.train(jax.random.key(0), model, digits, epochs=1).params
+    prb = probe.model_probe(model, params)
+    view = repair.neuron_view(prb, params, [4, 90])
+    xy, val = (digits.x_train[:400], digits.y_train[:400]), (digits.x_test, digits.y_test)
+    fit = repair.fine_tune(jax.random.key(0), prb, params, view, xy, val, steps=40,
+                           eval_every=10, patience=4)  # fmt: skip
+    assert isinstance(fit.params, nnx.State) and not fit.kept_original
+    before, after = _flat(pure_params(params)), _flat(pure_params(fit.params))
+    mask = _view_mask(view, params)
+    for k in before:
+        name, leaf = k.split("/")
+        np.testing.assert_array_equal(
+            after[k][mask[name][leaf] == 0], before[k][mask[name][leaf] == 0]
+        )
+    assert sum(int(np.count_nonzero(after[k] != before[k])) for k in before) > 0
+    assert fit.best_accuracy > fit.start_accuracy
+    assert repair.predictions(prb, fit.params, val[0]).shape == (len(val[0]),)
