@@ -434,6 +434,9 @@ def _repair_parser(sub) -> None:
     _add(p, "--batch-size", _REPAIR.batch_size, "inputs per step", _int(lo=1), metavar="B")
     _add(p, "--learning-rate", _REPAIR.learning_rate, "Adam step",
          _float(lo=0.0, lo_open=True), metavar="LR")  # fmt: skip
+    _add(p, "--full-learning-rate", _REPAIR.full_learning_rate, "Adam step of the full "
+         "fine-tuning baseline", _float(lo=0.0, lo_open=True), metavar="LR",
+         shown="a tenth of --learning-rate")  # fmt: skip
     _add(p, "--validation", _REPAIR.validation, "training inputs held out for early stopping "
          "and localization (the last N; at most half)", _int(lo=1), metavar="N")  # fmt: skip
     _add(p, "--synthesized", _REPAIR.synthesized, "synthesize N inputs from each of the "

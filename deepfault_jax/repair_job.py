@@ -64,6 +64,7 @@ class RepairConfig:
       part: ``"both"``, ``"incoming"`` or ``"outgoing"`` (:data:`deepfault_jax.repair.PARTS`).
       budget: optimiser steps of every repair (targeted and baselines alike).
       batch_size, learning_rate, eval_every, patience: the fit (:func:`repair.fine_tune`).
+      full_learning_rate: the full fine-tuning baseline's (None: a tenth of ``learning_rate``).
       validation: training inputs held out for validation and localization.
       localize_inputs: validation inputs the localizer reads (the first ones).
       synthesized: inputs synthesized from each of the repair, validation and test sets.
@@ -87,6 +88,7 @@ class RepairConfig:
     budget: int = 300
     batch_size: int = 128
     learning_rate: float = 3e-3
+    full_learning_rate: float | None = None
     eval_every: int = 25
     patience: int = 4
     validation: int = 5000
@@ -116,6 +118,8 @@ class RepairConfig:
         check_int("budget", self.budget, lo=1)
         check_int("batch_size", self.batch_size, lo=1)
         check_finite("learning_rate", self.learning_rate, lo=0.0, lo_open=True)
+        if self.full_learning_rate is not None:
+            check_finite("full_learning_rate", self.full_learning_rate, lo=0.0, lo_open=True)
         check_int("eval_every", self.eval_every, lo=1)
         check_int("patience", self.patience, lo=1)
         check_int("validation", self.validation, lo=1)
@@ -249,7 +253,7 @@ def run_repair(config: RepairConfig, out: str | Path, *, progress: Progress | No
     rows = repair.compare_repairs(
         key, prb, params, neurons, fit, val, test, synthesized_xy=synth_test,
         baselines=config.baselines, random_repeats=config.random_repeats, part=config.part,
-        **fit_options,
+        full_learning_rate=config.full_learning_rate, **fit_options,
     )  # fmt: skip
     repaired = rows.pop("repaired")
     if config.search:
