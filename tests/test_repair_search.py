@@ -13,7 +13,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from deepfault_jax import probe, repair, training, zoo
 from deepfault_jax.errors import InputError
@@ -82,7 +84,8 @@ def test_only_the_view_changes(trained, faulty):
     calls = []
     fit = search_repair(
         jax.random.key(1), pr, params, view, splits["fit"], splits["val"],
-        steps=60, eval_every=20, progress=lambda done, total: calls.append((done, total)),
+        steps=60, eval_every=20, weights=None,
+        progress=lambda done, total: calls.append((done, total)),
     )  # fmt: skip
     assert isinstance(fit, SearchFit) and isinstance(fit, repair.Fit)
     assert not fit.kept_original and fit.best_accuracy > fit.start_accuracy
@@ -207,6 +210,7 @@ def _bad_data(which: str, splits) -> tuple[tuple, tuple]:
         ({"sigma": 0.0}, "sigma must lie in (0, inf]; got 0"),
         ({"eval_every": 0}, "eval_every must lie in [1, inf]; got 0"),
         ({"patience": 0}, "patience must lie in [1, inf]; got 0"),
+        ({"weights": 0}, "weights must lie in [1, inf]; got 0"),
         ({"key": 0}, "key must be a JAX PRNG key"),
         ({"data": "empty"}, "the repair data must hold at least one input; got shape (0, 8, 8, 1)"),
         ({"data": "nan-fit"}, "the repair data inputs must be finite floats"),
@@ -225,3 +229,30 @@ def test_bad_arguments_raise_input_error(trained, options, message):
         search_repair(key, pr, params, view, fit_xy, val_xy, steps=options.pop("steps", 2),
                       **options)  # fmt: skip
     assert message in str(info.value)
+
+
+def test_only_the_weights_with_the_largest_gradient_are_searched(trained, faulty):
+    """``weights=m``: at most m parameters move, and they are the m of the view whose fitness
+    gradient at the original parameters is largest in magnitude."""
+    pr, _, splits = trained
+    params, neuron = faulty
+    view = repair.neuron_view(pr, params, [neuron, LAYERS.index("dense_2") * 50 + 3])
+    fit = search_repair(jax.random.key(1), pr, params, view, splits["fit"], splits["val"],
+                        steps=60, eval_every=20, weights=12)  # fmt: skip
+    assert fit.trained == 12 and not fit.kept_original
+    tree = pure_params(params)
+    values, unravel = ravel_pytree(view.gather(tree))
+    x, y = (a[:2048] for a in splits["fit"])
+    failing = repair.predictions(pr, params, x) != y
+
+    def fitness(flat):  # the definition: mean CE on failing + alpha (1) x mean CE on passing
+        logits = pr.fn(view.scatter(tree, unravel(flat)), x)[0]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return ce[failing].mean() + ce[~failing].mean()
+
+    top = set(
+        np.argsort(-np.abs(np.asarray(jax.grad(fitness)(values))), kind="stable")[:12].tolist()
+    )
+    moved, _ = ravel_pytree(view.gather(pure_params(fit.params)))
+    changed = set(np.flatnonzero(np.asarray(moved) != np.asarray(values)).tolist())
+    assert changed and changed <= top
