@@ -60,6 +60,7 @@ def _args(argv=None):
     p.add_argument("--localize-inputs", type=int, default=2000)
     p.add_argument("--search", action="store_true", help="also the search-based repair")
     p.add_argument("--quick", action="store_true", help="one model, three kinds, one window")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--out", default=None, help="directory for repair.json, repair.md, repair.png")
     p.add_argument("--report", metavar="JSON", help="only re-render a result file's tables")
     p.add_argument(
@@ -279,7 +280,7 @@ def main(argv=None):
             )
             result["control"] = _controls(done)
         result["summary"] = summarize(result["per_trial"])
-        print(markdown(result))
+        print(json.dumps(result, sort_keys=True) if args.json else markdown(result))
         write(result, Path(args.out or Path(args.report).parent))
         return
     models = args.models.split(",")
@@ -312,8 +313,7 @@ def main(argv=None):
         "seconds": time.perf_counter() - start, "date": time.strftime("%Y-%m-%d"),
         "versions": checkpoints.package_versions(),
     }  # fmt: skip
-    text = markdown(result)
-    print(text)
+    print(json.dumps(result, sort_keys=True) if args.json else markdown(result))
     if args.out:
         write(result, Path(args.out))
 
