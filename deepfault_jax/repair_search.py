@@ -66,7 +66,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from evosax.algorithms import DifferentialEvolution
 from jax.flatten_util import ravel_pytree
 
 from deepfault_jax.errors import check_finite, check_int, check_key
@@ -241,6 +240,8 @@ def search_repair(
         return _split_fitness(probe.fn(candidate(delta), xb)[0], yb, fb, alpha)
 
     scores = jax.vmap(fitness, in_axes=(0, None, None, None))
+    from evosax.algorithms import DifferentialEvolution  # evosax computes at import time
+
     de = DifferentialEvolution(population_size=population, solution=flat0)
     de_params = de.default_params
 

@@ -195,7 +195,8 @@ def test_search_runs_beside_the_gradient_repair_on_the_same_budget(
     rows = json.loads(text)["results"]
     assert set(rows) == {"targeted", "search", "output"}
     assert rows["search"]["neurons"] == rows["targeted"]["neurons"] == [5, 60]
-    assert rows["search"]["trained"] == rows["targeted"]["trained"]
+    # the search moves the 64 weights of the same neurons with the largest fitness gradient
+    assert rows["search"]["trained"] == min(64, rows["targeted"]["trained"])
     assert rows["search"]["steps"] <= 25 and rows["search"]["changed"] <= rows["search"]["trained"]
     assert "| targeted, search (DE) |" in (out / "repair.md").read_text()
 
