@@ -23,6 +23,8 @@ on the measure half (above 1 when the repair also improves what training left),
 ``restored`` = the share of the inputs the fault broke (right before it, wrong
 after it) that the repair makes right again, ``broken`` = the share of inputs
 right under the faulty model that the repair makes wrong, and parameters changed.
+The same repairs of each clean model (the control) show what they gain without any
+fault; ``recovered net of it`` subtracts that gain from every trial's before pooling.
 
     python benchmarks/repair.py --quick
     python benchmarks/repair.py --out benchmarks/repair-planted
@@ -168,10 +170,12 @@ def _order(name: str) -> tuple:
     return rank, name
 
 
-def summarize(trials):
+def summarize(trials, controls=None):
     """Per repair: the mean of every per-trial figure, the pooled recovery (the summed gain
-    over the summed planted drop: weak trials' tiny drops do not dominate it) and the median
-    per-trial recovery."""
+    over the summed planted drop: weak trials' tiny drops do not dominate it), the median
+    per-trial recovery, and with ``controls`` the pooled recovery net of the clean-model
+    control (each trial's gain less what the same repair gains on its clean model: what
+    the repair undoes of the fault itself, not what further training would give anyway)."""
     names = sorted(trials[0]["repairs"], key=_order)
     out = {}
     drop = sum(t["clean"] - t["faulty"] for t in trials)
@@ -181,6 +185,9 @@ def summarize(trials):
         gain = sum(t["repairs"][name]["accuracy"] - t["faulty"] for t in trials)
         out[name]["recovered_pooled"] = gain / drop if drop > 0 else float("nan")
         out[name]["recovered_median"] = float(np.nanmedian(vals["recovered"]))
+        if controls and all(name in controls[t["model"]]["gain"] for t in trials):
+            base = sum(controls[t["model"]]["gain"][name] for t in trials)
+            out[name]["recovered_net"] = (gain - base) / drop if drop > 0 else float("nan")
     return out
 
 
@@ -191,18 +198,19 @@ def markdown(result) -> str:
         f"{', '.join(result['config']['models'])}; {result['config']['budget']} steps each)",
         "",
         "| repair | recovered (pooled) | median | restored | broken | changed params "
-        "| planted neuron among them | same repair of the clean model |",
-        "|---|---|---|---|---|---|---|---|",
+        "| planted neuron among them | same repair of the clean model | recovered net of it |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     controls = result.get("control", {})
     for name, r in s.items():
         found = f"{100 * r['found']:.0f}%" if "found" in r else ""
         gains = [c["gain"][name] for c in controls.values() if name in c["gain"]]
         gain = f"{100 * np.mean(gains):+.2f} points" if gains else ""
+        net = f"{100 * r['recovered_net']:.0f}%" if "recovered_net" in r else ""
         lines.append(f"| {name} | {100 * r['recovered_pooled']:.0f}% | "
                      f"{100 * r['recovered_median']:.0f}% | {100 * r['restored']:.0f}% | "
                      f"{100 * r['broken']:.1f}% | {100 * r['changed_share']:.2f}% | {found} "
-                     f"| {gain} |")  # fmt: skip
+                     f"| {gain} | {net} |")  # fmt: skip
     lines += ["", "By kind, recovered (pooled):", ""]
     kinds = sorted({t["kind"] for t in result["per_trial"]})
     names = list(s)
@@ -279,7 +287,7 @@ def main(argv=None):
                 **{**result["config"], "search": result["config"].get("search", False)}
             )
             result["control"] = _controls(done)
-        result["summary"] = summarize(result["per_trial"])
+        result["summary"] = summarize(result["per_trial"], result.get("control"))
         print(json.dumps(result, sort_keys=True) if args.json else markdown(result))
         write(result, Path(args.out or Path(args.report).parent))
         return
@@ -308,7 +316,7 @@ def main(argv=None):
                               f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
     result = {
         "dataset": ds.name, "config": {**vars(args), "models": models, "kinds": kinds},
-        "trials": len(trials), "summary": summarize(trials), "per_trial": trials,
+        "trials": len(trials), "summary": summarize(trials, controls), "per_trial": trials,
         "control": controls,
         "seconds": time.perf_counter() - start, "date": time.strftime("%Y-%m-%d"),
         "versions": checkpoints.package_versions(),
