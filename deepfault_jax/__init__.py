@@ -69,6 +69,7 @@ from deepfault_jax.errors import InputError, InputTypeError
 from deepfault_jax.evaluate import evaluate_synthesis
 from deepfault_jax.faultbench import FaultbenchConfig, run_faultbench
 from deepfault_jax.faults import FAULT_KINDS, PlantedFault, plant_faults
+from deepfault_jax.keras_models import KerasModelInfo, keras_probe, load_keras_model
 from deepfault_jax.localize import (
     measure_agreement,
     random_neurons,
@@ -160,6 +161,9 @@ __all__ = [
     "NeuronIndex",
     "Probe",
     "function_probe",
+    "KerasModelInfo",
+    "keras_probe",
+    "load_keras_model",
     "linen_probe",
     "model_probe",
     "nnx_probe",

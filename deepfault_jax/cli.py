@@ -23,6 +23,8 @@ from typing import Any
 from deepfault_jax import (
     commands,
     errors,
+    foreign,
+    keras_models,
     localizers,
     measures,
     model_source,
@@ -165,17 +167,58 @@ def _output_options(p, *, help: str, default=None, metavar="DIR", required=False
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
+def _zoo_model(option: str, text: str) -> str:
+    """A zoo model's name (train: keras:/flax: models are refused, they come trained)."""
+    if foreign.is_foreign(text) or text.startswith(("keras:", "flax:")):
+        raise InputError(f"{option} of train names a zoo model ({', '.join(zoo.MODEL_NAMES)}); "
+                         f"got {text!r}: keras: and flax: models come trained, use them with "
+                         "spectrum, localize, run or repair")  # fmt: skip
+    if text not in zoo.MODEL_NAMES:
+        raise InputError(f"invalid choice: {text!r} (choose from {', '.join(zoo.MODEL_NAMES)})")
+    return text
+
+
+def _any_model(option: str, text: str) -> str:
+    """A zoo model's name, ``keras:PATH`` or ``flax:MODULE:FACTORY`` (its form only: the file
+    or module is read by the command)."""
+    if text.startswith(("keras:", "flax:")):
+        foreign.parse_source(text)
+        return text
+    if text not in zoo.MODEL_NAMES:
+        raise InputError(f"invalid choice: {text!r} (choose from {', '.join(zoo.MODEL_NAMES)}, "
+                         "keras:PATH or flax:MODULE:FACTORY)")  # fmt: skip
+    return text
+
+
+_FOREIGN_HELP = (
+    "; or keras:PATH, a Keras model saved by model.save() as .keras or legacy .h5 (Sequential "
+    "or a Functional chain of Dense, Conv, pooling, Flatten, activation, Dropout, "
+    "BatchNormalization layers; loaded in Keras's safe mode), or flax:MODULE:FACTORY, where "
+    "MODULE is a dotted module name importable from the current directory or PYTHONPATH, or a "
+    "path to a .py file, and FACTORY() returns (linen_module, params[, activation_fn]), an "
+    "nnx.Module, or (fn, params[, gated_fn]) with fn(params, x) -> (logits, {name: "
+    "activation}). Its input shape and classes must be the data set's"
+)
+
+
 def _model_options(p, *, checkpoint: bool, seed_help: str, model: str | None = _RUN.model):
-    """The model: --model (or --checkpoint), --activation, --dataset and --seed; returns the
-    group of the exclusive model sources (with ``checkpoint``)."""
+    """The model: --model (or --checkpoint), --activation, --dataset and --seed, and (with
+    ``checkpoint``) --trust-model-file; returns the group of the exclusive model sources (with
+    ``checkpoint``). Without ``checkpoint`` (train) --model takes zoo models only."""
     group = p.add_mutually_exclusive_group() if checkpoint else p
     cached = ", trained on the data set on first use and cached" if checkpoint else ""
-    _add(group, "--model", model, f"zoo model{cached}: {', '.join(zoo.MODEL_NAMES)}",
-         choices=zoo.MODEL_NAMES, metavar="NAME", shown=_UNSET if model else "none")  # fmt: skip
+    more = _FOREIGN_HELP if checkpoint else ""
+    _add(group, "--model", model, f"zoo model{cached}: {', '.join(zoo.MODEL_NAMES)}{more}",
+         _any_model if checkpoint else _zoo_model, metavar="NAME" if not checkpoint else
+         "NAME|keras:PATH|flax:MODULE:FACTORY", shown=_UNSET if model else "none")  # fmt: skip
     if checkpoint:
         group.add_argument("--checkpoint", metavar="DIR",
                            help="a checkpoint from `deepfault-jax train`, instead of --model")  # fmt: skip
-    own = "; a --checkpoint has its own" if checkpoint else ""
+        p.add_argument(keras_models.TRUST_OPTION, action="store_true", dest="trust_model_file",
+                       help="load a --model keras:PATH file with Keras's safe mode off, so that "
+                       "Python code stored in it (Lambda layers, lambda activations) is run: "
+                       "only for files you trust (default: safe mode on)")  # fmt: skip
+    own = "; a --checkpoint has its own; keras:/flax: models ignore it" if checkpoint else ""
     _add(p, "--activation", _RUN.activation, f"the model's hidden nonlinearity{own}",
          choices=tuple(zoo.ACTIVATIONS))  # fmt: skip
     _add(p, "--dataset", _RUN.dataset, _DATASET_HELP, metavar="SPEC")
@@ -183,16 +226,30 @@ def _model_options(p, *, checkpoint: bool, seed_help: str, model: str | None = _
     return group
 
 
+_VALUES_HELP = (
+    "count neuron values before (pre) or after (post) the activation function, or (keras: "
+    "models only) each layer's output as Keras defines it (layer: the original DeepFault's "
+    "neuron; after a layer's built-in activation, e.g. Conv2D(activation='relu'), and equal "
+    "to pre for a Dense followed by a separate activation layer). For zoo and flax: models a "
+    "layer's output is its pre-activation value, so layer is refused there: use pre"
+)
+
+
 def _probe_options(p, defaults, *, conv_reductions=probe.CONV_REDUCTIONS, threshold=True,
-                   layers="layers to probe"):  # fmt: skip
-    """Which neurons and values are counted: --layers, --conv-reduce, --values, --threshold."""
-    _add(p, "--layers", defaults.layers, layers, _listed(), metavar="A,B,...",
+                   layers="layers to probe", keras=True):  # fmt: skip
+    """Which neurons and values are counted: --layers, --conv-reduce, --values, --threshold
+    (``keras``: --values also takes ``layer``, for keras: models)."""
+    more = " (keras: models: also layer types such as Dense, Conv2D)" if keras else ""
+    _add(p, "--layers", defaults.layers, layers + more, _listed(), metavar="A,B,...",
          shown="every hidden Dense/Conv")  # fmt: skip
     kinds = "; ".join(f"{r}: {_CONV_REDUCE_HELP.get(r, r)}" for r in conv_reductions)
     _add(p, "--conv-reduce", defaults.conv_reduce, f"a conv channel's value: {kinds}",
          choices=tuple(conv_reductions))  # fmt: skip
-    _add(p, "--values", defaults.values, "count neuron values before (pre) or after (post) "
-         "the activation function", choices=probe.VALUES)  # fmt: skip
+    if keras:
+        _add(p, "--values", defaults.values, _VALUES_HELP, choices=model_source.VALUES)
+    else:
+        _add(p, "--values", defaults.values, "count neuron values before (pre) or after (post) "
+             "the activation function", choices=probe.VALUES)  # fmt: skip
     if threshold:
         _add(p, "--threshold", defaults.threshold, "a neuron is active when its value is > T",
              _float(), metavar="T")  # fmt: skip
@@ -259,7 +316,8 @@ def _method(option: str, text: str) -> str:
 
 
 #: localize's options that go with a model source only (not with --spectrum)
-_MODEL_ONLY = ("dataset", "activation", "seed", "inputs", "conv_reduce", "values", "batch_size")
+_MODEL_ONLY = ("dataset", "activation", "seed", "inputs", "conv_reduce", "values", "batch_size",
+               "trust_model_file")  # fmt: skip
 
 
 def _localize_parser(sub) -> None:
@@ -395,7 +453,8 @@ def _faultbench_parser(sub) -> None:
          metavar="K1,K2,...")  # fmt: skip
     _add(p, "--tries", _BENCH.tries, "neurons tried per fault before a trial is given up",
          _int(lo=1), metavar="N")  # fmt: skip
-    _probe_options(p, _BENCH, conv_reductions=FaultbenchConfig.CONV_REDUCTIONS, threshold=False)
+    _probe_options(p, _BENCH, conv_reductions=FaultbenchConfig.CONV_REDUCTIONS, threshold=False,
+                   keras=False)  # fmt: skip
     _add(p, "--batch-size", _BENCH.batch_size, "inputs per step", _int(lo=1), metavar="B")
     _output_options(
         p, default="runs/faultbench", help="output directory (default: runs/faultbench)"

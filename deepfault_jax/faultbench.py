@@ -394,7 +394,13 @@ class FaultbenchConfig:
     @staticmethod
     def check_model(spec: str) -> None:
         """Raises :class:`InputError` unless ``spec`` is ``NAME`` or ``NAME:ACTIVATION`` of
-        the zoo."""
+        the zoo (faultbench plants faults into zoo models it trains itself: ``keras:`` and
+        ``flax:`` models are refused)."""
+        if str(spec).startswith(("keras:", "flax:")):
+            raise InputError(
+                f"faultbench plants faults into zoo models it trains itself; got {spec!r}: "
+                "keras: and flax: models go with spectrum, localize, run and repair"
+            )
         name, activation = _model_spec(spec)
         if name not in zoo.MODEL_NAMES:
             raise InputError(

@@ -1,16 +1,19 @@
 """Where a model comes from, shared by the run and the ``spectrum`` and ``localize`` commands;
 and the command line's localizer options.
 
-* :func:`load_model` gives ``(model, params, meta)`` from a checkpoint or a zoo
-  model (trained on first use and cached); a ``check`` sees the loaded
-  checkpoint's model, or an untrained copy of the zoo model, before any training.
+* :func:`load_model` gives ``(model, params, meta)`` from a checkpoint, a zoo
+  model (trained on first use and cached), or a model from outside the zoo
+  (``keras:PATH``, ``flax:MODULE:FACTORY``: a :class:`~deepfault_jax.foreign.ForeignModel`);
+  a ``check`` sees the loaded model, or an untrained copy of the zoo model,
+  before any training.
 * :func:`model_probe` probes it as the ``layers``, ``conv_reduce`` and ``values``
   settings say.
 * :func:`parse_option` reads one ``--option KEY=VALUE``; :func:`check_needs` checks
   that a probe and its parameters give a localizer what it reads (gates, parameters).
 
 A *source* is any object with the attributes ``checkpoint`` (a directory or None),
-``model``, ``activation`` and ``seed`` (a zoo model), and ``layers``,
+``model``, ``activation`` and ``seed`` (a zoo model, or a ``keras:``/``flax:``
+source), optionally ``trust_model_file`` (Keras's safe mode off), and ``layers``,
 ``conv_reduce`` and ``values`` (its probe): the parsed options of a command, or a
 :class:`~deepfault_jax.pipeline.RunConfig`.
 """
@@ -22,11 +25,23 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from deepfault_jax import checkpoints, data, localizers, probe, zoo
+from deepfault_jax import checkpoints, data, foreign, localizers, probe, zoo
 from deepfault_jax.errors import InputError
+from deepfault_jax.keras_models import KERAS_VALUES
 from deepfault_jax.progress import Progress
 
-__all__ = ["check_needs", "load_model", "model_probe", "parse_option"]
+__all__ = [
+    "VALUES",
+    "check_needs",
+    "check_source",
+    "check_values",
+    "load_model",
+    "model_probe",
+    "parse_option",
+]
+
+#: Every ``values`` a command takes: ``layer`` (Keras models only), ``pre``, ``post``.
+VALUES = KERAS_VALUES
 
 #: ``check(model, params)``: raises InputError for a model that cannot do the job.
 ModelCheck = Callable[[zoo.Model, Any], None]
@@ -36,8 +51,46 @@ def model_probe(source: Any, model: zoo.Model, params: Any) -> probe.Probe:
     """The probe of ``model`` that ``source``'s ``layers``, ``conv_reduce`` and ``values``
     ask for."""
     layers = list(source.layers) if source.layers else None
+    if isinstance(model, foreign.ForeignModel):
+        return model.probe(params, layers=layers, conv_reduce=source.conv_reduce,
+                           values=source.values)  # fmt: skip
+    check_values(source.values, f"the zoo model {model.name}")
     return probe.model_probe(model, params, layers=layers, conv_reduce=source.conv_reduce,
                              values=source.values)  # fmt: skip
+
+
+def check_values(values: str, what: str | None = None) -> None:
+    """Raises InputError unless ``values`` is one of :data:`VALUES`, and ``layer`` only for a
+    ``keras:`` model: ``what`` names the model (a ``--model`` value, or words); None when it
+    is not known yet (then ``layer`` passes). For zoo and Flax models a layer's output is its
+    pre-activation value: ``pre`` says so."""
+    if values not in VALUES:
+        raise InputError(f"values must be one of {', '.join(VALUES)}; got {values!r}")
+    if values == "layer" and what is not None and not what.startswith("keras:"):
+        shown = what
+        raise InputError(
+            "--values layer (each layer's output as Keras defines it) applies to keras: models "
+            f"only; got {shown}: use --values pre (the layer's output before the activation) "
+            "or post"
+        )
+
+
+def check_source(source: Any) -> None:
+    """Checks, before any file is read, what can be checked of ``source`` alone: the form of a
+    ``keras:``/``flax:`` model, ``values`` (``layer`` only for Keras models) and
+    ``trust_model_file`` (Keras models only)."""
+    model = getattr(source, "model", None)
+    what = f"checkpoint {source.checkpoint}" if source.checkpoint else model
+    if not source.checkpoint and foreign.is_foreign(model):
+        foreign.parse_source(model)
+    check_values(source.values, what)
+    if getattr(source, "trust_model_file", False) and not (
+        not source.checkpoint and isinstance(model, str) and model.startswith("keras:")
+    ):
+        raise InputError(
+            f"--trust-model-file goes with --model keras:PATH (it turns Keras's safe mode off); "
+            f"got {what or 'no model'}"
+        )
 
 
 def load_model(
@@ -49,13 +102,23 @@ def load_model(
 ) -> tuple:
     """``(model, params, meta)`` of ``source.checkpoint``, or of the zoo model
     ``source.model`` (trained on ``dataset`` on first use and cached); ``meta["source"]``
-    names it (the checkpoint's absolute path, or ``zoo:MODEL:ACTIVATION:seedN``).
+    names it (the checkpoint's absolute path, ``zoo:MODEL:ACTIVATION:seedN``,
+    ``keras:/ABS/PATH`` or ``flax:MODULE:FACTORY``).
 
     ``check`` (by default, that ``source``'s probe fits the model) is called with the
     loaded checkpoint's model, or with an untrained copy of the zoo model, before any
     training.
     """
+    check_source(source)
     check = check or (lambda model, params: model_probe(source, model, params))
+    if not source.checkpoint and foreign.is_foreign(source.model):
+        model, params = foreign.load_foreign(
+            source.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
+            dataset_name=dataset.name, trusted=bool(getattr(source, "trust_model_file", False)),
+            layers=source.layers, values=source.values, conv_reduce=source.conv_reduce,
+        )  # fmt: skip
+        check(model, params)
+        return model, params, {"source": model.source, "checkpoint": None}
     if source.checkpoint:
         model, params, meta = checkpoints.load_checkpoint(
             source.checkpoint, input_shape=dataset.input_shape

@@ -147,7 +147,11 @@ def neuron_layout(probe: Probe, params: Any, *, what: str = "this localizer") ->
     for name, units in zip(probe.index.layer_names, probe.index.layer_sizes, strict=True):
         entry = tree.get(name)
         if not isinstance(entry, dict) or "kernel" not in entry or "bias" not in entry:
-            raise InputError(f"{how}; got no kernel and bias for probed layer {name!r}")
+            hint = ""
+            if isinstance(entry, dict) and "kernel" in entry:  # Keras Dense(use_bias=False)
+                hint = (" (it has a kernel but no bias; localizers that read no parameters "
+                        "serve it: the count measures such as ochiai, or ablation)")  # fmt: skip
+            raise InputError(f"{how}; got no kernel and bias for probed layer {name!r}{hint}")
         kernel = np.shape(entry["kernel"])
         if kernel[-1] != units or np.shape(entry["bias"]) != (units,):
             raise InputError(

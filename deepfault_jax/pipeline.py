@@ -43,6 +43,7 @@ from deepfault_jax import (
     checkpoints,
     data,
     evaluate,
+    foreign,
     localize,
     localizers,
     measures,
@@ -104,10 +105,14 @@ class RunConfig:
     """Everything that defines a run (defaults: the quickstart's run on ``digits``).
 
     Attributes:
-      model: zoo architecture (trained on first use and cached), unless ``checkpoint``.
+      model: zoo architecture (trained on first use and cached), unless ``checkpoint``;
+        or a model from outside the zoo: ``keras:PATH`` (a .keras/.h5 file) or
+        ``flax:MODULE:FACTORY`` (:mod:`deepfault_jax.foreign`).
       activation: its hidden activation (``relu`` or ``leaky_relu``).
       dataset: data set spec.
       checkpoint: a checkpoint directory to use instead of the zoo model.
+      trust_model_file: load a ``keras:`` file with Keras's safe mode off (runs code
+        stored in it: Lambda layers); only for files you trust.
       measures: the localizers that choose the suspicious neurons
         (:func:`~deepfault_jax.localizers.localizer_names`): count and attribution
         measures, or any other localizer.
@@ -124,7 +129,8 @@ class RunConfig:
       seed: seeds training, input selection and the random baseline.
       layers: probed layers (None: every hidden Dense/Conv).
       conv_reduce: conv neuron reduction.
-      values: ``"pre"`` or ``"post"`` activation, for the spectrum and the objective.
+      values: ``"pre"`` or ``"post"`` activation, for the spectrum and the objective;
+        ``"layer"`` (each layer's Keras output) for ``keras:`` models only.
       threshold: activity threshold.
       star: DStar's exponent.
       batch_size: inputs per compiled step.
@@ -134,6 +140,7 @@ class RunConfig:
     activation: str = "relu"
     dataset: str = "digits"
     checkpoint: str | None = None
+    trust_model_file: bool = False
     measures: tuple[str, ...] = ("tarantula", "ochiai", "dstar")
     k: tuple[int, ...] = (1, 5, 10)
     classes: tuple[int, ...] | None = None
@@ -183,7 +190,7 @@ class RunConfig:
         check_finite("threshold", self.threshold)
         check_finite("star", self.star, lo=0.0, lo_open=True)
         _check_choice("conv_reduce", self.conv_reduce, probe.CONV_REDUCTIONS)
-        _check_choice("values", self.values, probe.VALUES)
+        model_source.check_source(self)
 
     def resolved_step_size(self) -> float:
         """The step size in use."""
@@ -232,7 +239,9 @@ def load_model(config: RunConfig, dataset: data.Dataset, *, progress: Progress |
 def build_probe(config: RunConfig, model: zoo.Model, params: Any) -> probe.Probe:
     """The run's probe of ``model``, after checking that its layers are hidden layers and
     that every k fits its neurons."""
-    if config.layers:
+    if config.layers and isinstance(model, foreign.ForeignModel):
+        model.check_layers(params, config.layers)
+    elif config.layers:
         hidden = probe.model_probe(model, params).index.layer_names
         other = [name for name in config.layers if name not in hidden]
         if other:
@@ -461,7 +470,12 @@ def run(config: RunConfig, out_dir: str | Path, *, progress: Progress | None = N
         threshold=config.threshold, attribution=config.needs_attribution(), progress=progress,
     )  # fmt: skip
     scores, seconds = _localize_all(config, prb, params, spec, dataset, progress)
-    pred = zoo.predict(model, params, dataset.x_test)
+    if isinstance(model, foreign.ForeignModel):
+        from deepfault_jax.repair import predictions
+
+        pred = predictions(prb, params, dataset.x_test, batch_size=config.batch_size)
+    else:
+        pred = zoo.predict(model, params, dataset.x_test)
     select_key, random_key = jax.random.split(jax.random.key(config.seed))
     selection = select_inputs(select_key, dataset.y_test, pred, classes, config.inputs_per_class)
     if selection.rows.size == 0:
@@ -527,7 +541,7 @@ def build_report(
     return RunReport(
         config=config, classes=tuple(classes), dataset=dataset.summary(),
         model={"name": model.name, "activation": model.activation,
-               "checkpoint": model_meta.get("checkpoint"),
+               "checkpoint": model_meta.get("checkpoint"), "source": model_meta.get("source"),
                "test_accuracy": n_pass / (n_pass + n_fail)},
         probe={"layers": list(prb.index.layer_names), "layer_sizes": list(prb.index.layer_sizes),
                "conv_reduce": config.conv_reduce, "values": config.values,

@@ -15,8 +15,11 @@ inputs.
 
 Outputs (one unit, :func:`deepfault_jax.files.replace_directory`):
 ``checkpoint/`` (the targeted repair's parameters in the usual checkpoint
-format; its model.json records ``repaired_from`` and ``repair``),
-``repair.json`` and ``repair.md``.
+format; its model.json records ``repaired_from`` and ``repair``), or for a
+``keras:`` model ``model.keras`` (the same Keras model with the repaired
+weights: ``--model keras:OUT/model.keras`` loads it), ``repair.json`` and
+``repair.md``. A ``flax:`` factory model is refused: the repaired parameters
+could not be handed back to the factory.
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from deepfault_jax import checkpoints, data, localizers, model_source, repair, synthesis
+from deepfault_jax import checkpoints, data, foreign, localizers, model_source, repair, synthesis
 from deepfault_jax.errors import InputError, check_finite, check_int, check_seed
 from deepfault_jax.files import check_replaceable, replace_directory, write_atomic
 from deepfault_jax.progress import Progress, notify
 
 __all__ = [
+    "KERAS_REPAIR_FILES",
     "REPAIR_FILES",
     "REPAIR_FORMAT",
     "RepairConfig",
@@ -46,6 +50,8 @@ __all__ = [
 
 REPAIR_FORMAT = "deepfault-jax/repair/1"
 REPAIR_FILES = ("checkpoint", "repair.json", "repair.md")
+#: The files of the repair of a ``keras:`` model: the repaired model as a Keras file.
+KERAS_REPAIR_FILES = ("model.keras", "repair.json", "repair.md")
 _ROWS = ("targeted", "search", "random", "output", "full")
 
 
@@ -54,9 +60,10 @@ class RepairConfig:
     """What ``deepfault-jax repair`` does.
 
     Attributes:
-      model, activation, dataset, checkpoint, seed, layers, conv_reduce, values: the
-        model and its probe, as the other commands take them (``seed``: the zoo
-        model's training seed, and the repair's key).
+      model, activation, dataset, checkpoint, trust_model_file, seed, layers, conv_reduce,
+        values: the model and its probe, as the other commands take them (``seed``: the zoo
+        model's training seed, and the repair's key). ``model`` may be ``keras:PATH``
+        (the repaired model is written as ``model.keras``); ``flax:`` factories are refused.
       method: the localizer whose top ``k`` neurons are repaired.
       options: its options, as ``((key, value), ...)``.
       neurons: explicit neuron ids instead of a localizer's choice.
@@ -80,6 +87,7 @@ class RepairConfig:
     activation: str = "relu"
     dataset: str = "digits"
     checkpoint: str | None = None
+    trust_model_file: bool = False
     method: str = localizers.DEFAULT_LOCALIZER
     options: tuple = ()
     neurons: tuple[int, ...] | None = None
@@ -134,6 +142,14 @@ class RepairConfig:
             )
         check_int("random_repeats", self.random_repeats, lo=1)
         check_seed(self.seed)
+        model_source.check_source(self)
+        if not self.checkpoint and str(self.model).startswith("flax:"):
+            raise InputError(
+                "repair writes the repaired model back for every command to load, which a "
+                f"flax: factory cannot take (got {self.model}); save the model as a Keras file "
+                "(--model keras:PATH) or its parameters in a zoo checkpoint (--checkpoint DIR, "
+                "deepfault_jax.save_checkpoint)"
+            )
 
 
 def is_repair_dir(path: Path) -> bool:
@@ -146,13 +162,22 @@ def is_repair_dir(path: Path) -> bool:
 
 
 def check_paths(config: RepairConfig, out: Path) -> None:
-    """``out`` does not hold (and is not inside) the input checkpoint, and may be replaced."""
+    """``out`` does not hold (and is not inside) the input checkpoint or Keras file, and may be
+    replaced."""
     if config.checkpoint:
         src, dst = Path(config.checkpoint).expanduser().resolve(), out.expanduser().resolve()
         if src == dst or dst in src.parents or src in dst.parents:
             raise InputError(
                 f"--out must lie apart from the input checkpoint {config.checkpoint!r} (it is "
                 f"never modified); got {str(out)!r}"
+            )
+    elif str(config.model).startswith("keras:"):
+        src = Path(str(config.model)[len("keras:") :]).expanduser().resolve()
+        dst = out.expanduser().resolve()
+        if src == dst or dst in src.parents:
+            raise InputError(
+                f"--out must lie apart from the input model {str(src)!r} (it is never "
+                f"modified); got {str(out)!r}"
             )
     check_replaceable(out, owned=is_repair_dir, what="--out")
 
@@ -219,6 +244,8 @@ def run_repair(config: RepairConfig, out: str | Path, *, progress: Progress | No
             raise InputError(f"k must lie in [1, {n}] (the probed neurons); got {config.k}")
         if config.neurons is None:
             model_source.check_needs(info, options, prb, params)
+        if isinstance(model, foreign.ForeignModel):
+            model.check_repairable()
         repair.neuron_view(prb, params, [0], part=config.part)  # parameters laid out by layer
 
     model, params, meta = model_source.load_model(config, dataset, check=check, progress=progress)
@@ -297,7 +324,7 @@ def run_repair(config: RepairConfig, out: str | Path, *, progress: Progress | No
         "localize_seconds": round(localize_seconds, 3),
         "results": rows,
         "kept_original": bool(targeted["kept_original"]),
-        "files": {name: str(out / name) for name in REPAIR_FILES},
+        "files": {name: str(out / name) for name in _files(model)},
         "versions": checkpoints.package_versions(),
     }
     result["seconds"] = round(time.perf_counter() - start, 3)
@@ -306,16 +333,25 @@ def run_repair(config: RepairConfig, out: str | Path, *, progress: Progress | No
               "kept_original": bool(targeted["kept_original"])}  # fmt: skip
 
     def fill(tmp: Path) -> None:
-        checkpoints.save_checkpoint(
-            tmp / "checkpoint", model, repaired,
-            metadata={"dataset": dataset.name, "repaired_from": meta["source"], "repair": record},
-        )  # fmt: skip
+        if isinstance(model, foreign.ForeignModel):
+            foreign.save_keras_model(model, repaired, tmp / "model.keras")
+        else:
+            checkpoints.save_checkpoint(
+                tmp / "checkpoint", model, repaired,
+                metadata={"dataset": dataset.name, "repaired_from": meta["source"],
+                          "repair": record},
+            )  # fmt: skip
         text = json.dumps(result, indent=2, sort_keys=True, allow_nan=False) + "\n"
         write_atomic(tmp / "repair.json", text.encode())
         write_atomic(tmp / "repair.md", ("\n".join(repair_markdown(result)) + "\n").encode())
 
     replace_directory(out, fill, owned=is_repair_dir, what="--out")
     return result
+
+
+def _files(model) -> tuple[str, ...]:
+    keras = isinstance(model, foreign.ForeignModel)
+    return KERAS_REPAIR_FILES if keras else REPAIR_FILES
 
 
 def _pct(v: float) -> str:
@@ -396,7 +432,7 @@ def repair_lines(result: dict, out: Path) -> list[str]:
     if result["kept_original"]:
         lines.append("the targeted repair did not beat the starting validation accuracy: "
                      "the original parameters were kept")  # fmt: skip
-    lines.append(f"wrote {out}/{', '.join(REPAIR_FILES)} in {result['seconds']:.1f} s")
+    lines.append(f"wrote {out}/{', '.join(result['files'])} in {result['seconds']:.1f} s")
     return lines
 
 

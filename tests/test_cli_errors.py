@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_cli import assert_usage_error, run_cli
 
-from deepfault_jax import cli, commands, faultbench, faults, probe, synthesis, zoo
+from deepfault_jax import cli, commands, faultbench, faults, model_source, probe, synthesis, zoo
 from deepfault_jax.errors import MAX_SEED, InputError
 
 BIG_SEED = str(MAX_SEED + 1)  # 2**63
@@ -268,7 +268,7 @@ def test_help_choices_come_from_the_modules(capsys, monkeypatch):
     assert "{" + ",".join(synthesis.MODES) + "}" in out
     assert "{" + ",".join((*synthesis.DIRECTIONS, "adam")) + "}" in out
     assert "--conv-reduce {" + ",".join(probe.CONV_REDUCTIONS) + "}" in out
-    assert "--values {" + ",".join(probe.VALUES) + "}" in out
+    assert "--values {" + ",".join(model_source.VALUES) + "}" in out
     assert "--activation {" + ",".join(zoo.ACTIVATIONS) + "}" in out
 
 

@@ -54,3 +54,68 @@ def test_example_script_runs(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip(), "the example prints its result"
+
+
+def _section(title: str) -> str:
+    start = README.index(title)
+    end = README.find("\n## ", start + len(title))
+    return README[start : end if end > 0 else None]
+
+
+def test_bring_your_own_model_examples_run(tmp_path, monkeypatch):
+    """Every block of "Bring your own model", in order, as a user runs them: the factory file
+    written, the Python executed, each command through the CLI with exit 0."""
+    import shlex
+    import sys
+
+    import numpy as np
+    import pytest
+
+    from deepfault_jax import cli, keras_models
+    from deepfault_jax.errors import InputError
+
+    try:
+        keras = keras_models.require_keras()  # sets the JAX backend before keras is imported
+    except InputError as e:
+        pytest.skip(str(e))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DEEPFAULT_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # what the user brings: a model in DeepFault's style (Dense without bias, then LeakyReLU,
+    # softmax output) saved as .h5, and weights in mlp-3x50's layout trained elsewhere
+    keras.utils.set_random_seed(0)
+    keras.Sequential([
+        keras.Input((8, 8, 1)), keras.layers.Flatten(),
+        keras.layers.Dense(30, use_bias=False), keras.layers.LeakyReLU(),
+        keras.layers.Dense(30, use_bias=False), keras.layers.LeakyReLU(),
+        keras.layers.Dense(10, activation="softmax"),
+    ]).save("model.h5")  # fmt: skip
+    rng = np.random.default_rng(0)
+    sizes = {"dense_0": (64, 50), "dense_1": (50, 50), "dense_2": (50, 50), "logits": (50, 10)}
+    weights = {}
+    for name, shape in sizes.items():
+        weights[f"{name}/kernel"] = rng.normal(0, 0.2, shape).astype(np.float32)
+        weights[f"{name}/bias"] = np.zeros(shape[1], np.float32)
+    np.savez("my_weights.npz", **weights)
+
+    section = _section("## Bring your own model")
+    blocks = re.findall(r"```(\w+)\n(.*?)```", section, re.S)
+    assert [lang for lang, _ in blocks].count("bash") >= 3
+    try:
+        for lang, code in blocks:
+            if lang == "py":
+                name = code.splitlines()[0].removeprefix("# ").strip()
+                (tmp_path / name).write_text(code)
+            elif lang == "python":
+                namespace: dict = {}
+                exec(compile(code, "README.md", "exec"), namespace)
+            else:
+                assert lang == "bash", lang
+                for line in code.strip().splitlines():
+                    argv = shlex.split(line)
+                    assert argv[0] == "deepfault-jax", line
+                    assert cli.main(argv[1:]) == 0, line
+    finally:
+        sys.modules.pop("my_model", None)
+    assert (tmp_path / "spectrum.npz").is_file() and (tmp_path / "flax-spectrum.npz").is_file()
+    assert (tmp_path / "checkpoints" / "mine" / "model.json").is_file()

@@ -20,7 +20,7 @@ h5py = pytest.importorskip("h5py", reason="h5py is not installed: pip install -e
 
 from deepfault_jax import compute_spectrum  # noqa: E402
 from deepfault_jax.errors import InputError  # noqa: E402
-from deepfault_jax.keras_probe import (  # noqa: E402
+from deepfault_jax.keras_models import (  # noqa: E402
     check_input_shape,
     keras_probe,
     load_keras_model,
@@ -428,7 +428,7 @@ def test_require_keras_refuses_another_backend():
     code = (
         "import keras\n"
         "from deepfault_jax.errors import InputError\n"
-        "from deepfault_jax.keras_probe import require_keras\n"
+        "from deepfault_jax.keras_models import require_keras\n"
         "try:\n    require_keras()\nexcept InputError as e:\n    print(e)\n"
     )
     env = {**os.environ, "KERAS_BACKEND": "numpy"}
