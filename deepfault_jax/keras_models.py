@@ -86,6 +86,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from deepfault_jax.cpu_layers import padded_dense, pads_dense, single_channel_conv
 from deepfault_jax.errors import InputError, InputTypeError
 from deepfault_jax.probe import CONV_REDUCTIONS, Probe, _finish
 
@@ -486,8 +487,12 @@ def _linear(keras, layer, kind: str) -> Callable:
     """``(variables, x) -> pre-activation``, with the same ops as the layer's ``call``."""
     ops = keras.ops
     if kind == "Dense":
+        # on the CPU, widths the zoo pads are padded here too (deepfault_jax.cpu_layers)
+        padded = jax.default_backend() == "cpu" and layer.use_bias and pads_dense(int(layer.units))
 
         def dense(p, x):
+            if padded and x.ndim == 2 and x.dtype == jnp.float32:
+                return padded_dense(x, p["kernel"], p["bias"])
             out = ops.matmul(x, p["kernel"])
             return ops.add(out, p["bias"]) if "bias" in p else out
 
@@ -501,8 +506,17 @@ def _linear(keras, layer, kind: str) -> Callable:
         pad, padding = [[0, 0], [left, 0], [0, 0]], "valid"
     strides, dilation = list(layer.strides), layer.dilation_rate
     bias_shape = (1,) * (rank + 1) + (int(layer.filters),)
+    # on the CPU, a stride-1 SAME 2-D conv of one input channel runs as the zoo's does
+    # (deepfault_jax.cpu_layers: the same values, measured faster there)
+    shifted = (
+        jax.default_backend() == "cpu" and rank == 2 and padding == "same"
+        and set(strides) == {1} and set(dilation) == {1} and int(layer.groups) == 1
+        and layer.use_bias and int(layer.kernel.shape[2]) == 1
+    )  # fmt: skip
 
     def conv(p, x):
+        if shifted and x.dtype == jnp.float32:
+            return single_channel_conv(x, p["kernel"], p["bias"])
         if pad is not None:
             x = ops.pad(x, pad)
         out = ops.conv(x, p["kernel"], strides=strides, padding=padding,
