@@ -12,6 +12,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from keras_builders import deepfault_mlp
 from reference import reduce_conv, spectrum_loops
 from test_cli import assert_usage_error, run_cli
 
@@ -270,18 +271,6 @@ def keras():
     return require_keras()
 
 
-def _deepfault_mlp(keras):
-    """DeepFault's MLPs: Dense without bias, then a separate LeakyReLU; softmax at the end."""
-    L = keras.layers
-    keras.utils.set_random_seed(1)
-    return keras.Sequential([
-        keras.Input((8, 8, 1)), L.Flatten(name="flatten"),
-        L.Dense(30, use_bias=False, name="dense_0"), L.LeakyReLU(name="leaky_0"),
-        L.Dense(30, use_bias=False, name="dense_1"), L.LeakyReLU(name="leaky_1"),
-        L.Dense(10, name="logits"), L.Activation("softmax", name="softmax"),
-    ], name="mlp")  # fmt: skip
-
-
 def _lenet(keras):
     L = keras.layers
     keras.utils.set_random_seed(2)
@@ -301,7 +290,7 @@ def keras_files(keras, tmp_path_factory, digits):
     """The DeepFault MLP and a LeNet, trained for a few steps, as .h5 and .keras files."""
     directory = tmp_path_factory.mktemp("keras")
     out = {}
-    for name, build in (("mlp", _deepfault_mlp), ("lenet", _lenet)):
+    for name, build in (("mlp", deepfault_mlp), ("lenet", _lenet)):
         model = build(keras)
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
         model.fit(digits.x_train[:256], digits.y_train[:256], epochs=1, batch_size=64, verbose=0)

@@ -13,6 +13,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from keras_builders import deepfault_mlp  # noqa: E402
 from reference import reduce_conv, spectrum_loops  # noqa: E402
 
 keras = pytest.importorskip("keras", reason="keras is not installed: pip install -e '.[keras]'")
@@ -34,17 +35,6 @@ L = keras.layers
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 
-def _mlp():
-    """DeepFault's MLPs: Dense without bias, then a separate LeakyReLU; softmax at the end."""
-    keras.utils.set_random_seed(1)
-    return keras.Sequential([
-        keras.Input((8, 8, 1)), L.Flatten(name="flatten"),
-        L.Dense(30, use_bias=False, name="dense_0"), L.LeakyReLU(name="leaky_0"),
-        L.Dense(30, use_bias=False, name="dense_1"), L.LeakyReLU(name="leaky_1"),
-        L.Dense(10, name="logits"), L.Activation("softmax", name="softmax"),
-    ], name="mlp")  # fmt: skip
-
-
 def _lenet():
     keras.utils.set_random_seed(2)
     return keras.Sequential([
@@ -62,7 +52,7 @@ def saved(tmp_path_factory):
     """Each model (in memory) and its .keras and .h5 files."""
     directory = tmp_path_factory.mktemp("keras")
     out = {}
-    for name, build in (("mlp", _mlp), ("lenet", _lenet)):
+    for name, build in (("mlp", lambda: deepfault_mlp(keras)), ("lenet", _lenet)):
         model = build()
         paths = {}
         for suffix in (".keras", ".h5"):
