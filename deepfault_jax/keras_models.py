@@ -86,7 +86,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from deepfault_jax.cpu_layers import padded_dense, pads_dense, single_channel_conv
+from deepfault_jax.cpu_layers import measured_faster, padded_dense, pads_dense, single_channel_conv
 from deepfault_jax.errors import InputError, InputTypeError
 from deepfault_jax.probe import CONV_REDUCTIONS, Probe, _finish
 
@@ -488,7 +488,7 @@ def _linear(keras, layer, kind: str) -> Callable:
     ops = keras.ops
     if kind == "Dense":
         # on the CPU, widths the zoo pads are padded here too (deepfault_jax.cpu_layers)
-        padded = jax.default_backend() == "cpu" and layer.use_bias and pads_dense(int(layer.units))
+        padded = measured_faster() and layer.use_bias and pads_dense(int(layer.units))
 
         def dense(p, x):
             if padded and x.ndim == 2 and x.dtype == jnp.float32:
@@ -509,7 +509,7 @@ def _linear(keras, layer, kind: str) -> Callable:
     # on the CPU, a stride-1 SAME 2-D conv of one input channel runs as the zoo's does
     # (deepfault_jax.cpu_layers: the same values, measured faster there)
     shifted = (
-        jax.default_backend() == "cpu" and rank == 2 and padding == "same"
+        measured_faster() and rank == 2 and padding == "same"
         and set(strides) == {1} and set(dilation) == {1} and int(layer.groups) == 1
         and layer.use_bias and int(layer.kernel.shape[2]) == 1
     )  # fmt: skip

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from deepfault_jax.cpu_layers import measured_faster
 from deepfault_jax.errors import InputError, InputTypeError, check_finite, check_int
 from deepfault_jax.probe import Probe
 
@@ -398,9 +399,10 @@ def synthesize(
         _check_ids("table", table, prb.index.num_neurons)
     sets = jnp.asarray(table)[labels]
     state = synthesizer.init(params, x)
-    if synthesizer.num_steps <= _MAX_UNROLL:
+    if synthesizer.num_steps <= _MAX_UNROLL and measured_faster():
         # straight-line steps: XLA's CPU backend runs a while-loop body (even one
-        # fori_loop fully unrolls) about twice as slowly as the same code outside it
+        # fori_loop fully unrolls) about twice as slowly as the same code outside it;
+        # not measured elsewhere, so other backends keep the loop
         for _ in range(synthesizer.num_steps):
             state = synthesizer.step(params, state, labels, sets)
         return state.x

@@ -195,3 +195,41 @@ def test_fast_dense_values_are_bit_identical(name):
     ]
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
+
+
+def test_cpu_rewrites_are_on_by_default_only_where_measured_faster(monkeypatch):
+    """The rewrites default to on for XLA's CPU backend (this machine) and off on any other
+    backend; the values are the same either way."""
+    from deepfault_jax import cpu_layers
+
+    model = zoo.create_model("lenet5", input_shape=(28, 28, 1), num_classes=10)
+    params = zoo.init_params(jax.random.key(3), model)
+    assert cpu_layers.measured_faster() == (jax.default_backend() == "cpu")
+    here = probe.model_probe(model, params)
+    on = probe.model_probe(model, params, fast_conv=True, fast_dense=True)
+    off = probe.model_probe(model, params, fast_conv=False, fast_dense=False)
+    assert here == (on if jax.default_backend() == "cpu" else off) and on != off
+    monkeypatch.setattr(probe, "measured_faster", lambda: False)  # as on a GPU
+    elsewhere = probe.model_probe(model, params)
+    assert elsewhere == off and elsewhere != on
+    x = _random_x((28, 28, 1), n=8)
+    np.testing.assert_allclose(
+        elsewhere.flat(params, x)[1], on.flat(params, x)[1], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_synthesis_steps_unroll_only_where_measured_faster(monkeypatch):
+    """Unrolled steps (the CPU's default) and the loop (any other backend's) give the same
+    inputs."""
+    from deepfault_jax import synthesis
+
+    model = zoo.create_model("mlp-3x50", input_shape=(8, 8, 1), num_classes=10)
+    params = zoo.init_params(jax.random.key(4), model)
+    prb = probe.model_probe(model, params)
+    synth = synthesis.make_synthesizer(prb, mode="pgd", d=0.1, steps=4, step_size=0.03)
+    x, y = _random_x((8, 8, 1), n=5), np.arange(5, dtype=np.int32)
+    table = np.tile(np.arange(3, dtype=np.int32), (10, 1))
+    unrolled = synthesis.synthesize(synth, params, x, y, table)
+    monkeypatch.setattr(synthesis, "measured_faster", lambda: False)
+    looped = synthesis.synthesize(synth, params, x, y, table)
+    np.testing.assert_allclose(unrolled, looped, rtol=0, atol=1e-6)
