@@ -1,19 +1,38 @@
 #!/usr/bin/env bash
-# The benchmarks on a CUDA machine, in under 8 minutes; JSON results in $OUT (or
-# benchmarks/gpu-results). Needs jax with CUDA, flax, optax, orbax, scikit-learn, tqdm and
-# torch there; the package runs from this checkout (PYTHONPATH), uninstalled.
-#   bash benchmarks/gpu.sh
+# The spectrum, synthesis and attribution benchmarks on one CUDA GPU, in under 10 minutes;
+# JSON results and a RESULTS.md section (gpu-section.md, absolute figures) in $OUT (default
+# benchmarks/gpu-results). Needs jax with CUDA, flax, optax, orbax, scikit-learn and tqdm
+# there (torch with CUDA for the PyTorch peers, skipped with a note when absent); the
+# package runs from this checkout (PYTHONPATH), uninstalled.
+#   bash benchmarks/gpu.sh             # on the GPU machine
+#   bash benchmarks/gpu.sh --dry-run   # the same commands on the CPU with tiny sizes (~2 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+dry=0
+case "${1:-}" in
+  --dry-run) dry=1 ;;
+  "") ;;
+  *) echo "usage: bash benchmarks/gpu.sh [--dry-run]" >&2; exit 2 ;;
+esac
 out=${OUT:-benchmarks/gpu-results}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-python3 -c "import jax, torch; print(jax.devices(), torch.cuda.is_available())" | tee "$out/devices.txt"
-timeout 300 python3 benchmarks/spectrum.py --models mlp-3x50,mlp-8x20,lenet5,cifar-convnet \
-  --batch-sizes 1024,4096 --inputs 60000 --repeats 5 --original-sizes '' --torch-device cuda \
+if [ "$dry" = 1 ]; then
+  export JAX_PLATFORMS=cpu
+  models=mlp-3x50 conv=lenet1 inputs=2048 batches=512 repeats=1 torch=cpu limit=120
+else
+  models=mlp-3x50,mlp-8x20,lenet5,cifar-convnet conv=lenet5 inputs=60000 batches=1024,4096
+  repeats=5 torch=cuda limit=300
+  python3 -c "import jax; assert jax.default_backend() == 'gpu', jax.devices()"
+fi
+python3 -c "import jax; print(jax.devices())" | tee "$out/devices.txt"
+timeout "$limit" python3 benchmarks/spectrum.py --models "$models" --batch-sizes "$batches" \
+  --inputs "$inputs" --repeats "$repeats" --original-sizes '' --torch-device "$torch" \
   --json > "$out/spectrum.json"
-timeout 150 python3 benchmarks/synthesis.py --models mlp-3x50,lenet5 --inputs 8192 \
-  --original-inputs 10 --repeats 3 --json > "$out/synthesis.json"
-timeout 90 python3 benchmarks/attribution.py --models mlp-3x50,lenet5 --inputs 60000 --repeats 3 \
-  --ablation-inputs 2000 --json > "$out/attribution.json"
-echo "results in $out"
+timeout 150 python3 benchmarks/synthesis.py --models "mlp-3x50,$conv" \
+  --inputs "$((inputs < 8192 ? inputs : 8192))" --original-inputs 5 --eager-inputs 5 \
+  --repeats "$repeats" --json > "$out/synthesis.json"
+timeout 120 python3 benchmarks/attribution.py --models "mlp-3x50,$conv" --inputs "$inputs" \
+  --repeats "$repeats" --ablation-inputs 512 --json > "$out/attribution.json"
+python3 benchmarks/gpu_section.py "$out" > "$out/gpu-section.md"
+echo "results in $out; paste $out/gpu-section.md into benchmarks/RESULTS.md"
