@@ -28,6 +28,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ import numpy as np
 
 import deepfault_jax as dj
 from deepfault_jax import checkpoints, keras_models
+from deepfault_jax.neuron_params import layer_order
 
 
 def keras_twin(keras, name: str, model: dj.Model):
@@ -61,7 +63,7 @@ def keras_twin(keras, name: str, model: dj.Model):
 def copy_weights(kmodel, params) -> None:
     """Zoo parameters (in call order: conv_*, dense_*, logits) into the Keras layers."""
     tree = params.get("params", params)
-    names = sorted((n for n in tree if n != "logits"), key=lambda n: (n[0] != "c", n)) + ["logits"]
+    names = sorted(tree, key=layer_order)  # conv_*, dense_* in natural order, then logits
     weighted = [layer for layer in kmodel.layers if layer.weights]
     assert len(weighted) == len(names), (len(weighted), names)
     for layer, name in zip(weighted, names, strict=True):
@@ -140,11 +142,14 @@ def main(argv=None) -> int:
                   f"{row['keras_over_zoo']:.2f}, keras/zoo-plain "
                   f"{row['keras_over_zoo_plain']:.2f}; cells differing "
                   f"{row['cells_differing']}", flush=True)  # fmt: skip
+    differing = [r["model"] for r in rows if any(r["cells_differing"].values())]
+    if differing:
+        print(f"spectra differ from the zoo model's on {', '.join(differing)}", file=sys.stderr)
     if args.json:
         result = {"rows": rows, "machine": platform.processor() or platform.machine(),
                   "versions": checkpoints.package_versions(), "keras": keras.__version__}  # fmt: skip
         print(json.dumps(result, sort_keys=True))
-    return 0
+    return 1 if differing else 0
 
 
 if __name__ == "__main__":

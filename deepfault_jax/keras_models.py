@@ -92,6 +92,7 @@ from deepfault_jax.probe import CONV_REDUCTIONS, Probe, _finish
 
 __all__ = [
     "KERAS_VALUES",
+    "MIN_KERAS",
     "KerasModelInfo",
     "SUPPORTED_LAYERS",
     "TRUST_OPTION",
@@ -103,6 +104,9 @@ __all__ = [
 
 #: Which value of a probed layer is its neuron: its Keras output, before or after the activation.
 KERAS_VALUES = ("layer", "pre", "post")
+#: The oldest Keras accepted: its safe mode closed the known bypasses (module-named
+#: functions in a config, CVE-2025-1550, and later ones).
+MIN_KERAS = (3, 12)
 #: The command-line option that turns Keras's safe mode off.
 TRUST_OPTION = "--trust-model-file"
 _INSTALL_HINT = "keras is not installed: pip install -e '.[keras]'"
@@ -146,9 +150,13 @@ def require_keras():
             "backend: set KERAS_BACKEND=jax"
         ) from e
     version = getattr(keras, "__version__", "0")
-    major = re.match(r"\d+", version)
-    if major is None or int(major.group()) < 3:
-        raise InputError(f"keras must be version 3.6 or later; got {version}: {_INSTALL_HINT}")
+    parts = re.match(r"(\d+)\.(\d+)", version)
+    if parts is None or (int(parts.group(1)), int(parts.group(2))) < MIN_KERAS:
+        shown = ".".join(map(str, MIN_KERAS))
+        raise InputError(
+            f"keras must be version {shown} or later (earlier releases' safe mode could be "
+            f"bypassed); got {version}: pip install -U 'keras>={shown}'"
+        )
     backend = keras.backend.backend()
     if backend != "jax":
         raise InputError(
@@ -243,13 +251,13 @@ def _saved_layers(config: Any):
 
 
 def _holds_lambda(entry: dict) -> bool:
-    """Whether a saved layer carries Python code: a Keras 2 Lambda layer's marshalled
-    function (a list, or ``function_type: "lambda"``), or a Keras 3 ``__lambda__``
-    function (a Lambda layer's or a lambda activation) anywhere in its config."""
+    """Whether a saved layer runs Python code named or stored in the file: any ``Lambda``
+    layer (a Keras 2 marshalled function, a Keras 3 ``__lambda__``, or a function named by
+    module), or a Keras 3 ``__lambda__`` function (a lambda activation) anywhere in its
+    config."""
     config = entry.get("config")
-    if entry.get("class_name") == "Lambda" and isinstance(config, dict):
-        if isinstance(config.get("function"), list) or config.get("function_type") == "lambda":
-            return True
+    if entry.get("class_name") == "Lambda":
+        return True
     stack = [config]
     while stack:
         item = stack.pop()
@@ -260,6 +268,30 @@ def _holds_lambda(entry: dict) -> bool:
         elif isinstance(item, list):
             stack.extend(item)
     return False
+
+
+def _outside_keras(keras, config: Any) -> list[tuple[str, str]]:
+    """``(module, class name)`` of every object in a saved config that names a module outside
+    Keras (``"module": "os"``) and is not a class registered in this process
+    (``keras.saving.register_keras_serializable``): deserializing it would import that
+    module and call into it, which safe mode must not allow whatever the installed Keras
+    checks."""
+    registered = keras.saving.get_custom_objects()
+    found, stack = [], [config]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            module = item.get("module")
+            if (
+                isinstance(module, str)
+                and module.split(".")[0] != "keras"
+                and item.get("registered_name") not in registered
+            ):
+                found.append((module, str(item.get("class_name", "?"))))
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
 
 
 def _trust_message(path: Path, layers: Sequence[tuple[str, str]]) -> str:
@@ -315,6 +347,16 @@ def load_keras_model(path: str | os.PathLike, *, safe_mode: bool = True):
         coded = [(name, cls) for name, cls, entry in _saved_layers(config) if _holds_lambda(entry)]
         if coded:
             raise InputError(_trust_message(path, coded))
+        outside = _outside_keras(keras, config)
+        if outside:
+            named = ", ".join(f"{cls} from module {module!r}" for module, cls in outside[:3])
+            raise InputError(
+                f"{path} names code outside Keras ({named}), which safe mode does not import; "
+                "expected built-in Keras objects, or classes registered with "
+                "keras.saving.register_keras_serializable before loading. Pass "
+                f"{TRUST_OPTION} (Python: load_keras_model(path, safe_mode=False)) only for a "
+                "file you trust"
+            )
     try:
         model = keras.saving.load_model(path, safe_mode=bool(safe_mode), compile=False)
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, OSError) as e:

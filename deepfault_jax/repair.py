@@ -520,8 +520,9 @@ def compare_repairs(
         raise InputError(f"baselines must be among {', '.join(BASELINES)}; got {unknown}")
     random_repeats = check_int("random_repeats", random_repeats, lo=1)
     ids = _checked_neurons(neurons, probe.index.num_neurons)
+    options = {k: v for k, v in fit_options.items() if k != "progress"}
     checked = _check_fit_options(**{"steps": 300, "batch_size": 128, "learning_rate": 3e-3,
-                                    "eval_every": 25, "patience": 4, "clip": 1.0, **fit_options})  # fmt: skip
+                                    "eval_every": 25, "patience": 4, "clip": 1.0, **options})  # fmt: skip
     if full_learning_rate is None:
         full_learning_rate = checked[2] / 10
     full_learning_rate = check_finite("full_learning_rate", full_learning_rate, lo=0.0,

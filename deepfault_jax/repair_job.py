@@ -406,8 +406,9 @@ def repair_markdown(result: dict) -> list[str]:
                   f"{row['seconds']:.2f}"]  # fmt: skip
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if result["kept_original"]:
+        kept = "model.keras" if "model.keras" in result.get("files", {}) else "checkpoint"
         lines += ["", "The targeted repair did not beat the starting validation accuracy: the "
-                  "checkpoint holds the original parameters."]  # fmt: skip
+                  f"{kept} holds the original parameters."]  # fmt: skip
     return lines
 
 

@@ -222,6 +222,7 @@ def search_repair(
     steps, population, batch_size, alpha, sigma, eval_every, patience = _check_search_options(
         steps, population, batch_size, alpha, sigma, eval_every, patience, weights
     )
+    weights = None if weights is None else check_int("weights", weights, lo=1)
     x, y = _checked_xy(probe, *fit_xy, "the repair data")
     xv, yv = _checked_xy(probe, *val_xy, "the validation data")
     start = time.perf_counter()

@@ -371,8 +371,10 @@ def test_unknown_custom_class(tmp_path):
     path = tmp_path / "custom.keras"
     keras.Sequential([keras.Input((4,)), L.Dense(3), Triple(name="triple"), L.Dense(2)]).save(path)
     keras.saving.get_custom_objects().pop("deepfault_test>Triple")
+    # unregistered, its class would be imported from the module the file names: refused
     with pytest.raises(
-        InputError, match=r"layer 'triple' \(deepfault_test>Triple\) is not a Keras layer"
+        InputError,
+        match=r"names code outside Keras \(Triple from module .*register_keras_serializable",
     ):
         load_keras_model(path)
 
@@ -426,3 +428,39 @@ def test_require_keras_refuses_another_backend():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
     assert "keras runs the 'numpy' backend; expected 'jax'" in done.stdout, done.stderr
+
+
+def test_lambda_of_a_named_function_is_refused_under_safe_mode(tmp_path):
+    """A Lambda whose function is named by module (no code stored) still runs code the file
+    chooses: refused by name, like a stored lambda."""
+    path = tmp_path / "named.keras"
+    keras.Sequential([keras.Input((4,)), L.Dense(3), L.Lambda(keras.ops.abs, name="absolute"),
+                      L.Dense(2)]).save(path)  # fmt: skip
+    with pytest.raises(InputError, match=r"layer 'absolute' \(Lambda\).*--trust-model-file"):
+        load_keras_model(path)
+
+
+def test_a_config_naming_a_module_outside_keras_is_refused(tmp_path):
+    """A .keras config whose object names another module (the route of CVE-2025-1550) is
+    refused before Keras deserializes anything, whatever the installed Keras checks."""
+    import zipfile
+
+    path, forged = tmp_path / "plain.keras", tmp_path / "forged.keras"
+    keras.Sequential([keras.Input((4,)), L.Dense(3, name="hidden"), L.Dense(2)]).save(path)
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(forged, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                hidden = [e for e in config["config"]["layers"] if e["config"]["name"] == "hidden"]
+                hidden[0]["config"]["kernel_initializer"] = {
+                    "module": "os",
+                    "class_name": "system",
+                    "config": {},
+                    "registered_name": None,
+                }
+                data = json.dumps(config).encode()
+            dst.writestr(item, data)
+    assert load_keras_model(path) is not None  # the file as saved loads
+    with pytest.raises(InputError, match=r"names code outside Keras \(system from module 'os'\)"):
+        load_keras_model(forged)

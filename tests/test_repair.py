@@ -221,6 +221,7 @@ def test_repair_metrics_match_loops(weak_mlp, digits):
 
 def test_compare_repairs_runs_every_baseline_on_the_same_budget(weak_mlp, digits):
     _, params, prb = weak_mlp
+    calls = []
     fit, val = (
         (digits.x_train[:500], digits.y_train[:500]),
         (digits.x_train[500:900], digits.y_train[500:900]),
@@ -228,7 +229,9 @@ def test_compare_repairs_runs_every_baseline_on_the_same_budget(weak_mlp, digits
     out = repair.compare_repairs(
         jax.random.key(0), prb, params, [0, 1, 2], fit, val, (digits.x_test, digits.y_test),
         random_repeats=2, steps=30, eval_every=10, patience=3,
+        progress=lambda done, steps: calls.append((done, steps)),
     )  # fmt: skip
+    assert calls and all(steps == 30 and 0 < done <= 30 for done, steps in calls)
     assert out["targeted"]["neurons"] == [0, 1, 2]
     runs = out["random"]["runs"]
     assert len(runs) == 2 and all(len(r["neurons"]) == 3 for r in runs)

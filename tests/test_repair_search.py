@@ -238,8 +238,8 @@ def test_only_the_weights_with_the_largest_gradient_are_searched(trained, faulty
     params, neuron = faulty
     view = repair.neuron_view(pr, params, [neuron, LAYERS.index("dense_2") * 50 + 3])
     fit = search_repair(jax.random.key(1), pr, params, view, splits["fit"], splits["val"],
-                        steps=60, eval_every=20, weights=12)  # fmt: skip
-    assert fit.trained == 12 and not fit.kept_original
+                        steps=60, eval_every=20, weights=12.0)  # fmt: skip
+    assert fit.trained == 12 and not fit.kept_original  # an integral float counts as 12
     tree = pure_params(params)
     values, unravel = ravel_pytree(view.gather(tree))
     x, y = (a[:2048] for a in splits["fit"])
