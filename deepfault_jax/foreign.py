@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -269,7 +270,7 @@ def _load_keras(path_text, shape, trusted, layers, values, conv_reduce, dataset_
                                   conv_reduce=conv_reduce)  # fmt: skip
     if tuple(info.input_shape) != shape:
         hint = ""
-        if len(info.input_shape) == 1 and info.input_shape[0] == _prod(shape):
+        if len(info.input_shape) == 1 and info.input_shape[0] == math.prod(shape):
             hint = (f" (add keras.layers.Flatten() after keras.Input({shape}) to take the "
                     "data set's images)")  # fmt: skip
         raise InputError(
@@ -279,13 +280,6 @@ def _load_keras(path_text, shape, trusted, layers, values, conv_reduce, dataset_
     fm = ForeignModel("keras", str(path), info.name, tuple(info.input_shape), info.num_classes,
                       "keras", bool(trusted), model)  # fmt: skip
     return fm, params
-
-
-def _prod(shape) -> int:
-    out = 1
-    for d in shape:
-        out *= int(d)
-    return out
 
 
 def _import_module(module_text: str):

@@ -288,6 +288,11 @@ def _checked_xy(probe: Probe, x: Any, y: Any, what: str) -> tuple[np.ndarray, np
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim < 2 or len(x) == 0:
         raise InputError(f"{what} must hold at least one input; got shape {x.shape}")
+    if tuple(x.shape[1:]) != tuple(probe.input_shape):
+        raise InputError(
+            f"{what} inputs must have the model's shape {tuple(probe.input_shape)}; got "
+            f"{tuple(x.shape[1:])}"
+        )
     if y.shape != (len(x),):
         raise InputError(f"{what} needs one label per input: {len(x)}; got shape {y.shape}")
     if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all():

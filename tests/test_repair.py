@@ -279,6 +279,7 @@ def test_bad_neurons_are_refused(call, message, weak_mlp):
         ({"fit_xy": "empty"}, "at least one input"),
         ({"fit_xy": "nan"}, "finite"),
         ({"fit_xy": "labels"}, r"\[0, 10\)"),
+        ({"fit_xy": "shape"}, r"the model's shape \(8, 8, 1\); got \(64,\)"),
         ({"key": 0}, "PRNG key"),
     ],
 )
@@ -294,6 +295,8 @@ def test_bad_fit_arguments_are_refused_before_work(change, message, weak_mlp, di
     elif kwargs["fit_xy"] == "labels":
         y[0] = 10
         kwargs["fit_xy"] = (x, y)
+    elif kwargs["fit_xy"] == "shape":
+        kwargs["fit_xy"] = (x.reshape(len(x), -1), y)
     key, fit_xy = kwargs.pop("key"), kwargs.pop("fit_xy")
     view = repair.neuron_view(prb, params, [0])
     with pytest.raises(InputError, match=message):
