@@ -52,7 +52,11 @@ __all__ = [
     "Dataset",
     "DATASET_SPECS",
     "FASHION_MNIST_DIR",
+    "as_images",
+    "as_labels",
     "available_datasets",
+    "find_idx_files",
+    "idx_header",
     "iterate_batches",
     "load_dataset",
     "make_dataset",
@@ -137,7 +141,7 @@ def _array(value, what: str) -> np.ndarray:
                              f"numpy cannot convert ({e})") from None  # fmt: skip
 
 
-def _as_images(x: np.ndarray, what: str) -> np.ndarray:
+def as_images(x: np.ndarray, what: str) -> np.ndarray:
     """Validates raw images and converts them to float32 NHWC in [0, 1]."""
     x = _array(x, what)
     if x.dtype.kind not in "iuf":  # integers or floats; not bool, complex or objects
@@ -167,7 +171,7 @@ def _as_images(x: np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _as_labels(y: np.ndarray, n: int, what: str) -> np.ndarray:
+def as_labels(y: np.ndarray, n: int, what: str) -> np.ndarray:
     """Validates labels (rank 1, ``n`` integers in [0, 2**31 - 1), in their own dtype): int32."""
     y = _array(y, what)
     if y.ndim == 2 and y.shape[1] == 1:
@@ -213,13 +217,13 @@ def make_dataset(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np
       >>> ds.input_shape
       (2, 2, 1)
     """
-    xtr = _as_images(x_train, "x_train")
-    xte = _as_images(x_test, "x_test")
+    xtr = as_images(x_train, "x_train")
+    xte = as_images(x_test, "x_test")
     if xtr.shape[1:] != xte.shape[1:]:
         raise InputError(f"x_train and x_test must have the same image shape; "
                          f"got {xtr.shape[1:]} and {xte.shape[1:]}")  # fmt: skip
-    ytr = _as_labels(y_train, xtr.shape[0], "y_train")
-    yte = _as_labels(y_test, xte.shape[0], "y_test")
+    ytr = as_labels(y_train, xtr.shape[0], "y_train")
+    yte = as_labels(y_test, xte.shape[0], "y_test")
     top = int(max(ytr.max(), yte.max()))
     num_classes = check_int("num_classes", top + 1 if num_classes is None else num_classes)
     if num_classes < 2:
@@ -322,6 +326,32 @@ def _read_idx_stream(stream, path: Path, size: int, *, packed: bool) -> np.ndarr
     return arr if dtype.isnative else arr.byteswap(inplace=True).view(dtype.newbyteorder("="))
 
 
+def idx_header(path: Path) -> tuple[list[int], int, bool]:
+    """An IDX file's dimensions, header size in bytes, and whether it is gzip,
+    read without its data; only uint8 data (images) is accepted here.
+
+    Raises:
+      InputError: an unreadable file, a bad magic number, or a type other than uint8.
+    """
+    try:
+        with open(path, "rb") as fh:
+            packed = fh.read(2) == b"\x1f\x8b"
+            fh.seek(0)
+            stream = gzip.GzipFile(fileobj=fh, mode="rb") if packed else fh
+            head = stream.read(4)
+            if len(head) < 4 or head[:2] != b"\x00\x00" or head[2] != 0x08 or head[3] < 1:
+                raise InputError(f"{path}: expected an IDX header of uint8 data (0x0000 08 rank); "
+                                 f"got 0x{head.hex()}")  # fmt: skip
+            raw = stream.read(4 * head[3])
+    except InputError:
+        raise
+    except (OSError, EOFError, zlib.error) as e:
+        raise InputError(f"IDX file {str(path)!r} cannot be read: {e}") from None
+    if len(raw) < 4 * head[3]:
+        raise InputError(f"{path}: truncated IDX header")
+    return list(struct.unpack(f">{head[3]}I", raw)), 4 + len(raw), packed
+
+
 _IDX_ROLES = {
     "train images": re.compile(r"train.*images.*idx3"),
     "train labels": re.compile(r"train.*labels.*idx1"),
@@ -330,7 +360,7 @@ _IDX_ROLES = {
 }
 
 
-def _find_idx_files(directory: Path) -> dict[str, Path]:
+def find_idx_files(directory: Path) -> dict[str, Path]:
     """The four IDX files of ``directory`` by role; InputError naming what is missing."""
     if not directory.is_dir():
         which = "is a file, not a directory" if directory.exists() else "does not exist"
@@ -353,7 +383,7 @@ def _find_idx_files(directory: Path) -> dict[str, Path]:
 
 
 def _load_idx_dir(directory: Path, name: str) -> Dataset:
-    files = _find_idx_files(directory)
+    files = find_idx_files(directory)
     arrays = {role: read_idx(p) for role, p in files.items()}
     for role, a in arrays.items():
         if "images" in role and (a.ndim not in (3, 4) or a.dtype != np.uint8):

@@ -37,6 +37,7 @@ __all__ = [
     "accumulate_spectrum",
     "compute_spectrum",
     "data_mesh",
+    "stream_spectrum",
 ]
 
 
@@ -333,12 +334,12 @@ def _params_digest(params: Any) -> str:
     return h.hexdigest()[:32]
 
 
-def _run_identity(probe: Probe, params: Any, x: np.ndarray, y: np.ndarray, spectrum: Spectrum):
+def _run_identity(probe: Probe, params: Any, data_fingerprint: Any, spectrum: Spectrum):
     """Everything a resume file's counts depend on, but the batch size (counts are
     order-free): one JSON value per part, stored in the file's metadata."""
     index = probe.index
     return {
-        "data_fingerprint": _fingerprint(x, y),
+        "data_fingerprint": data_fingerprint,
         "params_digest": _params_digest(params),
         "layers": [[n, s] for n, s in zip(index.layer_names, index.layer_sizes, strict=True)],
         "input_shape": list(probe.input_shape),
@@ -547,7 +548,7 @@ def compute_spectrum(
     start, identity = 0, None
     if checkpoint_path is not None:
         checkpoint_path = Path(checkpoint_path)
-        identity = _run_identity(probe, params, x, y, spectrum)
+        identity = _run_identity(probe, params, _fingerprint(x, y), spectrum)
         if checkpoint_path.exists():
             spectrum, start = _resume(checkpoint_path, spectrum, identity, len(x))
     n_batches = -(-(rows - start) // batch_size)
@@ -576,3 +577,232 @@ def _padded_batches(x: np.ndarray, y: np.ndarray, batch_size: int, n_batches: in
             np.zeros((batch_size,), np.int32),
             np.zeros((batch_size,), bool),
         )
+
+
+# --------------------------------------------------------------------------- streamed data sets
+
+
+def process_blocks(rows: int, processes: int) -> list[tuple[int, int]]:
+    """Each process's contiguous rows ``[lo, hi)``: an even split, the first
+    ``rows % processes`` blocks one row longer (as grain's JAX-process sharding)."""
+    return [(q * rows // processes, (q + 1) * rows // processes) for q in range(processes)]
+
+
+def _process_file(path: Path, process: int, processes: int) -> Path:
+    """Process ``process``'s resume file: ``path`` itself for one process, else
+    ``STEM.process-I-of-N.SUFFIX`` beside it."""
+    if processes == 1:
+        return path
+    return path.with_name(f"{path.stem}.process-{process}-of-{processes}{path.suffix}")
+
+
+def _allgather(tree: Any) -> Any:
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree))
+
+
+def _saved_state(path: Path, fresh: Spectrum, identity: dict, block: tuple[int, int]):
+    """``(spectrum, history)`` of this process's resume file, or ``(None, [[0, lo]])``
+    without one. ``history`` lists ``[inputs counted (all processes), position]``
+    of every save, so that processes can agree on a common point."""
+    lo, hi = block
+    if not path.exists():
+        return None, [[0, lo]]
+    saved, meta = load_spectrum(path, with_metadata=True)
+    where = f"cannot resume from {path}"
+    keys = ("history", *identity)
+    missing = [k for k in keys if k not in meta]
+    if missing:
+        raise InputError(
+            f"{where}: it is not the resume file of a streamed run (its metadata lacks "
+            f"{missing}); delete it to start over"
+        )
+    check_same_layout(fresh, saved, "resume")
+    check_same_attribution(fresh, saved, f"resume from {path}")
+    _check_identity(where, meta, identity)
+    history = meta["history"]
+    ok = isinstance(history, list) and all(
+        isinstance(h, list) and len(h) == 2 and all(type(v) is int for v in h) for h in history
+    )
+    if not ok or not history or history[0] != [0, lo]:
+        raise InputError(f"{where}: its history must list [inputs, position] pairs from [0, {lo}]; got {history!r}")  # fmt: skip
+    if history[-1][0] != saved.num_inputs or not lo <= history[-1][1] <= hi:
+        raise InputError(
+            f"{where}: its counts cover {saved.num_inputs} inputs at position {history[-1][1]} "
+            f"of rows [{lo}, {hi}), its history says {history[-1]}"
+        )
+    return saved, history
+
+
+def _agree(fresh: Spectrum, saved: Spectrum | None, history: list, multi: bool, where: Path):
+    """The spectrum and history every process continues from: the save with the
+    fewest inputs counted among the processes' latest ones (a process stopped
+    between two processes' saves, or by a failed read, is behind or ahead by whole
+    saves; all processes saved at that point), with this process's position there."""
+    latest = history[-1][0]
+    if not multi:
+        return (fresh if saved is None else saved), history
+    latests = _allgather(np.array([latest], np.int64)).reshape(-1)
+    target, holder = int(latests.min()), int(latests.argmin())
+    mine = [h for h in history if h[0] == target]
+    ok = np.asarray(_allgather(np.array([bool(mine)])).reshape(-1))
+    if not ok.all():
+        raise InputError(
+            f"cannot resume from {where} and its sibling files: process(es) "
+            f"{np.flatnonzero(~ok).tolist()} never saved the point of {target} inputs that "
+            f"process {holder} stopped at; delete the files to start over"
+        )
+    history = history[: history.index(mine[0]) + 1]
+    if target == 0:
+        return fresh, history
+    ours = saved if saved is not None else fresh
+    every = _allgather(ours)  # small: [classes, neurons] per process
+    chosen = jax.tree.map(lambda a: jnp.asarray(a[holder]), every)
+    return chosen, history
+
+
+def stream_spectrum(
+    probe: Probe,
+    params: Any,
+    source: Any,
+    *,
+    batch_size: int = 512,
+    threshold: float = 0.0,
+    attribution: bool | str = False,
+    mesh: Mesh | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: int = 50,
+    progress: Progress | None = None,
+    callback: Callable[[int, Spectrum], None] | None = None,
+    threads: int = 2,
+    prefetch: int = 4,
+) -> Spectrum:
+    """The spectrum of a streamed data set (:class:`~deepfault_jax.sources.Source`), resumable,
+    also over several processes.
+
+    Rows are read a batch at a time through grain (worker threads read ahead);
+    memory is the running counts plus a few batches, whatever the data size.
+    With a ``mesh`` over several processes, process ``i`` of ``n`` reads the
+    contiguous block :func:`process_blocks` gives it (every process opens the
+    same source), and every process steps through the same number of batches
+    (all-masked ones once its block is done).
+
+    Resume: with ``checkpoint_path``, each process saves its position and the
+    (global) counts every ``checkpoint_every`` batches to its own file
+    (``checkpoint_path`` for one process, ``STEM.process-I-of-N.npz`` for
+    several), with the history of its saves. Started again with the same
+    arguments (any batch size), the processes agree on the latest point that
+    all of them saved and continue from it; the result is bit-identical to an
+    uninterrupted run. A read that fails mid-stream (a lost file, a corrupt
+    record, a grain worker error) stops the run after saving the position of
+    the last batch counted, so that the run resumes there. (With several
+    processes the others then stop on their next collective; start all again.)
+
+    Args:
+      probe: the model's probe.
+      params: its parameters (the same on every process).
+      source: the data.
+      batch_size: rows per step per process; a multiple of the local devices.
+      threshold, attribution, mesh, progress: as in :func:`compute_spectrum`.
+      checkpoint_path: the resume file (``.npz``), or None.
+      checkpoint_every: batches between saves.
+      callback: called after each batch with (batches done in this call, spectrum).
+      threads, prefetch: grain reader threads and batches read ahead.
+
+    Returns:
+      The spectrum, as arrays on this process.
+
+    Raises:
+      InputError: the source's input shape or class count differs from the
+        model's (both named); a bad batch size; a resume file of another run
+        (the part that differs is named); a read that failed (its rows and
+        reason named, and where the progress was saved); and the errors of
+        :func:`accumulate_spectrum`.
+    """
+    from deepfault_jax.sources import Source, stream_batches
+
+    if not isinstance(source, Source):
+        raise InputTypeError(
+            f"source must be a deepfault_jax.sources.Source; got {type(source).__name__}"
+        )
+    if source.input_shape != probe.input_shape:
+        raise InputError(
+            f"{source.name} has images of shape {source.input_shape}; the model expects "
+            f"{probe.input_shape}"
+        )
+    if source.num_classes != probe.num_classes:
+        raise InputError(
+            f"{source.name} has {source.num_classes} classes; the model has "
+            f"{probe.num_classes} logits"
+        )
+    batch_size = _positive_int("batch_size", batch_size)
+    checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
+    spectrum = init_spectrum(
+        probe.index, num_classes=probe.num_classes, threshold=threshold, attribution=attribution
+    )
+    processes = 1 if mesh is None else len({d.process_index for d in mesh.devices.flat})
+    multi, me = processes > 1, (jax.process_index() if processes > 1 else 0)
+    block = process_blocks(len(source), processes)[me]
+    path, history = None, [[0, block[0]]]
+    if checkpoint_path is not None:
+        base = Path(checkpoint_path)
+        path = _process_file(base, me, processes)
+        identity = {
+            **_run_identity(probe, params, source.identity(), spectrum),
+            "processes": processes,
+            "process": me,
+        }
+        saved, history = _saved_state(path, spectrum, identity, block)
+        spectrum, history = _agree(spectrum, saved, history, multi, path)
+    start = history[-1][1]
+    left = block[1] - start
+    if multi:
+        left = int(_allgather(np.array([left], np.int64)).max())
+    n_batches = -(-left // batch_size)
+    failure: list[BaseException] = []
+    position = [start]
+
+    def batches():
+        it = stream_batches(source, start=start, stop=block[1], batch_size=batch_size,
+                            n_batches=n_batches, threads=threads, prefetch=prefetch)  # fmt: skip
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except Exception as e:  # the reader's own: OSError, EOFError, grain's, corrupt data
+                failure.append(e)
+                return
+            yield batch
+
+    def save(current: Spectrum, complete: bool) -> None:
+        local = _to_local(current) if mesh is not None else current
+        point = [local.num_inputs, position[0]]
+        if point != history[-1]:
+            history.append(point)
+        meta = {**identity, "history": history, "complete": complete}
+        save_spectrum(path, local, metadata=meta)
+
+    def after_batch(done: int, current: Spectrum) -> None:
+        position[0] = min(block[1], start + done * batch_size)
+        if path is not None and done % checkpoint_every == 0:
+            save(current, False)
+        if callback is not None:
+            callback(done, current)
+
+    result = accumulate_spectrum(probe, params, batches(), spectrum=spectrum, mesh=mesh,
+                                 progress=progress, total=n_batches, on_batch=after_batch)  # fmt: skip
+    if failure:
+        e = failure[0]
+        at = position[0]
+        kept = "progress is not saved (pass checkpoint_path to keep it)"
+        if path is not None:
+            save(result, False)
+            kept = f"progress to row {at} is saved in {path}; run again to resume"
+        reason = f"{type(e).__name__}: {e}" if not isinstance(e, InputError) else str(e)
+        raise InputError(f"reading {source.name} failed after row {at}: {reason}; {kept}") from e
+    if path is not None:
+        position[0] = block[1]
+        save(result, True)
+    return result

@@ -1,0 +1,308 @@
+"""Streamed data sets (deepfault_jax.sources) and streamed spectra (stream_spectrum).
+
+Every source is checked against the in-memory loader of the same files, every
+streamed spectrum against the in-memory spectrum bit for bit; failures are real
+ones (a truncated gzip file, a compressed npz), never stand-ins.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import assert_identical
+
+from deepfault_jax import data, probe, sources, spectrum_io, streaming, zoo
+from deepfault_jax.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_idx(path: Path, a: np.ndarray, *, packed: bool) -> None:
+    """``a`` (uint8) as an IDX file, gzip-compressed or not."""
+    raw = struct.pack(">BBBB", 0, 0, 0x08, a.ndim) + struct.pack(f">{a.ndim}I", *a.shape)
+    raw += np.ascontiguousarray(a, np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw, mtime=0) if packed else raw)
+
+
+def idx_dir(tmp: Path, x_train, y_train, x_test, y_test, *, packed: bool) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
+    ext = ".gz" if packed else ""
+    for name, a in (("train-images-idx3-ubyte", x_train), ("train-labels-idx1-ubyte", y_train),
+                    ("t10k-images-idx3-ubyte", x_test), ("t10k-labels-idx1-ubyte", y_test)):  # fmt: skip
+        write_idx(tmp / (name + ext), a, packed=packed)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def digits_u8(digits):
+    """The digits split as uint8 pixels (0..255), so that idx files hold them exactly."""
+    to8 = lambda x: np.round(x[..., 0] * 255).astype(np.uint8)  # noqa: E731
+    return to8(digits.x_train), digits.y_train.astype(np.uint8), to8(digits.x_test), digits.y_test.astype(np.uint8)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiled_u8(digits_u8):
+    """digits with the test split repeated 14 times (6,286 rows), each copy's pixels
+    shifted (so that gzip cannot fold the copies together): failures beyond the 4,096
+    rows a resume identity samples."""
+    x_train, y_train, x_test, y_test = digits_u8
+    tiles = [((x_test.astype(np.int64) + 17 * k) % 256).astype(np.uint8) for k in range(14)]
+    return x_train, y_train, np.concatenate(tiles), np.tile(y_test, 14)
+
+
+@pytest.fixture(scope="module")
+def mlp(digits):
+    model = zoo.create_model("mlp-3x50", input_shape=digits.input_shape, num_classes=10)
+    params = zoo.init_params(jax.random.key(3), model)
+    return probe.model_probe(model, params), params
+
+
+def read_all(src: sources.Source, step: int = 97):
+    parts = [src.read(i, min(len(src), i + step)) for i in range(0, len(src), step)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_idx_source_equals_the_loader(tmp_path, digits_u8, packed):
+    d = idx_dir(tmp_path / "idx", *digits_u8, packed=packed)
+    ds = data.load_dataset(f"idx:{d}")
+    for split in ("train", "test"):
+        src = sources.open_source(f"idx:{d}", split=split)
+        x, y = read_all(src)
+        np.testing.assert_array_equal(x, ds.split(split)[0])
+        np.testing.assert_array_equal(y, ds.split(split)[1])
+        assert src.num_classes == ds.num_classes and src.input_shape == ds.input_shape
+    if not packed:  # memory-mapped, not read
+        assert isinstance(sources.open_source(f"idx:{d}")._x, np.memmap)
+
+
+def test_npz_and_npy_sources_are_memory_mapped(tmp_path, digits):
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=digits.x_train, y_train=digits.y_train, x_test=digits.x_test,
+             y_test=digits.y_test, num_classes=np.int64(10))  # fmt: skip
+    src = sources.open_source(f"npz:{path}")
+    assert isinstance(src._x, np.memmap) and src.num_classes == 10
+    x, y = read_all(src)
+    np.testing.assert_array_equal(x, digits.x_test)
+    np.testing.assert_array_equal(y, digits.y_test)
+    d = tmp_path / "npy"
+    d.mkdir()
+    np.save(d / "x_test.npy", (digits.x_test * 255).round().astype(np.uint8))
+    np.save(d / "y_test.npy", digits.y_test.astype(np.int64))
+    src = sources.open_source(f"npy:{d}")
+    assert isinstance(src._x, np.memmap) and src.input_shape == (8, 8, 1)
+    x, y = read_all(src)
+    np.testing.assert_allclose(x, digits.x_test, atol=0.5 / 255)
+    np.testing.assert_array_equal(y, digits.y_test)
+
+
+def test_compressed_npz_is_refused_with_the_way_out(tmp_path, digits):
+    path = tmp_path / "c.npz"
+    np.savez_compressed(path, x_train=digits.x_train, y_train=digits.y_train,
+                        x_test=digits.x_test, y_test=digits.y_test)  # fmt: skip
+    with pytest.raises(InputError, match="compressed.*np.savez"):
+        sources.open_source(f"npz:{path}")
+
+
+def test_tfds_source_reads_a_prepared_data_set(prepared_tfds_dir, monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(prepared_tfds_dir))
+    ds = data.load_dataset("tfds:tiny_shapes")
+    src = sources.open_source("tfds:tiny_shapes")
+    assert (len(src), src.num_classes, src.input_shape) == (9, 3, (8, 8, 1))
+    x, y = read_all(src, step=4)
+    np.testing.assert_array_equal(x, ds.x_test)
+    np.testing.assert_array_equal(y, ds.y_test)
+
+
+def test_tfds_not_prepared_names_the_build_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    with pytest.raises(
+        InputError, match="not prepared.*tfds build mnist --file_format=array_record"
+    ):
+        sources.open_source("tfds:mnist")
+
+
+def test_bad_specs_and_rows(tmp_path):
+    with pytest.raises(InputError, match="unknown data set 'zip:x' for streaming; expected one of"):
+        sources.open_source("zip:x")
+    with pytest.raises(InputError, match="npy:DIR needs x_test.npy"):
+        sources.open_source(f"npy:{tmp_path}")
+    src = sources.open_source("digits")
+    with pytest.raises(
+        InputError, match=r"rows \[start, stop\) must lie within its 449 rows; got \[440, 460\)"
+    ):
+        src.read(440, 460)
+
+
+@pytest.mark.parametrize("batch_size", [1, 64, 449, 4096])
+def test_streamed_spectrum_equals_the_in_memory_one(mlp, digits, batch_size):
+    prb, params = mlp
+    ref = streaming.compute_spectrum(prb, params, digits.x_test, digits.y_test, batch_size=100)
+    got = streaming.stream_spectrum(
+        prb, params, sources.open_source("digits"), batch_size=batch_size
+    )
+    assert_identical(ref, got)
+
+
+def test_streamed_attribution_equals_the_in_memory_one(mlp, digits):
+    prb, params = mlp
+    ref = streaming.compute_spectrum(prb, params, digits.x_test, digits.y_test, batch_size=64,
+                                     attribution=True)  # fmt: skip
+    got = streaming.stream_spectrum(prb, params, sources.open_source("digits"), batch_size=64,
+                                    attribution=True)  # fmt: skip
+    assert_identical(ref, got)
+    for f in ("act_pass", "gxa_pass", "gxa_fail", "fixes", "breaks"):
+        np.testing.assert_array_equal(getattr(ref.attribution, f), getattr(got.attribution, f))
+
+
+def test_streamed_run_resumes_with_another_batch_size(mlp, digits, tmp_path):
+    prb, params = mlp
+    ref = streaming.compute_spectrum(prb, params, digits.x_test, digits.y_test)
+    path, src = tmp_path / "run.npz", sources.open_source("digits")
+
+    class Stop(Exception):
+        pass
+
+    def stop(done, _):
+        if done == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        streaming.stream_spectrum(prb, params, src, batch_size=30, checkpoint_path=path,
+                                  checkpoint_every=2, callback=stop)  # fmt: skip
+    _, meta = spectrum_io.load_spectrum(path, with_metadata=True)
+    assert meta["history"] == [[0, 0], [60, 60], [120, 120]] and meta["complete"] is False
+    got = streaming.stream_spectrum(prb, params, src, batch_size=17, checkpoint_path=path)
+    assert_identical(ref, got)
+    _, meta = spectrum_io.load_spectrum(path, with_metadata=True)
+    assert meta["complete"] is True and meta["history"][-1] == [449, 449]
+    other = zoo.init_params(jax.random.key(4), zoo.create_model("mlp-3x50", input_shape=(8, 8, 1), num_classes=10))  # fmt: skip
+    with pytest.raises(InputError, match="other parameters"):
+        streaming.stream_spectrum(prb, other, src, checkpoint_path=path)
+
+
+def test_a_failed_read_saves_the_position_and_resumes(mlp, tiled_u8, tmp_path):
+    """A gzip file cut short fails mid-stream; with the file whole again the run resumes."""
+    prb, params = mlp
+    d = idx_dir(tmp_path / "idx", *tiled_u8, packed=True)
+    ds = data.load_dataset(f"idx:{d}")
+    ref = streaming.compute_spectrum(prb, params, ds.x_test, ds.y_test)
+    images = d / "t10k-images-idx3-ubyte.gz"
+    whole = images.read_bytes()
+    raw = gzip.decompress(whole)
+    images.write_bytes(gzip.compress(raw, mtime=0)[: len(whole) * 3 // 4])  # a cut download
+    path = tmp_path / "run.npz"
+    src = sources.open_source(f"idx:{d}")
+    with pytest.raises(InputError, match=r"reading idx:.* failed after row (\d+): .*saved in") as e:
+        streaming.stream_spectrum(prb, params, src, batch_size=200, checkpoint_path=path,
+                                  checkpoint_every=1000)  # fmt: skip
+    saved, meta = spectrum_io.load_spectrum(path, with_metadata=True)
+    at = meta["history"][-1][1]
+    assert 4096 < at < 6286 and saved.num_inputs == at and f"after row {at}" in str(e.value)
+    images.write_bytes(whole)
+    got = streaming.stream_spectrum(prb, params, sources.open_source(f"idx:{d}"), batch_size=64,
+                                    checkpoint_path=path)  # fmt: skip
+    assert_identical(ref, got)
+
+
+def test_class_count_and_shape_mismatch_are_named(mlp, tmp_path, digits):
+    prb, params = mlp
+    path = tmp_path / "three.npz"
+    np.savez(path, x_train=digits.x_train, y_train=digits.y_train % 3, x_test=digits.x_test,
+             y_test=digits.y_test % 3)  # fmt: skip
+    with pytest.raises(InputError, match=r"has 3 classes; the model has 10 logits"):
+        streaming.stream_spectrum(prb, params, sources.open_source(f"npz:{path}"))
+    np.savez(path, x_train=digits.x_train, y_train=digits.y_train, x_test=np.zeros((5, 4, 4)),
+             y_test=np.arange(5) % 2 + 8)  # fmt: skip
+    with pytest.raises(
+        InputError, match=r"images of shape \(4, 4, 1\); the model expects \(8, 8, 1\)"
+    ):
+        streaming.stream_spectrum(prb, params, sources.open_source(f"npz:{path}"))
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_pair(args: list[str], *, kill_after_first: bool = False, timeout: float = 240):
+    """Runs stream_worker.py as processes 0 and 1; returns their (returncode, stderr).
+
+    With ``kill_after_first``, once one process has exited the other is given a
+    few seconds and then killed (it waits on a collective with a dead peer)."""
+    port = free_port()
+    worker = Path(__file__).with_name("stream_worker.py")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, str(worker), str(i), "2", str(port), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+             for i in range(2)]  # fmt: skip
+    try:
+        if kill_after_first:
+            import time
+
+            deadline = time.monotonic() + timeout
+            while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(3)
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGKILL)
+        out = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [(p.returncode, o[1]) for p, o in zip(procs, out, strict=True)]
+
+
+@pytest.mark.slow
+def test_two_processes_killed_and_failed_resume_bit_identically(tmp_path, tiled_u8, mlp):
+    """Two processes over 127.0.0.1 stream an idx set: (1) both are killed mid-run,
+    (2) a restart fails mid-stream in process 1 on a cut file while process 0 is
+    killed, (3) with the file whole, a restart finishes: the spectrum equals one
+    process's, bit for bit, and process 1's files show it was ahead of process 0."""
+    d = idx_dir(tmp_path / "idx", *tiled_u8, packed=True)
+    ds = data.load_dataset(f"idx:{d}")
+    prb, params = mlp
+    ref = streaming.compute_spectrum(prb, params, ds.x_test, ds.y_test)
+    ckpt, out = tmp_path / "run.npz", tmp_path / "spectrum.npz"
+    common = [f"idx:{d}", str(ckpt), str(out)]
+    # (1) both processes kill themselves after batch 4 (saved at 3)
+    res = run_pair([*common, "--die-at", "4"])
+    assert [r[0] for r in res] == [-signal.SIGKILL] * 2, res
+    files = [tmp_path / f"run.process-{i}-of-2.npz" for i in range(2)]
+    metas = [spectrum_io.load_spectrum(f, with_metadata=True)[1] for f in files]
+    assert [m["history"][-1][0] for m in metas] == [3 * 2 * 8] * 2, metas
+    # (2) cut the images: process 1 (rows 3143..6285) fails; process 0 is killed
+    images = d / "t10k-images-idx3-ubyte.gz"
+    whole = images.read_bytes()
+    images.write_bytes(whole[: len(whole) * 9 // 10])
+    res = run_pair([*common, "--every", "50"], kill_after_first=True)
+    assert res[1][0] == 3 and "failed after row" in res[1][1], res
+    h0, h1 = (spectrum_io.load_spectrum(f, with_metadata=True)[1]["history"] for f in files)
+    assert h1[-1][0] > h0[-1][0], (h0, h1)  # process 1 saved at its failure, beyond process 0
+    # (3) whole again: both continue from process 0's point (process 1 drops its later one)
+    images.write_bytes(whole)
+    res = run_pair([*common, "--batch-size", "6"])
+    assert [r[0] for r in res] == [0, 0], res
+    assert_identical(ref, spectrum_io.load_spectrum(out))
+    n0, n1 = (spectrum_io.load_spectrum(f, with_metadata=True)[1]["history"] for f in files)
+    kept = [h for h in h1 if h[0] <= h0[-1][0]]
+    assert n0[: len(h0)] == h0 and n1[: len(kept)] == kept, json.dumps([h0, h1, n0, n1])
+    assert n1[len(kept)][0] == h0[-1][0] + 3 * 6 * 2  # the next save: 3 batches of 6 rows x 2
+    assert n0[-1] == [6286, 3143] and n1[-1] == [6286, 6286]
