@@ -295,6 +295,10 @@ def _spectrum_parser(sub) -> None:
          _int(lo=1), metavar="N")  # fmt: skip
     _add(p, "--save-every", None, "save progress to OUT.partial.npz every N batches; the "
          "same command started again resumes from it", _int(lo=1), metavar="N", shown="never")  # fmt: skip
+    p.add_argument("--stream", action="store_true", help="read the split a batch at a time "
+                   "(memory-mapped npz/npy/idx, chunked gzip idx, TFDS array_record through "
+                   "grain) instead of loading it whole; with a zoo --model the training split "
+                   "is still loaded to train it on first use (default: off)")  # fmt: skip
     _output_options(p, metavar="FILE.npz", required=True, help="spectrum file to write (an "
                     "earlier spectrum there is replaced; any other file is kept)")  # fmt: skip
     p.set_defaults(func=commands.cmd_spectrum)

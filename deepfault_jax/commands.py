@@ -24,10 +24,12 @@ from deepfault_jax import (
     checkpoints,
     data,
     files,
+    foreign,
     localizers,
     measures,
     model_source,
     pipeline,
+    sources,
     spectrum_io,
     training,
     zoo,
@@ -35,7 +37,7 @@ from deepfault_jax import (
 from deepfault_jax.errors import InputError
 from deepfault_jax.faultbench import FaultbenchConfig
 from deepfault_jax.spectrum import layer_summary
-from deepfault_jax.streaming import compute_spectrum, data_mesh
+from deepfault_jax.streaming import compute_spectrum, data_mesh, stream_spectrum
 
 __all__ = [
     "ProgressBars",
@@ -199,16 +201,19 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     partial = out.with_name(out.stem + ".partial.npz") if args.save_every else None
     if partial is not None:
         check_spectrum_path(partial, "--save-every's progress file")
-    dataset = data.load_dataset(args.dataset)
+    stream = sources.open_source(args.dataset, split=args.split) if args.stream else None
+    dataset = _dataset_for_model(args, stream)
     model, params, meta = model_source.load_model(args, dataset, progress=progress_bars(args))
     source = meta["source"]
-    x, y = dataset.split(args.split)
+    prb = model_source.model_probe(args, model, params)
+    options = dict(batch_size=args.batch_size, threshold=args.threshold,
+                   attribution=args.attribution, mesh=mesh, checkpoint_path=partial,
+                   checkpoint_every=args.save_every or 1, progress=progress_bars(args))  # fmt: skip
     start = time.perf_counter()
-    spec = compute_spectrum(
-        model_source.model_probe(args, model, params), params, x, y, batch_size=args.batch_size,
-        threshold=args.threshold, attribution=args.attribution, mesh=mesh,
-        checkpoint_path=partial, checkpoint_every=args.save_every or 1, progress=progress_bars(args),
-    )  # fmt: skip
+    if stream is not None:
+        spec = stream_spectrum(prb, params, stream, **options)
+    else:
+        spec = compute_spectrum(prb, params, *dataset.split(args.split), **options)
     seconds = time.perf_counter() - start
     n_pass, n_fail = int(spec.n_pass.sum()), int(spec.n_fail.sum())
     metadata = {
@@ -226,10 +231,29 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
         "accuracy": n_pass / (n_pass + n_fail), "num_classes": spec.num_classes,
         "num_neurons": spec.index.num_neurons, "layers": layer_summary(spec),
         "devices": args.devices, "batch_size": args.batch_size, "seconds": round(seconds, 3),
+        "streamed": bool(args.stream),
         "spectrum": str(out.absolute()),
     }  # fmt: skip
     emit(args, report, _spectrum_lines(report, out))
     return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _StreamedDataset:
+    """What loading a model needs of a streamed data set (not its rows)."""
+
+    name: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+
+
+def _dataset_for_model(args: argparse.Namespace, stream: Any) -> Any:
+    """The data set a model is loaded against: the whole one unless streaming, and
+    then only for a zoo model that may need training (its training split)."""
+    zoo_model = not args.checkpoint and not foreign.is_foreign(args.model)
+    if stream is None or zoo_model:
+        return data.load_dataset(args.dataset)
+    return _StreamedDataset(args.dataset, stream.input_shape, stream.num_classes)
 
 
 def _spectrum_lines(r: dict, out: Path) -> list[str]:

@@ -306,3 +306,42 @@ def test_two_processes_killed_and_failed_resume_bit_identically(tmp_path, tiled_
     assert n0[: len(h0)] == h0 and n1[: len(kept)] == kept, json.dumps([h0, h1, n0, n1])
     assert n1[len(kept)][0] == h0[-1][0] + 3 * 6 * 2  # the next save: 3 batches of 6 rows x 2
     assert n0[-1] == [6286, 3143] and n1[-1] == [6286, 6286]
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_cli_stream_equals_the_in_memory_spectrum(tmp_path, digits, capsys):
+    """`spectrum --stream` over a memory-mapped npz with a saved checkpoint (nothing
+    loaded whole) writes the in-memory command's counts."""
+    from deepfault_jax import checkpoints, cli
+
+    model = zoo.create_model("lenet1", input_shape=(8, 8, 1), num_classes=10)
+    ckpt = tmp_path / "ckpt"
+    checkpoints.save_checkpoint(ckpt, model, zoo.init_params(jax.random.key(1), model))
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x_train=digits.x_train, y_train=digits.y_train, x_test=digits.x_test,
+             y_test=digits.y_test)  # fmt: skip
+    outs = []
+    for extra in ([], ["--stream", "--save-every", "2", "--batch-size", "40"]):
+        out = tmp_path / f"s{len(outs)}.npz"
+        code = cli.main(["spectrum", "--checkpoint", str(ckpt), "--dataset", f"npz:{npz}",
+                         "--out", str(out), "--no-progress", "--json", *extra])  # fmt: skip
+        report = json.loads(capsys.readouterr().out)
+        assert code == 0 and report["streamed"] == bool(extra)
+        outs.append(spectrum_io.load_spectrum(out))
+    assert_identical(*outs)
+    assert not (tmp_path / "s1.partial.npz").exists()
+
+
+def test_cli_stream_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
+    from deepfault_jax import cli
+
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    for spec, fragment in (("tfds:mnist", "tfds build mnist --file_format=array_record"),
+                           (f"npz:{tmp_path}/none.npz", "does not exist")):  # fmt: skip
+        code = cli.main(["spectrum", "--model", "keras:/none.keras", "--dataset", spec, "--stream",
+                         "--out", str(tmp_path / "s.npz"), "--no-progress"])  # fmt: skip
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and fragment in err[0], err
+        assert not (tmp_path / "s.npz").exists()
