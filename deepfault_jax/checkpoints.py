@@ -6,12 +6,24 @@ activation, a sha256 digest of the parameters and free metadata) and
 ``params/`` (orbax). It is written as one unit and replaces only an empty
 directory or an earlier checkpoint; loading checks every key of ``model.json``,
 restores the parameters against the architecture and verifies the digest.
+
+Several processes (``jax.distributed``): every process holds the full
+parameters. Saving gathers them to the host in every process; process 0 alone
+writes the directory (atomically, as one process would), the others wait for it
+at a barrier of the distributed runtime and then check that it holds their own
+parameters. Loading reads the checkpoint in every process, independently of the
+others (orbax without its cross-process synchronisation), as arrays on the
+process's first local device; the spectrum code replicates them over its mesh.
+:func:`load_or_train` trains a missing model in process 0 only; the others wait
+and then load what it saved. The directory must be on a file system that every
+process sees.
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -94,6 +106,31 @@ def _leaf_name(path: tuple) -> str:
     return "/".join(parts)
 
 
+def _host_params(params: Any) -> Any:
+    """``params`` with every array copied to the host (numpy), in every process.
+
+    An array spread over several processes must be replicated: each process then
+    holds all of it, and its local copy is taken.
+
+    Raises:
+      InputError: an array that no process holds whole (sharded), naming it.
+    """
+
+    def host(path: tuple, leaf: Any) -> Any:
+        if not isinstance(leaf, jax.Array):
+            return leaf
+        if leaf.is_fully_addressable:
+            return np.asarray(jax.device_get(leaf))
+        if leaf.is_fully_replicated:
+            return np.asarray(leaf.addressable_data(0))
+        raise InputError(
+            f"parameter {_leaf_name(path)} must be replicated on every process to be saved; "
+            f"got an array of shape {tuple(leaf.shape)} sharded as {leaf.sharding}"
+        )
+
+    return jax.tree_util.tree_map_with_path(host, params)
+
+
 def _params_digest(params: Any) -> str:
     """``"sha256:<hex>"`` over every parameter array: its path, shape, dtype and bytes, in
     the order of the paths (so a dict's key order, and orbax's file layout, do not matter)."""
@@ -129,6 +166,42 @@ def is_checkpoint_dir(path: str | os.PathLike) -> bool:
     )
 
 
+def _this_process_only() -> Any:
+    """orbax's options for a checkpointer that this process uses on its own: it is the
+    primary host and the only active process, so orbax waits for no other process (its
+    supported way to read or write from a subset of the processes of a distributed run)."""
+    import orbax.checkpoint as ocp
+
+    pid = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=pid, active_processes={pid})
+
+
+#: Numbers the barriers of this module; every process passes the same ones in the same order.
+_BARRIERS = itertools.count()
+#: How long a process waits at a barrier for another to write a checkpoint, and to train.
+_SAVE_WAIT_S = 600
+_TRAIN_WAIT_S = 24 * 3600
+
+
+def _wait_for_every_process(what: str, *, timeout_s: int) -> None:
+    """A barrier of all processes (the distributed runtime's, through orbax): no device
+    collective, so a process may wait for another that trains or writes for a long time.
+
+    Raises:
+      RuntimeError: the barrier failed (a process ended, or ``timeout_s`` passed).
+    """
+    import orbax.checkpoint as ocp
+
+    key = f"deepfault_jax.checkpoints.{next(_BARRIERS)}"
+    try:
+        ocp.multihost.get_barrier_sync_fn()(key=key, timeout_ms=timeout_s * 1000)
+    except Exception as e:  # the runtime raises its own error types
+        raise RuntimeError(
+            f"process {jax.process_index()} of {jax.process_count()}: waiting for every "
+            f"process {what} failed ({_error_text(e)})"
+        ) from e
+
+
 def _orbax_save(path: Path, params: Any) -> None:
     """Saves ``params`` to ``path`` with orbax, returning (or raising) only once orbax has
     stopped writing: after a failed save its background threads would otherwise go on
@@ -136,7 +209,7 @@ def _orbax_save(path: Path, params: Any) -> None:
     import orbax.checkpoint as ocp
 
     before = set(threading.enumerate())
-    checkpointer = ocp.StandardCheckpointer()
+    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=_this_process_only())
     try:
         checkpointer.save(path, params)
         checkpointer.wait_until_finished()
@@ -174,10 +247,16 @@ def save_checkpoint(
     anything else is refused and left untouched. ``model.json`` records a
     digest of the parameters (``params_digest``), checked on load.
 
+    Under several processes (``jax.distributed``) every process calls this with
+    the same, replicated parameters: process 0 writes the directory, the others
+    wait for it and then check that it holds their parameters (its digest), so
+    all of them return once the checkpoint is in place. ``directory`` must be on
+    a file system that every process sees.
+
     Args:
       directory: destination; parent directories are created.
       model: the architecture the parameters belong to.
-      params: the parameter pytree.
+      params: the parameter pytree (arrays spread over processes must be replicated).
       metadata: extra JSON-ready facts (data set, seed, accuracy, ...); the
         keys this function writes itself take precedence.
 
@@ -186,11 +265,39 @@ def save_checkpoint(
 
     Raises:
       InputError: ``directory`` is an existing file, or a non-empty directory
-        that is not a checkpoint (nothing is changed), or cannot be created.
+        that is not a checkpoint (nothing is changed), or cannot be created; a
+        parameter sharded over processes; under several processes, a
+        checkpoint that process 0 did not write or that holds other parameters.
       InputTypeError: ``metadata`` is not JSON-ready.
       KeyboardInterrupt: Ctrl-C during the write; held until orbax has
         finished, then raised with nothing replaced.
+      RuntimeError: under several processes, another process did not reach
+        the barrier (it failed, or did not save).
     """
+    host = _host_params(params)
+    text, digest = _model_json(model, host, metadata)
+    if jax.process_count() == 1:
+        return _write_checkpoint(directory, host, text)
+    # Every process refuses the same destination alike, before anyone waits for anyone.
+    target = check_replaceable(directory, owned=is_checkpoint_dir, what="checkpoint directory")
+    if jax.process_index() == 0:
+        try:
+            _write_checkpoint(target, host, text)
+        finally:  # the others wait for this barrier, whether the write worked or not
+            _wait_for_every_process(f"while process 0 saves {target}", timeout_s=_SAVE_WAIT_S)
+        return target
+    _wait_for_every_process(f"while process 0 saves {target}", timeout_s=_SAVE_WAIT_S)
+    _check_written(target, digest)
+    return target
+
+
+def _model_json(model: Model, host_params: Any, metadata: dict | None) -> tuple[str, str]:
+    """``model.json``'s text for ``model`` and its parameters, and their digest.
+
+    Raises:
+      InputTypeError: ``metadata`` is not JSON-ready.
+    """
+    digest = _params_digest(host_params)
     meta = {
         **(metadata or {}),
         "format": CHECKPOINT_FORMAT,
@@ -201,19 +308,57 @@ def save_checkpoint(
         "activation": model.activation,
         "versions": package_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "params_digest": _params_digest(params),
+        "params_digest": digest,
     }
     try:
-        text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+        return json.dumps(meta, indent=2, sort_keys=True) + "\n", digest
     except (TypeError, ValueError) as e:
         raise InputTypeError(f"metadata must be JSON-ready; got {metadata!r} ({e})") from None
 
+
+def _save_here(
+    directory: str | os.PathLike, model: Model, params: Any, metadata: dict | None
+) -> Path:
+    """:func:`save_checkpoint` by this process alone, whatever the other processes do."""
+    host = _host_params(params)
+    return _write_checkpoint(directory, host, _model_json(model, host, metadata)[0])
+
+
+def _write_checkpoint(directory: str | os.PathLike, host_params: Any, text: str) -> Path:
+    """Writes the checkpoint directory (this process alone): orbax ``params/`` and
+    ``model.json`` (``text``), as one unit."""
+
     def fill(staging: Path) -> None:
         with deferred_interrupt():
-            _orbax_save(staging / "params", params)
+            _orbax_save(staging / "params", host_params)
         write_atomic(staging / "model.json", text.encode())
 
     return replace_directory(directory, fill, owned=is_checkpoint_dir, what="checkpoint directory")
+
+
+def _check_written(directory: Path, digest: str) -> None:
+    """Checks, in a process other than 0, that process 0 left a checkpoint of this process's
+    parameters (``digest``) at ``directory``.
+
+    Raises:
+      InputError: no checkpoint there, or one of other parameters.
+    """
+    pid = jax.process_index()
+    try:
+        meta = json.loads((directory / "model.json").read_text())
+        saved = meta.get("params_digest") if isinstance(meta, dict) else None
+    except (OSError, ValueError) as e:
+        raise InputError(
+            f"checkpoint {directory}: process 0 did not write it, as process {pid} sees it "
+            f"(see process 0's error; the directory must be on a file system every process "
+            f"sees) ({describe_os_error(e) if isinstance(e, OSError) else e})"
+        ) from None
+    if saved != digest:
+        raise InputError(
+            f"checkpoint {directory}: process 0 did not write process {pid}'s parameters: "
+            f"parameter digest expected {digest}, got {saved} (every process must save the "
+            "same parameters; else see process 0's error)"
+        )
 
 
 def _is_count(value: Any, lo: int) -> bool:
@@ -337,17 +482,26 @@ class _QuietOrbax:
                 logger.setLevel(level)
 
 
-def _leaf_shapes(tree: Any) -> list[tuple]:
+def _leaf_shapes(tree: Any) -> list[tuple] | None:
+    """The sorted ``(shape, dtype)`` of every array in ``tree``; ``None`` when a leaf tells
+    neither (then the shapes are unknown, not different)."""
     leaves = jax.tree.leaves(tree, is_leaf=lambda a: hasattr(a, "shape"))
-    return sorted((tuple(a.shape), str(np.dtype(a.dtype))) for a in leaves)
+    try:
+        return sorted((tuple(a.shape), str(np.dtype(a.dtype))) for a in leaves)
+    except (AttributeError, TypeError):
+        return None
 
 
 def _restore_params(directory: Path, arch: Model) -> Any:
     """The parameters in ``directory/params``, restored as ``arch``'s pytree.
 
+    Each process reads on its own (no cross-process synchronisation), placing the
+    arrays on its first local device, whatever devices or processes saved them.
+
     Raises:
-      InputError: the arrays saved do not fit ``arch`` (both are named), or
-        orbax cannot read them (the reason is named).
+      InputError: orbax cannot restore them; the message names orbax's reason and,
+        only when orbax's metadata shows arrays of other shapes than ``arch``'s,
+        both sets of shapes.
     """
     import orbax.checkpoint as ocp
 
@@ -356,22 +510,24 @@ def _restore_params(directory: Path, arch: Model) -> Any:
     if not params_dir.is_dir():
         raise InputError(f"{failed} ({'not a directory' if params_dir.exists() else 'missing'})")
     abstract = jax.eval_shape(lambda key: init_params(key, arch), jax.random.key(0))
-    with _QuietOrbax() as quiet, ocp.StandardCheckpointer() as checkpointer:
-        saved, failure = quiet.call(lambda: checkpointer.metadata(params_dir).item_metadata)
-        saved = _leaf_shapes(getattr(saved, "tree", saved))  # empty when orbax cannot tell
-        expected = _leaf_shapes(abstract)
-        fits = not saved or saved == expected
-        if failure is None and fits:
-            params, failure = quiet.call(lambda: checkpointer.restore(params_dir, abstract))
-    if failure is None and not fits:
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here), abstract)
+    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=_this_process_only())
+    with _QuietOrbax() as quiet, checkpointer:
+        params, failure = quiet.call(lambda: checkpointer.restore(params_dir, target))
+        if failure is None:
+            return params
+        # Why? Blame the architecture only when orbax's metadata names other shapes.
+        saved, unreadable = quiet.call(lambda: checkpointer.metadata(params_dir).item_metadata)
+    expected = _leaf_shapes(abstract)
+    saved = None if unreadable else _leaf_shapes(getattr(saved, "tree", saved))
+    if saved and expected is not None and saved != expected:
         raise InputError(
             f"checkpoint {directory}: parameters do not fit {arch.name} with input "
             f"{arch.input_shape} and {arch.num_classes} classes: expected arrays {expected}, "
-            f"got {saved}"
+            f"got {saved} ({failure})"
         )
-    if failure is not None:
-        raise InputError(f"{failed} ({failure})")
-    return params
+    raise InputError(f"{failed} ({failure})")
 
 
 def _verify_digest(directory: Path, meta: dict, params: Any) -> None:
@@ -486,17 +642,16 @@ _SAVED_KEYS = ("format", "format_version", "model", "input_shape", "num_classes"
                "versions", "created", "params_digest", "checkpoint")  # fmt: skip
 
 
-def _load_cached(path: Path, name: str, dataset: Dataset) -> tuple[Model, Any, dict]:
-    """A cached checkpoint; one written before parameter digests existed gets its digest
-    added (the cache is the package's own), so it is verified from then on."""
+def _upgrade_cached(path: Path, name: str, dataset: Dataset) -> None:
+    """A cached checkpoint written before parameter digests existed gets its digest added
+    (the cache is the package's own), so it is verified from then on (this process alone)."""
     meta = json.loads((path / "model.json").read_text()) if is_checkpoint_dir(path) else {}
     if isinstance(meta, dict) and "params_digest" not in meta:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the digest is added right here
             model, params, meta = load_checkpoint(path, model=name, input_shape=dataset.input_shape)
         extra = {k: v for k, v in meta.items() if k not in _SAVED_KEYS}
-        save_checkpoint(path, model, params, metadata=extra)
-    return load_checkpoint(path, model=name, input_shape=dataset.input_shape)
+        _save_here(path, model, params, extra)
 
 
 def load_or_train(
@@ -515,6 +670,13 @@ def load_or_train(
     :func:`default_cache_dir`). Before training, the cache is checked to be
     writable and the model's entry to be new, empty or a checkpoint.
 
+    Under several processes (``jax.distributed``) every process calls this
+    alike: process 0 alone trains a missing model (reporting to ``progress``)
+    and saves it, while the others wait at a barrier; then every process loads
+    the same checkpoint, so all hold the same parameters (training in every
+    process would cost as much and could differ from machine to machine). The
+    cache must be on a file system that every process sees.
+
     Returns:
       ``(model, params, metadata)`` as :func:`load_checkpoint`.
 
@@ -522,7 +684,11 @@ def load_or_train(
       InputError: a bad name, activation or seed (an integer in
         ``[0, 2**63 - 1]``); a cache that cannot be written (naming
         ``DEEPFAULT_JAX_CACHE`` or ``cache_dir`` and its value); a cache entry
-        that holds other files; or a cached checkpoint that fails to load.
+        that holds other files; or a cached checkpoint that fails to load;
+        under several processes, in processes other than 0, a model that
+        process 0 did not provide (its own error says why).
+      RuntimeError: under several processes, a process did not reach the
+        barrier within a day.
     """
     seed = check_seed(seed)
     model = create_model(
@@ -534,16 +700,40 @@ def load_or_train(
     slug = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in dataset.name).strip("-")
     root, complaint = _cache_root(cache_dir)
     path = root / "models" / f"{name}-{activation}-{slug}-seed{seed}"
-    if (path / "model.json").is_file():
-        return _load_cached(path, name, dataset)
-    _check_cache_writable(root / "models", complaint)
-    check_replaceable(path, owned=is_checkpoint_dir, what="cached model directory")
-    result = train(jax.random.key(seed), model, dataset, progress=progress)
-    meta = {
-        "dataset": dataset.name,
-        "seed": seed,
-        "epochs": len(result.history),
-        "test_accuracy": result.test_accuracy,
-    }
-    save_checkpoint(path, model, result.params, metadata=meta)
+
+    def provide() -> None:
+        """Leaves a checkpoint with a digest at ``path`` (this process alone)."""
+        if (path / "model.json").is_file():
+            _upgrade_cached(path, name, dataset)
+            return
+        _check_cache_writable(root / "models", complaint)
+        check_replaceable(path, owned=is_checkpoint_dir, what="cached model directory")
+        result = train(jax.random.key(seed), model, dataset, progress=progress)
+        meta = {
+            "dataset": dataset.name,
+            "seed": seed,
+            "epochs": len(result.history),
+            "test_accuracy": result.test_accuracy,
+        }
+        _save_here(path, model, result.params, meta)
+
+    pid = jax.process_index()
+    if jax.process_count() == 1:
+        provide()
+    elif pid == 0:
+        try:
+            provide()
+        finally:  # the others wait for this barrier, whether it worked or not
+            _wait_for_every_process(
+                f"while process 0 provides the cached model {path}", timeout_s=_TRAIN_WAIT_S
+            )
+    else:
+        _wait_for_every_process(
+            f"while process 0 provides the cached model {path}", timeout_s=_TRAIN_WAIT_S
+        )
+        if not (path / "model.json").is_file():
+            raise InputError(
+                f"cached model {path}: process 0 did not provide it, as process {pid} sees it "
+                "(see process 0's error; the cache must be on a file system every process sees)"
+            )
     return load_checkpoint(path, model=name, input_shape=dataset.input_shape)

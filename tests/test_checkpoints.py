@@ -181,6 +181,33 @@ def test_replace_directory_refusals_name_the_path(tmp_path):
     assert files.is_empty_dir(tmp_path / "empty") and not files.is_empty_dir(busy)
 
 
+def test_parameters_on_many_devices_load_on_one_device(tmp_path):
+    """Checkpoints hold host arrays: parameters replicated or sharded over a mesh load back,
+    on this process's first device, whatever the devices or processes that saved them."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    model = _model()
+    params = zoo.init_params(jax.random.key(0), model)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    n = len(jax.devices())
+
+    def place(leaf):
+        spec = PartitionSpec("data") if leaf.shape[0] % n == 0 else PartitionSpec()
+        return jax.device_put(leaf, NamedSharding(mesh, spec))
+
+    placed = jax.tree.map(place, params)
+    assert any(not leaf.is_fully_replicated for leaf in jax.tree.leaves(placed))
+    checkpoints.save_checkpoint(tmp_path / "ck", model, placed)
+    _, restored, meta = checkpoints.load_checkpoint(tmp_path / "ck")
+    _assert_same_tree(params, restored)
+    checkpoints.save_checkpoint(tmp_path / "plain", model, params)
+    assert (
+        meta["params_digest"] == checkpoints.load_checkpoint(tmp_path / "plain")[2]["params_digest"]
+    )
+    for leaf in jax.tree.leaves(restored):
+        assert leaf.sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
 # --------------------------------------------------------------------------- 2. parameter digest
 
 
