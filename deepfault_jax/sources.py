@@ -43,6 +43,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import re
 import struct
 import threading
 import zipfile
@@ -321,7 +322,7 @@ class _TfdsSource(Source):
         except (AttributeError, KeyError, TypeError):
             raise InputError(f"TFDS data set {name!r} must have a class label feature {self.label_key!r}; got features {list(info.features)}") from None  # fmt: skip
         known = list(info.splits) if info.splits else []
-        if known and split not in known:
+        if known and re.split(r"[\[+]", split)[0] not in known:  # "test[:10%]" slices "test"
             raise InputError(f"TFDS data set {name!r} has no split {split!r}; expected one of {known}")  # fmt: skip
         try:
             self._data = tfds.data_source(name, split=split, data_dir=data_dir, download=False)

@@ -35,8 +35,10 @@ from deepfault_jax.spectrum_io import load_spectrum, save_spectrum
 
 __all__ = [
     "accumulate_spectrum",
+    "check_memory",
     "compute_spectrum",
     "data_mesh",
+    "memory_estimate",
     "stream_spectrum",
 ]
 
@@ -307,6 +309,78 @@ def _check_finite(nonfinite: jax.Array) -> None:
         )
 
 
+# --------------------------------------------------------------------------- memory
+
+
+def memory_estimate(
+    num_classes: int, num_neurons: int, batch_size: int, attribution: bool | str = False
+) -> dict:
+    """Bytes a spectrum run holds on its device, by part (a lower bound; the model's
+    own activations come on top).
+
+    * ``spectrum``: ``a_pass``, ``a_fail`` (int32 ``[classes, neurons]``) and
+      ``n_pass``, ``n_fail``, twice (the running counts and the step's output);
+    * ``attribution``: the six attribution sums ``[classes, neurons]``, twice;
+    * ``batch``: per step, the probed values ``[batch, neurons]`` (float32) with
+      their 0/1 activity, the one-hot pass/fail slots ``[batch, 2 x classes]``,
+      and the per-input cotangents of attribution (``[batch, classes, neurons]``
+      for ``"all-classes"``, two per input otherwise).
+    """
+    c, n, b = int(num_classes), int(num_neurons), int(batch_size)
+    spectrum = 2 * (2 * c * n + 2 * c) * 4
+    extra = 0 if not attribution else 2 * 6 * c * n * 4
+    batch = b * n * 4 * 2 + b * 2 * c * 4
+    if attribution == "all-classes":
+        batch += b * c * n * 4
+    elif attribution:
+        batch += 2 * b * n * 4
+    return {"spectrum": spectrum, "attribution": extra, "batch": batch,
+            "total": spectrum + extra + batch}  # fmt: skip
+
+
+def _device_bytes(device: jax.Device) -> tuple[int, str]:
+    """Memory of ``device``: its allocator's limit where it reports one (GPU, TPU),
+    else the host's physical memory (CPU)."""
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory statistics
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{device.platform} device {device.id}"
+    pages = os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return int(pages * os.sysconf("SC_PAGE_SIZE")) if pages else 0, "host memory"
+
+
+def check_memory(
+    num_classes: int,
+    num_neurons: int,
+    batch_size: int,
+    attribution: bool | str = False,
+    *,
+    device: jax.Device | None = None,
+) -> dict:
+    """:func:`memory_estimate`, refused before anything is allocated when it exceeds
+    the device's memory.
+
+    Raises:
+      InputError: the estimate (by part) is larger than the device's memory;
+        the message names both and what shrinks each part.
+    """
+    est = memory_estimate(num_classes, num_neurons, batch_size, attribution)
+    have, where = _device_bytes(device or jax.local_devices()[0])
+    if have and est["total"] > have:
+        gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+        raise InputError(
+            f"a spectrum of {num_classes} classes x {num_neurons} neurons with batch "
+            f"{batch_size} needs at least {gib(est['total'])} (counts {gib(est['spectrum'])}, "
+            f"attribution sums {gib(est['attribution'])}, per batch {gib(est['batch'])}); "
+            f"the {where} holds {gib(have)}: probe fewer layers or reduce conv channels "
+            "(conv_reduce), use a smaller batch, or leave out attribution"
+        )
+    return est
+
+
 # --------------------------------------------------------------------------- resume files
 
 
@@ -538,6 +612,7 @@ def compute_spectrum(
     _check_data(probe, x, y)
     batch_size = _positive_int("batch_size", batch_size)
     checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
+    check_memory(probe.num_classes, probe.index.num_neurons, min(batch_size, len(x)), attribution)
     spectrum = init_spectrum(
         probe.index, num_classes=probe.num_classes, threshold=threshold, attribution=attribution
     )
@@ -738,6 +813,7 @@ def stream_spectrum(
         )
     batch_size = _positive_int("batch_size", batch_size)
     checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
+    check_memory(probe.num_classes, probe.index.num_neurons, batch_size, attribution)
     spectrum = init_spectrum(
         probe.index, num_classes=probe.num_classes, threshold=threshold, attribution=attribution
     )
