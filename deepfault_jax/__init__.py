@@ -108,6 +108,7 @@ from deepfault_jax.repair import (
 from deepfault_jax.repair_job import RepairConfig, run_repair
 from deepfault_jax.repair_search import SearchFit, search_repair
 from deepfault_jax.report import MeasureResult, RandomRun, RunReport, Selection
+from deepfault_jax.sources import ArraySource, Source, open_source
 from deepfault_jax.spectrum import (
     Counts,
     Spectrum,
@@ -117,7 +118,13 @@ from deepfault_jax.spectrum import (
     update_spectrum,
 )
 from deepfault_jax.spectrum_io import load_spectrum, save_spectrum
-from deepfault_jax.streaming import accumulate_spectrum, compute_spectrum, data_mesh
+from deepfault_jax.streaming import (
+    accumulate_spectrum,
+    compute_spectrum,
+    data_mesh,
+    memory_estimate,
+    stream_spectrum,
+)
 from deepfault_jax.synthesis import SynthesisState, Synthesizer, make_synthesizer, synthesize
 from deepfault_jax.training import TrainResult, train
 from deepfault_jax.zoo import (
@@ -175,6 +182,11 @@ __all__ = [
     "SpectrumMetric",
     "accumulate_spectrum",
     "compute_spectrum",
+    "open_source",
+    "stream_spectrum",
+    "memory_estimate",
+    "Source",
+    "ArraySource",
     "data_mesh",
     "init_spectrum",
     "layer_summary",

@@ -313,7 +313,7 @@ def _check_finite(nonfinite: jax.Array) -> None:
 
 
 def memory_estimate(
-    num_classes: int, num_neurons: int, batch_size: int, attribution: bool | str = False
+    num_classes: int, num_neurons: int, batch_size: int, *, attribution: bool | str = False
 ) -> dict:
     """Bytes a spectrum run holds on its device, by part (a lower bound; the model's
     own activations come on top).
@@ -356,8 +356,8 @@ def check_memory(
     num_classes: int,
     num_neurons: int,
     batch_size: int,
-    attribution: bool | str = False,
     *,
+    attribution: bool | str = False,
     device: jax.Device | None = None,
 ) -> dict:
     """:func:`memory_estimate`, refused before anything is allocated when it exceeds
@@ -367,7 +367,7 @@ def check_memory(
       InputError: the estimate (by part) is larger than the device's memory;
         the message names both and what shrinks each part.
     """
-    est = memory_estimate(num_classes, num_neurons, batch_size, attribution)
+    est = memory_estimate(num_classes, num_neurons, batch_size, attribution=attribution)
     have, where = _device_bytes(device or jax.local_devices()[0])
     if have and est["total"] > have:
         gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
@@ -612,7 +612,9 @@ def compute_spectrum(
     _check_data(probe, x, y)
     batch_size = _positive_int("batch_size", batch_size)
     checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
-    check_memory(probe.num_classes, probe.index.num_neurons, min(batch_size, len(x)), attribution)
+    check_memory(
+        probe.num_classes, probe.index.num_neurons, min(batch_size, len(x)), attribution=attribution
+    )
     spectrum = init_spectrum(
         probe.index, num_classes=probe.num_classes, threshold=threshold, attribution=attribution
     )
@@ -813,7 +815,7 @@ def stream_spectrum(
         )
     batch_size = _positive_int("batch_size", batch_size)
     checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
-    check_memory(probe.num_classes, probe.index.num_neurons, batch_size, attribution)
+    check_memory(probe.num_classes, probe.index.num_neurons, batch_size, attribution=attribution)
     spectrum = init_spectrum(
         probe.index, num_classes=probe.num_classes, threshold=threshold, attribution=attribution
     )
