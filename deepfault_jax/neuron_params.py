@@ -15,12 +15,20 @@ states): a ``kernel`` and a ``bias`` per layer, the layers called in the order
 one's output (through activations, pooling and a flatten). Models laid out
 otherwise are refused with a message; the localizers that need no parameters
 (count and attribution measures, ablations) serve them.
+
+Models with BatchNorm (the zoo's ``resnet20`` and ``resnet18``, whose parameters
+are the variables ``{"params": ..., "batch_stats": ...}``) are refused too: a
+conv+BN neuron's parameters (a kernel slice and a BatchNorm scale and bias) and
+its readers (the next layer and, through the shortcuts, later blocks) are not
+mapped yet, so repair, fault planting and the gradient localizers do not serve
+them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -48,9 +56,33 @@ def layer_order(name: str):
     return kind, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def pure_params(params: Any) -> dict:
+def _has_batch_stats(params: Any) -> bool:
+    """Whether ``params`` are the linen variables of a model with BatchNorm."""
+    return isinstance(params, Mapping) and "params" in params and "batch_stats" in params
+
+
+def _refuse_batch_norm(params: Any, what: str) -> None:
+    """Raises InputError naming ``what`` for the variables of a model with BatchNorm."""
+    if _has_batch_stats(params):
+        raise InputError(
+            f"{what} needs parameters laid out by layer as the zoo's MLPs, LeNets and "
+            "cifar-convnet have; got the variables of a model with BatchNorm ('params' and "
+            "'batch_stats', as resnet20 and resnet18 have), whose neurons are not mapped to "
+            "their parameters: use a localizer that reads no parameters (the count measures "
+            "such as ochiai, attribution, ablation) or a model without BatchNorm"
+        )
+
+
+def pure_params(params: Any, *, what: str = "this") -> dict:
     """``params`` as a plain ``{layer: {"kernel": array, "bias": array}}`` dict (an NNX state
-    becomes its pure dict; a linen dict is returned as a dict)."""
+    becomes its pure dict; a linen dict is returned as a dict).
+
+    Raises:
+      InputError: ``params`` are not a dict or an NNX state, or they are the variables of a
+        model with BatchNorm (``{"params", "batch_stats"}``: ``resnet20``, ``resnet18``),
+        which no per-layer view serves; ``what`` names who needs them.
+    """
+    _refuse_batch_norm(params, what)
     if isinstance(params, nnx.State):
         return dict(nnx.to_pure_dict(params))
     if not isinstance(params, dict):
@@ -134,9 +166,11 @@ def neuron_layout(probe: Probe, params: Any, *, what: str = "this localizer") ->
 
     Raises:
       InputError: parameters not laid out by layer as the zoo's are (``what`` names
-        who needs them), a probed layer without a kernel and bias, or conv
-        channels probed without a channel reduction.
+        who needs them), the variables of a model with BatchNorm (resnet20, resnet18),
+        a probed layer without a kernel and bias, or conv channels probed without a
+        channel reduction.
     """
+    _refuse_batch_norm(params, what)
     tree = pure_params(params)
     how = (
         f"{what} needs parameters laid out by layer as the zoo models' are (a kernel and a "

@@ -9,11 +9,17 @@ layer name -> ``float32[batch, units]`` of neuron values.
   (linen: ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``; NNX: ``nnx.Linear``,
   ``nnx.LinearGeneral``, ``nnx.Conv``); or a list of names; or a predicate on
   the name. Linen modules may instead expose values they ``sow`` into the
-  ``intermediates`` collection (``sown=True``).
+  ``intermediates`` collection (``sown=True``). A linen module that marks its
+  neuron values with :class:`~deepfault_jax.linen_layers.NeuronValue` taps
+  (the zoo's ResNets) is probed through them instead: its layers are the
+  modules holding the taps (``conv_0``, ``conv_1``, ...), in call order.
 * **Pre- or post-activation.** Captured Dense/Conv outputs are
   pre-activation values. ``values="post"`` applies the model's elementwise
   activation (``activation_fn``; zoo models supply their own) before any
-  reduction.
+  reduction. With taps, ``values`` picks the taps of that name and nothing is
+  applied: for a ResNet's conv+BN layer, ``"pre"`` is the BatchNorm output and
+  ``"post"`` the layer's output after the activation (in a block's second
+  layer, after the residual add and the activation; see :mod:`deepfault_jax.zoo`).
 * **Conv channels.** An activation of shape ``[batch, ..., channels]`` is
   reduced over its spatial axes: ``conv_reduce="mean"`` (the paper's choice),
   ``"max"``, or ``"none"`` (every (h, w, c) position is a neuron, flattened in
@@ -26,8 +32,11 @@ layer name -> ``float32[batch, units]`` of neuron values.
   and a gate of 0 ablates the neuron (the attribution statistics and exact
   ablation use both). Gates act on the layer's output (the pre-activation
   value); for ``relu`` and ``leaky_relu`` zeroing it zeroes the post-activation
-  value too. Linen Dense/Conv captures, NNX layers and function probes given a
-  ``gated_fn`` support gates; sown values do not (``probe.gated`` is None).
+  value too. With taps, gates act on the probed value itself: the BatchNorm
+  output for ``"pre"`` (the shortcut is still added after it), the output
+  after the activation for ``"post"``. Linen Dense/Conv captures and taps, NNX
+  layers and function probes given a ``gated_fn`` support gates; sown values
+  do not (``probe.gated`` is None).
 
 :class:`NeuronIndex` maps flat neuron ids (over all probed layers, in layer
 order) to ``(layer, unit)`` and back.
@@ -50,7 +59,7 @@ from flax import nnx
 
 from deepfault_jax.cpu_layers import measured_faster
 from deepfault_jax.errors import InputError
-from deepfault_jax.linen_layers import linen_capture, linen_gated
+from deepfault_jax.linen_layers import calls_neuron_values, linen_capture, linen_gated
 
 __all__ = [
     "CONV_REDUCTIONS",
@@ -234,14 +243,16 @@ class Probe:
 # --------------------------------------------------------------------------- shared pieces
 
 
-def _check_options(conv_reduce: str, values: str, activation_fn) -> None:
+def _check_options(conv_reduce: str, values: str, activation_fn, *, taps: bool = False) -> None:
+    """Raises InputError for an unknown ``conv_reduce`` or ``values``, or ``values="post"``
+    without ``activation_fn`` (which ``taps``, post values marked by the model, need not)."""
     if conv_reduce not in CONV_REDUCTIONS:
         raise InputError(
             f"conv_reduce must be one of {', '.join(CONV_REDUCTIONS)}; got {conv_reduce!r}"
         )
     if values not in VALUES:
         raise InputError(f"values must be 'pre' or 'post'; got {values!r}")
-    if values == "post" and activation_fn is None:
+    if values == "post" and activation_fn is None and not taps:
         raise InputError(
             "values='post' needs activation_fn, the model's elementwise activation "
             "(zoo models supply it; or sow post-activation values and use sown=True)"
@@ -345,7 +356,18 @@ def _gated_fn(raw_gated: Callable, index: NeuronIndex, conv_reduce: str, neurons
 
 
 def _finish(
-    raw_fn, params, input_shape, layers, default, conv_reduce, values, activation_fn, raw_gated, key
+    raw_fn,
+    params,
+    input_shape,
+    layers,
+    default,
+    conv_reduce,
+    values,
+    activation_fn,
+    raw_gated,
+    key,
+    *,
+    call_order: bool = False,
 ) -> Probe:
     """Selects layers, applies activation and reduction, and resolves the layout.
 
@@ -354,11 +376,20 @@ def _finish(
     None) runs it calling ``edit(name, value)`` on each layer's output and using what it
     returns (the gates). ``key`` names what determines both; with the shape, the layers and
     the options it becomes the probe's key. ``params`` give shapes: no function kept uses them.
+    The layers are ordered by name (as ``jax.eval_shape`` returns a dict), or with
+    ``call_order`` in the order of ``raw_fn``'s mapping (``conv_2`` before ``conv_10``).
     """
     input_shape = tuple(int(d) for d in input_shape)
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-    logits_shape, raw_shapes = jax.eval_shape(raw_fn, params, x)
-    available = list(raw_shapes)
+    order: list[str] = []
+
+    def shapes(params, x):
+        logits, raw = raw_fn(params, x)
+        order[:] = list(raw)  # eval_shape hands the dict back sorted by key
+        return logits, raw
+
+    logits_shape, raw_shapes = jax.eval_shape(shapes, params, x)
+    available = order if call_order else list(raw_shapes)
     if not available:
         raise InputError("the model exposes no layer to probe; got none")
     chosen = tuple(_select(available, layers, default(available)))
@@ -398,21 +429,31 @@ def linen_probe(
     activation_fn: Callable[[jax.Array], jax.Array] | None = None,
     fast_conv: bool | None = None,
     fast_dense: bool | None = None,
+    variables: bool = False,
 ) -> Probe:
     """Probes a Flax linen module through ``capture_intermediates`` (or its sown values).
 
+    A module that passes values through :class:`~deepfault_jax.linen_layers.NeuronValue`
+    taps is probed through them (unless ``sown``): each module holding taps is a
+    layer, named by its path, in call order, whose value for ``values`` is what
+    passes through its tap of that name (``"pre"`` or ``"post"``); gates
+    multiply that value, and ``activation_fn`` is not applied.
+
     Args:
-      module: the linen module; called as ``module.apply({"params": params}, x)``.
-      params: its ``params`` collection (concrete or abstract; used for shapes).
+      module: the linen module; called as ``module.apply({"params": params}, x)``
+        (``module.apply(params, x)`` with ``variables``).
+      params: its ``params`` collection (concrete or abstract; used for shapes),
+        or with ``variables`` its whole variables dict.
       input_shape: shape of one input.
       layers: layer names, a predicate on names, or None for every Dense/Conv
-        but the last one called (the output layer). Names are module paths
-        joined with ``/`` (``"dense_0"``, ``"block/conv_1"``).
+        but the last one called (the output layer), or every tapped layer. Names
+        are module paths joined with ``/`` (``"dense_0"``, ``"block/conv_1"``).
       sown: probe the values the module ``sow``s into ``intermediates``
         instead of Dense/Conv outputs (then the default is every sown value).
       conv_reduce: ``"mean"``, ``"max"`` or ``"none"``.
-      values: ``"pre"`` (the layer's output) or ``"post"`` (after ``activation_fn``).
-      activation_fn: elementwise activation applied for ``"post"``.
+      values: ``"pre"`` (the layer's output) or ``"post"`` (after ``activation_fn``);
+        with taps, the taps of that name.
+      activation_fn: elementwise activation applied for ``"post"`` (not needed with taps).
       fast_conv: compute stride-1 ``SAME`` convolutions of a single input
         channel (a grey image's first layer) as k*k shifted multiply-adds, which
         XLA's CPU backend runs several times faster than its convolution; the
@@ -423,21 +464,32 @@ def linen_probe(
         XLA's CPU backend; the tests check the values are bit-identical).
         Both default to None: on where they were measured faster, XLA's CPU
         backend (:func:`deepfault_jax.cpu_layers.measured_faster`), off elsewhere.
+      variables: ``params`` is the module's whole variables dict (``{"params": ...,
+        "batch_stats": ...}``, the zoo ResNets' parameters), applied as it is: the
+        module must run in inference mode when called as ``module.apply(variables, x)``
+        (the zoo's ResNets do: BatchNorm uses its running averages).
 
     Returns:
       A :class:`Probe`. ``fn`` takes the same ``params``. Probes of equal
       modules (linen modules compare by their fields) with the same options are equal.
     """
-    _check_options(conv_reduce, values, activation_fn)
+    _check_options(conv_reduce, values, activation_fn, taps=True)
+    sown, variables = bool(sown), bool(variables)
+    example = jax.ShapeDtypeStruct((1, *(int(d) for d in input_shape)), jnp.float32)
+    taps = not sown and calls_neuron_values(module, params, example, variables=variables)
+    _check_options(conv_reduce, values, activation_fn, taps=taps)
     fast_conv = measured_faster() if fast_conv is None else bool(fast_conv)
     fast_dense = measured_faster() if fast_dense is None else bool(fast_dense)
-    sown = bool(sown)
-    raw_fn = linen_capture(module, sown, fast_conv, fast_dense)
-    raw_gated = None if sown else linen_gated(module, fast_conv, fast_dense)
-    default = (lambda a: a) if sown else (lambda a: a[:-1])
-    key = ("linen", module, sown, fast_conv, fast_dense)
+    tap = values if taps else None
+    raw_fn = linen_capture(module, sown, fast_conv, fast_dense, variables=variables, tap=tap)
+    raw_gated = (
+        None if sown else linen_gated(module, fast_conv, fast_dense, variables=variables, tap=tap)
+    )
+    default = (lambda a: a) if sown or taps else (lambda a: a[:-1])
+    key = ("linen", module, sown, fast_conv, fast_dense, variables, tap)
     return _finish(raw_fn, params, input_shape, layers, default, conv_reduce, values,
-                   activation_fn, raw_gated, key)  # fmt: skip
+                   None if taps else activation_fn, raw_gated, key,
+                   call_order=taps)  # fmt: skip
 
 
 def _nnx_capture(graphdef: Any, layer_paths: frozenset[str]) -> Callable:
@@ -592,6 +644,13 @@ def model_probe(
     The model's own activation function serves ``values="post"``; the
     default layers are every hidden Dense/Conv (``conv_i``, ``dense_i``);
     ``fast_conv`` and ``fast_dense`` are :func:`linen_probe`'s (linen models only).
+
+    A ResNet (``resnet20``, ``resnet18``) is probed through its taps: every conv+BN
+    layer ``conv_i`` in call order, its channels the neurons; ``values="pre"`` is the
+    BatchNorm output (inference mode: the running averages), ``"post"`` the output
+    after the activation (after the residual add and the activation in a block's
+    second layer); gates multiply that value. ``params`` are its variables
+    ``{"params": ..., "batch_stats": ...}``.
     """
     from deepfault_jax.zoo import ACTIVATIONS
 
@@ -601,4 +660,5 @@ def model_probe(
                          conv_reduce=conv_reduce, values=values, activation_fn=act)  # fmt: skip
     return linen_probe(model.module, params, input_shape=model.input_shape, layers=layers,
                        conv_reduce=conv_reduce, values=values, activation_fn=act,
-                       fast_conv=fast_conv, fast_dense=fast_dense)  # fmt: skip
+                       fast_conv=fast_conv, fast_dense=fast_dense,
+                       variables=model.has_batch_stats)  # fmt: skip

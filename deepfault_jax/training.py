@@ -1,5 +1,12 @@
 """Training a zoo model with optax Adam: one compilation per run, progress through a callback,
-divergence refused, Ctrl-C stopping after the step in flight."""
+divergence refused, Ctrl-C stopping after the step in flight.
+
+Models with BatchNorm (the ResNets, :attr:`~deepfault_jax.zoo.Model.has_batch_stats`)
+train in training mode: each step normalizes with the statistics of the batch's real
+images (the padding of the last batch is masked out) and records them in the running
+averages (``mutable=["batch_stats"]``); the optimizer and its state cover ``params``
+alone, so ``batch_stats`` change only through those forward passes.
+"""
 
 from __future__ import annotations
 
@@ -28,20 +35,46 @@ from deepfault_jax.zoo import Model, accuracy, default_epochs, init_params
 __all__ = ["TrainResult", "train"]
 
 
-def _masked_loss(model: Model, params: Any, x: jax.Array, y: jax.Array, mask: jax.Array):
-    logits = model.apply(params, x)
+def _trainable(model: Model, params: Any) -> Any:
+    """The part of ``params`` the optimizer updates: ``params["params"]`` for a model with
+    BatchNorm (its ``batch_stats`` are not trained by gradient), else all of it."""
+    return params["params"] if model.has_batch_stats else params
+
+
+def _train_forward(
+    model: Model, params: Any, trainable: Any, x: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, Any]:
+    """Logits in training mode, and ``params`` with ``trainable`` in place and, for a model
+    with BatchNorm, the running averages updated from the batch (its real images only)."""
+    if not model.has_batch_stats:
+        return model.apply(trainable, x), trainable
+    variables = {**params, "params": trainable}
+    logits, state = model.module.apply(variables, x, train=True, mask=mask, mutable=["batch_stats"])
+    return logits, {**variables, "batch_stats": state["batch_stats"]}
+
+
+def _masked_loss(
+    trainable: Any, model: Model, params: Any, x: jax.Array, y: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, Any]:
+    """``(mean cross-entropy over the real images, params after the forward pass)``."""
+    logits, new_params = _train_forward(model, params, trainable, x, mask)
     per_example = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     weight = mask.astype(per_example.dtype)
-    return jnp.sum(per_example * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+    return jnp.sum(per_example * weight) / jnp.maximum(jnp.sum(weight), 1.0), new_params
 
 
 @functools.partial(jax.jit, static_argnames=("model", "optimizer"), donate_argnums=(0, 1))
 def _train_step(
     params, opt_state, x, y, mask, *, model: Model, optimizer: optax.GradientTransformation
 ):
-    loss, grads = jax.value_and_grad(_masked_loss, argnums=1)(model, params, x, y, mask)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    trainable = _trainable(model, params)
+    (loss, params), grads = jax.value_and_grad(_masked_loss, has_aux=True)(
+        trainable, model, params, x, y, mask
+    )
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    trained = optax.apply_updates(trainable, updates)
+    params = {**params, "params": trained} if model.has_batch_stats else trained
+    return params, opt_state, loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +82,8 @@ class TrainResult:
     """What :func:`train` returns.
 
     Attributes:
-      params: the trained parameters.
+      params: the trained parameters (for a model with BatchNorm, the variables
+        ``{"params": ..., "batch_stats": ...}`` with the running averages of the training).
       history: per epoch ``{"epoch", "loss", "test_accuracy"}``.
       test_accuracy: accuracy on the test split after the last epoch.
       seconds: wall-clock training time (compilation included).
@@ -154,7 +188,8 @@ def train(
       learning_rate: Adam's step size (finite, > 0).
       progress: called as ``progress("epoch E/N", batches done, batches)`` during an epoch
         and ``progress("train", epochs done, epochs)`` after each.
-      params: start from these parameters instead of drawing new ones.
+      params: start from these parameters instead of drawing new ones (for a model
+        with BatchNorm, its variables ``{"params": ..., "batch_stats": ...}``).
 
     Returns:
       A :class:`TrainResult`.
@@ -177,7 +212,7 @@ def train(
         if params is None:
             params = init_params(init_key, model)
         optimizer = optax.adam(learning_rate)
-        opt_state = optimizer.init(params)
+        opt_state = optimizer.init(_trainable(model, params))
         batch_size = min(batch_size, len(dataset.y_train))
         history = []
         for epoch in range(1, epochs + 1):

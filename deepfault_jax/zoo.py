@@ -5,7 +5,7 @@ in :mod:`deepfault_jax.checkpoints`.
 
 Models (all take ``float32[batch, height, width, channels]`` images of any size
 used here: 8x8x1, 28x28x1, 32x32x3, and return ``float32[batch, classes]``
-logits):
+logits for any number of classes >= 2):
 
 ============== =================================================================
 name           layers (probed layers are named; ``logits`` is the output layer)
@@ -18,11 +18,48 @@ lenet1         Conv 4 5x5, pool, Conv 12 5x5, pool, Dense classes
 lenet4         Conv 6 5x5, pool, Conv 16 5x5, pool, Dense 84, Dense classes
 lenet5         Conv 6 5x5, pool, Conv 16 5x5, pool, Dense 120, Dense 84, Dense classes
 cifar-convnet  Conv 32, Conv 32, pool, Conv 64, Conv 64, pool (3x3), Dense 512, Dense classes
+resnet20       CIFAR ResNet-20 (He et al. 2016, section 4.2): conv_0 16 3x3, then 3 stages of
+               3 basic blocks (16, 32, 64 channels; stride 2 entering stages 2 and 3),
+               identity shortcuts (option A: strided and zero-padded where the shape
+               changes), global average pool, Dense classes
+resnet18       ResNet-18 for 32x32 images: conv_0 64 3x3 (no max pool), then 4 stages of 2
+               basic blocks (64, 128, 256, 512 channels; stride 2 entering stages 2-4),
+               1x1 conv + BatchNorm projection shortcuts (``shortcut_i``) where the shape
+               changes, global average pool, Dense classes
 nnx-mlp-3x50   mlp-3x50 written as a Flax NNX module
 ============== =================================================================
 
-Convolutions use ``SAME`` padding and pooling is 2x2 max pooling, so every
-model accepts images as small as 8x8. The activation is ``relu`` (default) or
+**ResNets.** Every convolution of a ResNet is a conv+BN layer ``conv_i``
+(:class:`ConvBN`: a 3x3 Conv without bias, BatchNorm, the activation); a basic
+block is two of them, ``conv_i`` and ``conv_{i+1}``, and the block's shortcut
+is added to ``conv_{i+1}`` before its activation. Layers are numbered in call
+order: resnet20 has ``conv_0`` .. ``conv_18``, resnet18 ``conv_0`` ..
+``conv_16``. A conv+BN layer's neurons are its channels, and its probed values
+(:func:`deepfault_jax.probe.model_probe`) are:
+
+* ``values="pre"``: the BatchNorm output, before the residual add and the
+  activation;
+* ``values="post"``: the layer's output after the activation; for a block's
+  second layer, after the residual add and the activation,
+  ``act(bn + shortcut)``, the value the next block reads.
+
+The probe reads both through :class:`~deepfault_jax.linen_layers.NeuronValue`
+taps (``conv_i/pre``, ``conv_i/post``), and the probe's gates multiply the
+probed value itself (a gate of 0 zeroes the channel's pre value, or its post
+value). The projection shortcuts and the ``logits`` layer are not probed.
+
+BatchNorm runs in inference mode: a ResNet's parameter pytree is its whole
+variables dict, ``{"params": ..., "batch_stats": ...}`` (:attr:`Model.has_batch_stats`);
+:meth:`Model.apply` normalizes with the running averages in ``batch_stats`` and
+never changes them. Only :func:`deepfault_jax.training.train` updates them (a
+forward pass in training mode, batch statistics over the unpadded images,
+momentum 0.9, epsilon 1e-5 as PyTorch's defaults), while its optimizer updates
+``params`` alone. Checkpoints save and restore both collections. Repair,
+fault planting and the localizers that read a neuron's own parameters refuse
+ResNets (:func:`deepfault_jax.neuron_params.pure_params`).
+
+Convolutions use ``SAME`` padding and pooling is 2x2 max pooling (ResNets:
+stride-2 convolutions), so every model accepts images as small as 8x8. The activation is ``relu`` (default) or
 ``leaky_relu`` (slope 0.01, as the original's MNIST models).
 
 A :class:`Model` is the static description (architecture, input shape,
@@ -48,6 +85,7 @@ from deepfault_jax.errors import (
     InputError,
     check_key,
 )
+from deepfault_jax.linen_layers import NeuronValue
 
 __all__ = [
     "ACTIVATIONS",
@@ -128,6 +166,158 @@ class ConvNet(nn.Module):
         return nn.Dense(self.num_classes, name="logits")(x)
 
 
+# BatchNorm as PyTorch's defaults (its momentum 0.1 is flax's 0.9): running averages that
+# follow a short training closely
+_BN_MOMENTUM = 0.9
+_BN_EPSILON = 1e-5
+
+
+class ConvBN(nn.Module):
+    """A conv+BN layer of a ResNet: Conv (no bias), BatchNorm, optional residual, activation.
+
+    Its channels are neurons: the BatchNorm output passes through the tap
+    ``NeuronValue(name="pre")`` and ``act(bn + residual)`` through
+    ``NeuronValue(name="post")`` (see the module docstring).
+
+    Attributes:
+      features: output channels.
+      strides: the convolution's stride (1 or 2).
+      activation: ``"relu"`` or ``"leaky_relu"``.
+    """
+
+    features: int
+    strides: int = 1
+    activation: str = "relu"
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        residual: jax.Array | None = None,
+        *,
+        train: bool = False,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """``x[batch, h, w, c]`` -> ``[batch, h / strides, w / strides, features]``.
+
+        Args:
+          x: the input feature map.
+          residual: added to the BatchNorm output before the activation (a block's shortcut).
+          train: BatchNorm normalizes with the batch's statistics and updates its running
+            averages (``mutable=["batch_stats"]``); False: with the running averages.
+          mask: ``bool[batch, 1, 1, 1]``: the images the batch statistics are taken over.
+        """
+        y = nn.Conv(
+            self.features,
+            (3, 3),
+            strides=(self.strides, self.strides),
+            padding="SAME",
+            use_bias=False,
+            name="conv",
+        )(x)
+        y = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=_BN_MOMENTUM,
+            epsilon=_BN_EPSILON,
+            name="bn",
+        )(y, mask=mask)
+        y = NeuronValue(name="pre")(y)
+        if residual is not None:
+            y = y + residual
+        return NeuronValue(name="post")(ACTIVATIONS[self.activation](y))
+
+
+class Projection(nn.Module):
+    """A ResNet's projection shortcut: 1x1 Conv (no bias, ``strides``) and BatchNorm.
+
+    Not probed: its output is summed into the block's second conv+BN layer.
+    """
+
+    features: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """``x[batch, h, w, c]`` -> ``[batch, h / strides, w / strides, features]``
+        (``train`` and ``mask`` as in :class:`ConvBN`)."""
+        strides = (self.strides, self.strides)
+        y = nn.Conv(self.features, (1, 1), strides=strides, use_bias=False, name="conv")(x)
+        return nn.BatchNorm(
+            use_running_average=not train,
+            momentum=_BN_MOMENTUM,
+            epsilon=_BN_EPSILON,
+            name="bn",
+        )(y, mask=mask)
+
+
+def _padded_identity(x: jax.Array, features: int, strides: int) -> jax.Array:
+    """Option A shortcut (He et al. 2016): ``x`` subsampled by ``strides`` and zero-padded
+    on both sides of the channel axis to ``features`` channels (no parameters)."""
+    x = x[:, ::strides, ::strides, :]
+    extra = features - x.shape[-1]
+    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+
+
+class ResNet(nn.Module):
+    """A ResNet of basic blocks for small images (3x3 stem, no max pool).
+
+    Layers ``conv_0`` (the stem), then per block ``conv_i`` and ``conv_{i+1}``
+    (:class:`ConvBN`), ``shortcut_{i+1}`` (:class:`Projection`, where the shape
+    changes and ``shortcut="projection"``), and ``logits`` after a global average pool.
+
+    Attributes:
+      stem: channels of the stem convolution.
+      stages: channels of each stage; every stage but the first starts with stride 2.
+      blocks: basic blocks per stage.
+      num_classes: size of the output layer.
+      activation: ``"relu"`` or ``"leaky_relu"``.
+      shortcut: where a block changes the shape: ``"pad"`` (option A, parameter-free) or
+        ``"projection"`` (option B, 1x1 conv + BatchNorm).
+    """
+
+    stem: int
+    stages: Sequence[int]
+    blocks: int
+    num_classes: int
+    activation: str = "relu"
+    shortcut: str = "pad"
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Logits ``float32[batch, classes]`` of images ``x[batch, h, w, c]``.
+
+        Args:
+          x: the images.
+          train: training mode: BatchNorm uses (and, with ``mutable=["batch_stats"]``,
+            records) the batch's statistics; False (the default, :meth:`Model.apply`):
+            inference mode, the running averages.
+          mask: ``bool[batch]``, the real images of a padded batch: the batch statistics
+            are taken over them alone (training mode only).
+        """
+        bn_mask = None if mask is None else jnp.reshape(mask, (-1, 1, 1, 1))
+        mode = {"train": train, "mask": bn_mask}
+        x = ConvBN(self.stem, activation=self.activation, name="conv_0")(x, **mode)
+        i = 1
+        for stage, features in enumerate(self.stages):
+            for block in range(self.blocks):
+                strides = 2 if stage > 0 and block == 0 else 1
+                h = ConvBN(features, strides, self.activation, name=f"conv_{i}")(x, **mode)
+                if strides == 1 and x.shape[-1] == features:
+                    shortcut = x
+                elif self.shortcut == "pad":
+                    shortcut = _padded_identity(x, features, strides)
+                else:
+                    shortcut = Projection(features, strides, name=f"shortcut_{i + 1}")(x, **mode)
+                x = ConvBN(features, 1, self.activation, name=f"conv_{i + 1}")(h, shortcut, **mode)
+                i += 2
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, name="logits")(x)
+
+
 # --------------------------------------------------------------------------- NNX module
 
 
@@ -170,7 +360,11 @@ _LINEN_BUILDERS: dict[str, Callable[[int, str], nn.Module]] = {
     "lenet4": lambda c, a: ConvNet(((6,), (16,)), 5, (84,), c, a),
     "lenet5": lambda c, a: ConvNet(((6,), (16,)), 5, (120, 84), c, a),
     "cifar-convnet": lambda c, a: ConvNet(((32, 32), (64, 64)), 3, (512,), c, a),
+    "resnet20": lambda c, a: ResNet(16, (16, 32, 64), 3, c, a, shortcut="pad"),
+    "resnet18": lambda c, a: ResNet(64, (64, 128, 256, 512), 2, c, a, shortcut="projection"),
 }
+#: Models with BatchNorm: their parameters are the variables ``{"params", "batch_stats"}``.
+_BATCH_NORM = frozenset({"resnet20", "resnet18"})
 _NNX_HIDDEN = {"nnx-mlp-3x50": (50,) * 3}
 
 #: Every model name :func:`create_model` accepts.
@@ -203,10 +397,22 @@ class Model:
         """True for a Flax NNX model (``module`` is an ``nnx.GraphDef``)."""
         return self.name in _NNX_HIDDEN
 
+    @property
+    def has_batch_stats(self) -> bool:
+        """True for a model with BatchNorm (the ResNets): its parameter pytree is the whole
+        linen variables dict ``{"params": ..., "batch_stats": ...}``."""
+        return self.name in _BATCH_NORM
+
     def apply(self, params: Any, x: jax.Array) -> jax.Array:
-        """Logits ``float32[batch, classes]`` of images ``x[batch, *input_shape]``."""
+        """Logits ``float32[batch, classes]`` of images ``x[batch, *input_shape]``.
+
+        BatchNorm (ResNets) runs in inference mode: the running averages in
+        ``params["batch_stats"]`` normalize, and nothing is updated.
+        """
         if self.is_nnx:
             return nnx.merge(self.module, params)(x)
+        if self.has_batch_stats:
+            return self.module.apply(params, x)
         return self.module.apply({"params": params}, x)
 
 
@@ -265,7 +471,9 @@ def init_params(key: jax.Array, model: Model) -> Any:
     """Draws fresh parameters for ``model`` with ``key``.
 
     Returns:
-      For linen models the ``params`` collection (a dict); for NNX models the
+      For linen models the ``params`` collection (a dict), except for models with
+      BatchNorm (:attr:`Model.has_batch_stats`): their variables ``{"params": ...,
+      "batch_stats": ...}`` (running means 0, variances 1); for NNX models the
       ``nnx.State`` of its ``nnx.Param`` variables.
 
     Raises:
@@ -282,7 +490,10 @@ def init_params(key: jax.Array, model: Model) -> Any:
         )
         return nnx.state(module, nnx.Param)
     x = jnp.zeros((1, *model.input_shape), jnp.float32)
-    return model.module.init(key, x)["params"]
+    variables = model.module.init(key, x)
+    if model.has_batch_stats:
+        return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    return variables["params"]
 
 
 # --------------------------------------------------------------------------- prediction

@@ -233,3 +233,167 @@ def test_synthesis_steps_unroll_only_where_measured_faster(monkeypatch):
     monkeypatch.setattr(synthesis, "measured_faster", lambda: False)
     looped = synthesis.synthesize(synth, params, x, y, table)
     np.testing.assert_allclose(unrolled, looped, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- ResNets
+
+
+def _resnet_variables(name="resnet20", seed=0):
+    """A ResNet's variables with random BatchNorm statistics, scales and biases (fresh ones
+    are 0, 1, 1, 0: a BatchNorm that does nothing)."""
+    model = zoo.create_model(name, input_shape=(8, 8, 1), num_classes=10)
+    variables = zoo.init_params(jax.random.key(seed), model)
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        key = str(path[-1].key)
+        if "bn" not in str(path):
+            return leaf
+        if key == "var":
+            return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), leaf.dtype)
+        if key == "scale":
+            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
+        return jnp.asarray(rng.normal(0.0, 0.3, leaf.shape), leaf.dtype)  # mean, bias
+
+    return model, jax.tree_util.tree_map_with_path(draw, variables)
+
+
+def _resnet20_by_hand(variables, x, *, side="pre", gates=None):
+    """ResNet-20 written out (lax convolutions, BatchNorm with the running averages, option A
+    shortcuts): ``(logits, {layer: pre}, {layer: post})``; ``gates[layer]`` (``[channels]``)
+    multiplies the layer's ``side`` value after it is recorded."""
+    p, stats = variables["params"], variables["batch_stats"]
+    gates = gates or {}
+    pre, post = {}, {}
+
+    def layer(name, h, stride, residual=None):
+        kernel = p[name]["conv"]["kernel"]
+        y = jax.lax.conv_general_dilated(
+            h, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        bn, running = p[name]["bn"], stats[name]["bn"]
+        y = (y - running["mean"]) / jnp.sqrt(running["var"] + 1e-5) * bn["scale"] + bn["bias"]
+        pre[name] = y
+        if side == "pre" and name in gates:
+            y = y * gates[name]
+        out = jnp.maximum(y if residual is None else y + residual, 0.0)
+        post[name] = out
+        return out * gates[name] if side == "post" and name in gates else out
+
+    h = layer("conv_0", x, 1)
+    i = 1
+    for stage, channels in enumerate((16, 32, 64)):
+        for block in range(3):
+            stride = 2 if stage > 0 and block == 0 else 1
+            a = layer(f"conv_{i}", h, stride)
+            if stride == 1:
+                shortcut = h
+            else:
+                extra = (channels - h.shape[-1]) // 2
+                shortcut = jnp.pad(h[:, ::2, ::2], ((0, 0), (0, 0), (0, 0), (extra, extra)))
+            h = layer(f"conv_{i + 1}", a, 1, shortcut)
+            i += 2
+    logits = jnp.mean(h, axis=(1, 2)) @ p["logits"]["kernel"] + p["logits"]["bias"]
+    return logits, pre, post
+
+
+_resnet20_by_hand_jit = jax.jit(_resnet20_by_hand, static_argnames=("side",))
+
+
+@pytest.mark.parametrize("side", ["pre", "post"])
+def test_resnet_probe_matches_hand_written_forward(side):
+    model, variables = _resnet_variables()
+    x = _random_x((8, 8, 1))
+    want_logits, pre, post = _resnet20_by_hand_jit(variables, x)
+    want = pre if side == "pre" else post
+    none = probe.model_probe(model, variables, values=side, conv_reduce="none")
+    names = tuple(f"conv_{i}" for i in range(19))
+    assert none.index.layer_names == names  # call order, conv_2 before conv_10
+    logits, acts = jax.jit(none)(variables, x)
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-4, atol=1e-4)
+    for name in names:
+        np.testing.assert_allclose(
+            acts[name], np.asarray(want[name]).reshape(len(x), -1), rtol=1e-4, atol=1e-4
+        )
+    mean = probe.model_probe(model, variables, values=side)
+    assert mean.index.layer_sizes == (16,) * 7 + (32,) * 6 + (64,) * 6
+    _, flat = mean.flat(variables, x)
+    np.testing.assert_allclose(
+        flat,
+        np.concatenate([np.asarray(want[n]).mean(axis=(1, 2)) for n in names], axis=-1),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    # post values are after the residual add: not the activation of the pre values
+    assert not np.allclose(post["conv_2"], np.maximum(pre["conv_2"], 0), atol=1e-3)
+    # the BatchNorm output (pre) as flax computes it, captured independently
+    _, state = model.module.apply(
+        variables,
+        x,
+        capture_intermediates=lambda mdl, _: isinstance(mdl, nn.BatchNorm),
+        mutable=["intermediates"],
+    )
+    bn_out = state["intermediates"]["conv_7"]["bn"]["__call__"][0]
+    np.testing.assert_allclose(pre["conv_7"], bn_out, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("side", ["pre", "post"])
+def test_resnet_gates_act_on_the_probed_value(side):
+    model, variables = _resnet_variables(seed=1)
+    prb = probe.model_probe(model, variables, values=side, conv_reduce="none")
+    x = _random_x((8, 8, 1), seed=1)
+    logits, acts = prb(variables, x)
+    ones_logits, ones_acts = jax.jit(prb.gated)(variables, x, prb.ones(len(x)))
+    np.testing.assert_allclose(ones_logits, logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ones_acts["conv_9"], acts["conv_9"], rtol=1e-5, atol=1e-5)
+    # a gate of 0 on channel 3 of conv_1 (a block's first layer) and channel 5 of conv_18
+    # (the last block's second layer, after its residual add for "post")
+    by_hand = {}
+    for name, units, channel in (("conv_1", 16, 3), ("conv_18", 64, 5)):
+        g = np.ones(units, np.float32)
+        g[channel] = 0.0
+        by_hand[name] = g
+    mean = probe.model_probe(model, variables, values=side)
+    gated_logits, gated_acts = mean.gated(
+        variables, x, {name: jnp.asarray(g)[None] for name, g in by_hand.items()}
+    )
+    want_logits, pre, post = _resnet20_by_hand_jit(variables, x, side=side, gates=by_hand)
+    want = pre if side == "pre" else post
+    np.testing.assert_allclose(gated_logits, want_logits, rtol=1e-4, atol=1e-4)
+    for name in ("conv_1", "conv_2", "conv_18"):  # values before their own gate
+        np.testing.assert_allclose(
+            gated_acts[name], np.asarray(want[name]).mean(axis=(1, 2)), rtol=1e-4, atol=1e-4
+        )
+    assert float(np.abs(np.asarray(gated_logits) - np.asarray(logits)).max()) > 1e-4
+    if side == "post":  # the channel the next layers read is zero
+        h = post["conv_18"] * by_hand["conv_18"]
+        assert float(np.abs(h[..., 5]).max()) == 0.0
+        np.testing.assert_allclose(
+            gated_logits,
+            h.mean(axis=(1, 2)) @ variables["params"]["logits"]["kernel"]
+            + variables["params"]["logits"]["bias"],
+            rtol=1e-4,
+            atol=1e-4,
+        )
+
+
+def test_resnet_spectrum_and_synthesis():
+    from deepfault_jax import streaming, synthesis
+
+    model, variables = _resnet_variables()
+    prb = probe.model_probe(model, variables)
+    x = _random_x((8, 8, 1), n=40, seed=3)
+    y = np.arange(40, dtype=np.int32) % 10
+    spectrum = streaming.compute_spectrum(prb, variables, x, y, batch_size=16)
+    logits, flat = prb.flat(variables, x)
+    correct = np.asarray(jnp.argmax(logits, -1)) == y
+    active = np.asarray(flat) > 0
+    onehot = np.eye(10, dtype=np.int64)[y]
+    np.testing.assert_array_equal(spectrum.a_pass, (onehot * correct[:, None]).T @ active)
+    np.testing.assert_array_equal(spectrum.a_fail, (onehot * ~correct[:, None]).T @ active)
+    synth = synthesis.make_synthesizer(prb, mode="pgd", d=0.1, steps=3, step_size=0.05)
+    table = np.tile(np.arange(5, dtype=np.int32) + 300, (10, 1))  # neurons of conv_18
+    out = np.asarray(synthesis.synthesize(synth, variables, x[:8], y[:8], table))
+    assert np.abs(out - x[:8]).max() <= 0.1 + 1e-6 and np.abs(out - x[:8]).max() > 0
+    before = prb.flat(variables, x[:8])[1][:, 300:305].mean()
+    assert float(prb.flat(variables, out)[1][:, 300:305].mean()) > float(before)

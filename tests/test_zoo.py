@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pty
@@ -33,11 +34,12 @@ def test_forward_every_model_every_shape(name, shape):
     model = zoo.create_model(name, input_shape=shape, num_classes=7)
     params = zoo.init_params(jax.random.key(0), model)
     x = jax.random.uniform(jax.random.key(1), (3, *shape))
-    logits = jax.jit(model.apply)(params, x)
+    apply = jax.jit(model.apply)
+    logits = apply(params, x)
     assert logits.shape == (3, 7) and logits.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(logits)))
     # each example is computed on its own: batch composition does not matter
-    np.testing.assert_allclose(model.apply(params, x[:1]), logits[:1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(apply(params, x[:1]), logits[:1], rtol=1e-5, atol=1e-6)
     # different inputs give different outputs (the model is not constant)
     assert float(jnp.abs(logits[0] - logits[1]).max()) > 0
 
@@ -222,6 +224,183 @@ def test_checkpoint_unreadable(tmp_path):
         checkpoints.save_checkpoint(
             tmp_path / "f", model, zoo.init_params(jax.random.key(0), model)
         )
+
+
+# --------------------------------------------------------------------------- ResNets
+
+RESNETS = ("resnet20", "resnet18")
+
+
+def _random_batch_stats(params, seed=0):
+    """``params`` with random running means, variances, scales and biases (the fresh ones
+    are 0, 1, 1, 0: a BatchNorm that does nothing)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = str(path[-1].key)
+        if name == "var":
+            return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), leaf.dtype)
+        if name in ("mean", "bias") and "bn" in str(path):
+            return jnp.asarray(rng.normal(0.0, 0.3, leaf.shape), leaf.dtype)
+        if name == "scale":
+            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(draw, params)
+
+
+def test_resnets_are_in_the_zoo_and_the_cli():
+    assert set(RESNETS) <= set(zoo.MODEL_NAMES)
+    for name in RESNETS:
+        assert cli._zoo_model("--model", name) == name
+        model = zoo.create_model(name, input_shape=(8, 8, 1), num_classes=10)
+        assert model.has_batch_stats and not model.is_nnx
+    assert not zoo.create_model("lenet1", input_shape=(8, 8, 1), num_classes=10).has_batch_stats
+
+
+@pytest.mark.parametrize("classes", [10, 100, 1000])
+@pytest.mark.parametrize("name", RESNETS)
+def test_resnet_logits_for_any_number_of_classes(name, classes):
+    model = zoo.create_model(name, input_shape=(8, 8, 1), num_classes=classes)
+    params = zoo.init_params(jax.random.key(0), model)
+    assert set(params) == {"params", "batch_stats"}
+    assert params["params"]["logits"]["kernel"].shape == ({"resnet20": 64, "resnet18": 512}[name],
+                                                          classes)  # fmt: skip
+    x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 1))
+    logits = jax.jit(model.apply)(params, x)
+    assert logits.shape == (2, classes) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_resnet_architectures():
+    r20 = zoo.init_params(
+        jax.random.key(0), zoo.create_model("resnet20", input_shape=(32, 32, 3), num_classes=10)
+    )["params"]
+    convs = [f"conv_{i}" for i in range(19)]
+    assert list(r20) == [*convs, "logits"]  # option A shortcuts: no parameters
+    assert [r20[n]["conv"]["kernel"].shape[-1] for n in convs] == [16] * 7 + [32] * 6 + [64] * 6
+    assert r20["conv_0"]["conv"]["kernel"].shape == (3, 3, 3, 16)
+    assert set(r20["conv_5"]) == {"conv", "bn"} and set(r20["conv_5"]["conv"]) == {"kernel"}
+    assert sum(a.size for a in jax.tree.leaves(r20)) == 269_722  # He et al.: 0.27M
+    r18 = jax.eval_shape(
+        lambda: zoo.init_params(
+            jax.random.key(0),
+            zoo.create_model("resnet18", input_shape=(32, 32, 3), num_classes=10),
+        )
+    )
+    assert [r18["params"][f"conv_{i}"]["conv"]["kernel"].shape[-1] for i in range(17)] == (
+        [64] * 5 + [128] * 4 + [256] * 4 + [512] * 4
+    )
+    assert {n for n in r18["params"] if n.startswith("shortcut")} == {
+        "shortcut_6", "shortcut_10", "shortcut_14"}  # fmt: skip
+    assert r18["params"]["shortcut_6"]["conv"]["kernel"].shape == (1, 1, 64, 128)
+    assert sum(a.size for a in jax.tree.leaves(r18["params"])) == 11_173_962  # CIFAR ResNet-18
+    assert set(r18["batch_stats"]["conv_3"]["bn"]) == {"mean", "var"}
+
+
+@pytest.mark.parametrize("name", RESNETS)
+def test_resnet_batch_norm_runs_in_inference_mode(name):
+    model = zoo.create_model(name, input_shape=(8, 8, 1), num_classes=10)
+    params = _random_batch_stats(zoo.init_params(jax.random.key(0), model))
+    x = jax.random.uniform(jax.random.key(1), (4, 8, 8, 1))
+    apply = jax.jit(model.apply)
+    first = apply(params, x)
+    np.testing.assert_array_equal(first, apply(params, x))
+    # applied with batch_stats mutable, nothing changes: the running averages normalize
+    logits, state = jax.jit(functools.partial(model.module.apply, mutable=["batch_stats"]))(
+        params, x
+    )
+    np.testing.assert_allclose(logits, first, rtol=1e-6, atol=1e-6)
+    _assert_same_tree(state["batch_stats"], params["batch_stats"])
+    # an image gets the same logits alone as in a batch (no batch statistics)
+    np.testing.assert_allclose(apply(params, x[1:2]), first[1:2], rtol=1e-5, atol=1e-5)
+    # the running averages are what normalizes
+    fresh = {**params, "batch_stats": zoo.init_params(jax.random.key(0), model)["batch_stats"]}
+    assert float(jnp.abs(apply(fresh, x) - first).max()) > 1e-3
+
+
+def test_resnet_train_step_updates_batch_stats_from_real_images_and_params_by_adam(digits):
+    """One step: the optimizer covers ``params`` alone; ``batch_stats`` move by momentum 0.9
+    toward the statistics of the unmasked images (checked by hand on the first layer)."""
+    import optax
+
+    model = zoo.create_model("resnet20", input_shape=(8, 8, 1), num_classes=10)
+    params = zoo.init_params(jax.random.key(0), model)
+    before = jax.tree.map(np.asarray, params)
+    optimizer = optax.adam(1e-3)
+    opt_state = optimizer.init(params["params"])
+    x, y = digits.x_train[:16], digits.y_train[:16]
+    mask = np.arange(16) < 11  # the last 5 are padding
+    x = np.where(mask[:, None, None, None], x, 100.0).astype(np.float32)  # outliers, masked
+    new, opt_state, loss = training._train_step(
+        params, opt_state, x, y, mask, model=model, optimizer=optimizer
+    )
+    assert jax.tree.structure(opt_state[0].mu) == jax.tree.structure(new["params"])
+    conv = jax.lax.conv_general_dilated(
+        x[mask], before["params"]["conv_0"]["conv"]["kernel"], (1, 1), "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )  # fmt: skip
+    stats = new["batch_stats"]["conv_0"]["bn"]
+    np.testing.assert_allclose(stats["mean"], 0.1 * conv.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        stats["var"], 0.9 + 0.1 * conv.var(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6
+    )
+    # every kernel moved by Adam's first step (about the learning rate)
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), new["params"],
+                         before["params"])  # fmt: skip
+    assert 5e-4 < min(jax.tree.leaves(moved)) and max(jax.tree.leaves(moved)) < 2e-3
+    assert bool(jnp.isfinite(loss))
+
+
+@pytest.fixture(scope="module")
+def trained_resnet20(digits):
+    model = zoo.create_model("resnet20", input_shape=digits.input_shape, num_classes=10)
+    return model, training.train(jax.random.key(0), model, digits, epochs=2)
+
+
+def test_resnet_trains_on_digits(digits, trained_resnet20):
+    model, result = trained_resnet20
+    assert result.seconds < 30
+    assert result.test_accuracy >= 0.6  # chance is 0.1 (0.97 measured)
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    assert result.test_accuracy == zoo.accuracy(model, result.params, digits.x_test, digits.y_test)
+    fresh = zoo.init_params(jax.random.key(0), model)
+    assert jax.tree.structure(result.params) == jax.tree.structure(fresh)
+    for a, b in zip(jax.tree.leaves(result.params["batch_stats"]),
+                    jax.tree.leaves(fresh["batch_stats"]), strict=True):  # fmt: skip
+        assert bool(jnp.all(jnp.isfinite(a))) and not np.allclose(a, b)
+
+
+def test_resnet_checkpoint_round_trip_keeps_batch_stats(tmp_path, digits, trained_resnet20):
+    model, result = trained_resnet20
+    path = checkpoints.save_checkpoint(tmp_path / "ck", model, result.params)
+    loaded, restored, meta = checkpoints.load_checkpoint(path, model="resnet20")
+    assert loaded == model and loaded.has_batch_stats and meta["model"] == "resnet20"
+    _assert_same_tree(result.params, restored)
+    x = digits.x_test[:32]
+    np.testing.assert_array_equal(model.apply(result.params, x), loaded.apply(restored, x))
+
+
+def test_resnet18_checkpoint_round_trip(tmp_path):
+    model = zoo.create_model("resnet18", input_shape=(8, 8, 1), num_classes=100)
+    params = _random_batch_stats(zoo.init_params(jax.random.key(2), model), seed=2)
+    path = checkpoints.save_checkpoint(tmp_path / "ck", model, params)
+    loaded, restored, _ = checkpoints.load_checkpoint(path)
+    _assert_same_tree(params, restored)
+    x = np.random.default_rng(0).random((3, 8, 8, 1), dtype=np.float32)
+    np.testing.assert_array_equal(model.apply(params, x), loaded.apply(restored, x))
+
+
+def test_resnet_is_refused_where_neurons_need_their_parameters(digits, trained_resnet20):
+    from deepfault_jax import neuron_params, probe, repair
+
+    model, result = trained_resnet20
+    prb = probe.model_probe(model, result.params)
+    with pytest.raises(InputError, match="repair needs parameters laid out by layer.*resnet20"):
+        repair.neuron_view(prb, result.params, [0])
+    with pytest.raises(InputError, match="BatchNorm"):
+        repair.layer_view(result.params)
+    with pytest.raises(InputError, match="grad_norm needs .*'batch_stats'"):
+        neuron_params.neuron_layout(prb, result.params, what="grad_norm")
 
 
 # --------------------------------------------------------------------------- training that fails
