@@ -1,5 +1,5 @@
 """A RESULTS.md section (Markdown, absolute figures) from the JSON files that
-``benchmarks/gpu.sh`` writes: spectrum, synthesis and attribution throughput.
+``benchmarks/gpu.sh`` writes: spectrum, synthesis, attribution and scale throughput.
 
     python benchmarks/gpu_section.py benchmarks/gpu-results > section.md
 """
@@ -61,6 +61,26 @@ def section(folder: Path) -> str:
         lines.append(f"| `{r['model']}` | {r['mode']} | {r['steps']} | "
                      f"{r['ours_inputs_per_second']:,.0f} | "
                      f"{f'{jit:,.0f}' if jit else '-'} |")  # fmt: skip
+    scale_file = folder / "scale.json"
+    if scale_file.exists():
+        scale = json.loads(scale_file.read_text())
+        lines += [
+            "",
+            "Scale (`benchmarks/scale.py`), inputs per second:",
+            "",
+            "| model | classes | neurons | limit | spectrum | attribution | spectrum / limit | attribution / limit |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in scale.get("classes", []):
+            lines.append(f"| `{r['model']}` | {r['classes']} | {r['neurons']} | "
+                         f"{r['limit']['inputs_per_s']:,.0f} | {r['spectrum']['inputs_per_s']:,.0f} | "
+                         f"{r['attribution']['inputs_per_s']:,.0f} | {r['spectrum_vs_limit']:.2f} | "
+                         f"{r['attribution_vs_limit']:.2f} |")  # fmt: skip
+        stream = scale.get("stream")
+        if stream:
+            lines += ["", "Streamed array_record (mlp-3x50, 8x8x1): " + "; ".join(
+                f"{r['rows']:,} rows {r['us_per_input']:.2f} us/input, peak RSS "
+                f"{r['peak_rss_bytes'] / 2**20:.0f} MiB" for r in stream["rows"]) + "."]  # fmt: skip
     skipped = {**spectrum.get("skipped_peers", {}), **synthesis.get("skipped_peers", {})}
     if skipped:
         lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()) + "."]

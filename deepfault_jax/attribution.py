@@ -132,7 +132,7 @@ def zero_attribution(c: int, n: int, linearised: str) -> Attribution:
 ATTRIBUTION_FIELDS = ("act_pass", "act_fail", "gxa_pass", "gxa_fail", "fixes", "breaks")
 
 
-def attribution_batch(probe: Probe, params: Any, x, labels, mask, linearised: str):
+def attribution_batch(probe: Probe, params: Any, x, labels, mask, linearised: str, rows=None):
     """Logits, activations (``[batch, neurons]``, every layer side by side) and the
     :class:`Attribution` sums of one batch: one forward
     pass, then one vmapped backward pass through the gates with two cotangents per
@@ -144,7 +144,8 @@ def attribution_batch(probe: Probe, params: Any, x, labels, mask, linearised: st
     gates = {name: g + row for name, g in probe.ones(1).items()}
     logits, jvp_back, acts = jax.vjp(lambda g: probe.gated(params, x, g), gates, has_aux=True)
     num_classes = logits.shape[-1]
-    weights, correct = slot_weights(logits, labels, mask)
+    weights, correct = slot_weights(logits, labels, mask, rows)
+    num_rows = weights.shape[1] // 2
     onehot = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
     # d loss / d logits of the cross-entropy with the true label
     residual = jax.nn.softmax(logits, axis=-1) - onehot
@@ -183,11 +184,11 @@ def attribution_batch(probe: Probe, params: Any, x, labels, mask, linearised: st
     brk = (~right & correct[:, None]).astype(jnp.float32)
     act_sums, gxa_sums = exact_dot(weights.T, act), exact_dot(weights.T, gxa)
     cat = {
-        "act_pass": act_sums[:num_classes],
-        "act_fail": act_sums[num_classes:],
-        "gxa_pass": gxa_sums[:num_classes],
-        "gxa_fail": gxa_sums[num_classes:],
-        "fixes": exact_dot(weights.T[num_classes:], fix).astype(jnp.int32),
-        "breaks": exact_dot(weights.T[:num_classes], brk).astype(jnp.int32),
+        "act_pass": act_sums[:num_rows],
+        "act_fail": act_sums[num_rows:],
+        "gxa_pass": gxa_sums[:num_rows],
+        "gxa_fail": gxa_sums[num_rows:],
+        "fixes": exact_dot(weights.T[num_rows:], fix).astype(jnp.int32),
+        "breaks": exact_dot(weights.T[:num_rows], brk).astype(jnp.int32),
     }
     return logits, act, Attribution(**cat, linearised=linearised)

@@ -133,6 +133,21 @@ def _listed(item=None, *, choices=(), what="", check=None, all_means: Any = _UNS
     return kind
 
 
+def _classes(flag: str, text: str) -> Any:
+    """``--classes``: ``pooled`` or distinct non-negative class ids."""
+    if text == "pooled":
+        return text
+    try:
+        ids = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise InputError(
+            f"{flag} must be 'pooled' or comma-separated class ids; got {text!r}"
+        ) from None
+    if min(ids) < 0 or len(set(ids)) != len(ids):
+        raise InputError(f"{flag} must name distinct class ids >= 0; got {text!r}")
+    return ids
+
+
 def _add(
     p, flag: str, default: Any, help: str, kind=None, *, shown: Any = _UNSET, aliases=(), **kw
 ) -> None:
@@ -295,6 +310,10 @@ def _spectrum_parser(sub) -> None:
          _int(lo=1), metavar="N")  # fmt: skip
     _add(p, "--save-every", None, "save progress to OUT.partial.npz every N batches; the "
          "same command started again resumes from it", _int(lo=1), metavar="N", shown="never")  # fmt: skip
+    _add(p, "--classes", None, "count only these classes, one row each (comma-separated "
+         "ids), or 'pooled' for one row of every class together: per-class rows cost 2 x "
+         "classes x neurons x 4 bytes, which pooled-only counting avoids for very large neuron "
+         "counts", _classes, metavar="pooled|C1,C2,...", shown="every class, one row each")  # fmt: skip
     p.add_argument("--stream", action="store_true", help="read the split a batch at a time "
                    "(memory-mapped npz/npy/idx, chunked gzip idx, TFDS array_record through "
                    "grain) instead of loading it whole; with a zoo --model the training split "

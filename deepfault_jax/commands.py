@@ -208,7 +208,8 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     prb = model_source.model_probe(args, model, params)
     options = dict(batch_size=args.batch_size, threshold=args.threshold,
                    attribution=args.attribution, mesh=mesh, checkpoint_path=partial,
-                   checkpoint_every=args.save_every or 1, progress=progress_bars(args))  # fmt: skip
+                   checkpoint_every=args.save_every or 1, progress=progress_bars(args),
+                   classes=args.classes)  # fmt: skip
     start = time.perf_counter()
     if stream is not None:
         spec = stream_spectrum(prb, params, stream, **options)
@@ -232,6 +233,7 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
         "num_neurons": spec.index.num_neurons, "layers": layer_summary(spec),
         "devices": args.devices, "batch_size": args.batch_size, "seconds": round(seconds, 3),
         "streamed": bool(args.stream),
+        "rows": "per class" if spec.classes is None else "pooled" if spec.pooled_only else list(spec.classes),
         "spectrum": str(out.absolute()),
     }  # fmt: skip
     emit(args, report, _spectrum_lines(report, out))
@@ -346,7 +348,11 @@ def _localize_spectrum(args: argparse.Namespace, info, options: dict) -> dict:
         raise UsageError(f"the default method {info.name} needs a spectrum computed with "
                          f"--attribution; got a count-only spectrum {args.spectrum}: compute it "
                          "with --attribution, or name a count measure (--method ochiai)")  # fmt: skip
-    _check_class(args, spec.num_classes)
+    row = args.class_index
+    if spec.classes is None:
+        _check_class(args, spec.num_classes)
+    elif row is not None:  # a class subset or a pooled-only spectrum
+        row = spec.row_of(args.class_index)
     computed = dict(options)
     if "threshold" in info.options:  # the spectrum's own, unless the options say otherwise
         computed.setdefault("threshold", float(spec.threshold))
@@ -355,7 +361,7 @@ def _localize_spectrum(args: argparse.Namespace, info, options: dict) -> dict:
         info.name, spec, per_class=args.class_index is not None, **computed
     )
     seconds = time.perf_counter() - start
-    score = scores if args.class_index is None else scores[args.class_index]
+    score = scores if args.class_index is None else scores[row]
     ids = localize.top_k_neurons(
         score, args.k, allowed=localize.allowed_neurons(spec.index, args.layers)
     )

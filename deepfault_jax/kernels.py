@@ -25,7 +25,9 @@ from deepfault_jax.errors import check_finite
 __all__ = [
     "MAX_BATCH",
     "batch_counts",
+    "POOLED",
     "counts_and_nonfinite",
+    "row_map",
     "exact_dot",
     "predicts",
     "slot_weights",
@@ -41,6 +43,7 @@ def batch_counts(
     mask: jax.Array,
     *,
     threshold: float,
+    rows: tuple[int, ...] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """The spectrum counts of one batch (the body of :func:`update_spectrum`).
 
@@ -51,6 +54,7 @@ def batch_counts(
       labels: ``int[batch]`` true classes.
       mask: ``bool[batch]``; False rows are not counted.
       threshold: active means ``> threshold``.
+      rows: each class's spectrum row (static; :func:`row_map`), None for row c = class c.
 
     Returns:
       ``(a_pass[classes, neurons], a_fail[classes, neurons], n_pass[classes],
@@ -59,11 +63,29 @@ def batch_counts(
     Raises:
       InputError: ``threshold`` is not a finite number.
     """
-    counts, _ = counts_and_nonfinite(logits, activations, labels, mask, threshold)
+    counts, _ = counts_and_nonfinite(logits, activations, labels, mask, threshold, rows)
     return counts
 
 
-def counts_and_nonfinite(logits, activations, labels, mask, threshold):
+def row_map(num_classes: int, classes: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """The spectrum row of each class (-1: not counted) for a spectrum's ``classes``
+    (None: row c is class c; ``(POOLED,)``: every class in row 0; else the listed
+    classes, in order)."""
+    if classes is None:
+        return None
+    if classes == (POOLED,):
+        return (0,) * num_classes
+    rows = [-1] * num_classes
+    for r, c in enumerate(classes):
+        rows[c] = r
+    return tuple(rows)
+
+
+#: ``classes`` of a pooled-only spectrum: one row, every class counted in it.
+POOLED = -1
+
+
+def counts_and_nonfinite(logits, activations, labels, mask, threshold, rows=None):
     """:func:`batch_counts`, and the number of non-finite values seen (logits of
     counted rows, activations of any row), found at the cost of small arrays.
 
@@ -73,9 +95,9 @@ def counts_and_nonfinite(logits, activations, labels, mask, threshold):
     """
     if not isinstance(threshold, jax.core.Tracer):
         check_finite("threshold", threshold)
-    num_classes = logits.shape[-1]
     parts = [activations] if isinstance(activations, jax.Array | np.ndarray) else list(activations)
-    weights, _ = slot_weights(logits, labels, mask)
+    weights, _ = slot_weights(logits, labels, mask, rows)
+    num_rows = weights.shape[1] // 2
     # (a - a) is 0 for a finite value and NaN otherwise: a non-finite activation
     # turns its column of the small count matrix into NaN, where it is detected
     raw = jnp.concatenate(
@@ -87,22 +109,30 @@ def counts_and_nonfinite(logits, activations, labels, mask, threshold):
     nonfinite = jnp.sum(~finite, dtype=jnp.int32) + jnp.sum(bad_logits, dtype=jnp.int32)
     counts = jnp.where(finite, raw, 0.0).astype(jnp.int32)
     totals = jnp.sum(weights, axis=0).astype(jnp.int32)
-    split = (counts[:num_classes], counts[num_classes:], totals[:num_classes], totals[num_classes:])
+    split = (counts[:num_rows], counts[num_rows:], totals[:num_rows], totals[num_rows:])
     return split, nonfinite
 
 
 exact_dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
 
 
-def slot_weights(logits, labels, mask):
-    """``float32[batch, 2 * classes]`` one-hot rows (its class's pass slot, or its
-    class's fail slot; none for padding) and ``bool[batch]`` correct."""
+def slot_weights(logits, labels, mask, rows: tuple[int, ...] | None = None):
+    """``float32[batch, 2 * R]`` one-hot rows (its spectrum row's pass slot, or its
+    row's fail slot; none for padding or a class that is not counted) and
+    ``bool[batch]`` correct. ``rows`` (static, from :func:`row_map`) gives each
+    class's row; None: R = classes, row c is class c."""
     num_classes = logits.shape[-1]
     correct = predicts(logits, labels)
-    # each row goes to one of 2C slots: its class's pass row, its class's fail
-    # row, or (padding) slot 2C, which no output reads
-    slot = jnp.where(mask, labels + num_classes * (~correct).astype(labels.dtype), 2 * num_classes)
-    weights = (slot[:, None] == jnp.arange(2 * num_classes)[None, :]).astype(jnp.float32)
+    if rows is None:
+        row, num_rows = labels, num_classes
+    else:
+        row = jnp.asarray(np.asarray(rows, np.int32))[labels].astype(labels.dtype)
+        num_rows = max(rows) + 1
+        mask = mask & (row >= 0)
+    # each input goes to one of 2R slots: its row's pass slot, its row's fail
+    # slot, or (padding, classes not counted) slot 2R, which no output reads
+    slot = jnp.where(mask, row + num_rows * (~correct).astype(labels.dtype), 2 * num_rows)
+    weights = (slot[:, None] == jnp.arange(2 * num_rows)[None, :]).astype(jnp.float32)
     return weights, correct
 
 

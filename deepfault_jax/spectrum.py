@@ -21,8 +21,8 @@ Modules of the spectrum engine, in the order data flows:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,10 +37,11 @@ from deepfault_jax.attribution import (
     zero_attribution,
 )
 from deepfault_jax.errors import InputError, check_finite, check_int
-from deepfault_jax.kernels import batch_counts
+from deepfault_jax.kernels import POOLED, batch_counts, row_map
 from deepfault_jax.probe import NeuronIndex
 
 __all__ = [
+    "POOLED",
     "Counts",
     "MAX_COUNT",
     "Spectrum",
@@ -87,6 +88,11 @@ class Spectrum:
       threshold: a neuron is active when its value is ``> threshold`` (static).
       attribution: the :class:`Attribution` sums of the same inputs, or None
         (a count-only spectrum).
+      classes: the true classes of the rows (static): None for every class of
+        the model in order (row c is class c); a tuple of class ids for a class
+        subset (inputs of other classes are not counted); ``(POOLED,)`` for one
+        row counting every class together (pooled-only: per-class counts are not
+        kept, for very large neuron counts).
 
     Example:
       >>> s = init_spectrum(NeuronIndex(("dense_0",), (4,)), num_classes=3)
@@ -101,11 +107,43 @@ class Spectrum:
     index: NeuronIndex = struct.field(pytree_node=False)
     threshold: float = struct.field(pytree_node=False, default=0.0)
     attribution: Attribution | None = None
+    classes: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)
 
     @property
     def num_classes(self) -> int:
-        """Number of classes (rows)."""
+        """Number of rows: the classes, or the class subset, or 1 when pooled-only."""
         return int(self.n_pass.shape[0])
+
+    @property
+    def pooled_only(self) -> bool:
+        """True when every class is counted in one row (no per-class counts)."""
+        return self.classes == (POOLED,)
+
+    @property
+    def class_ids(self) -> tuple[int, ...]:
+        """The true class of each row (``(POOLED,)`` for a pooled-only spectrum)."""
+        return tuple(range(self.num_classes)) if self.classes is None else self.classes
+
+    def row_of(self, c: int) -> int:
+        """The row holding class ``c``.
+
+        Raises:
+          InputError: ``c`` is not one of the spectrum's classes (the classes are
+            named), or the spectrum is pooled-only.
+        """
+        if self.pooled_only:
+            raise InputError(
+                f"class {c}: this spectrum was counted pooled-only (every class in one row); "
+                "expected a spectrum with per-class rows"
+            )
+        if self.classes is None:
+            if not 0 <= int(c) < self.num_classes:
+                raise InputError(f"class must lie in [0, {self.num_classes}); got {c}")
+            return int(c)
+        if int(c) not in self.classes:
+            shown = list(self.classes[:20]) + (["..."] if len(self.classes) > 20 else [])
+            raise InputError(f"class must be one of the spectrum's classes {shown}; got {c}")
+        return self.classes.index(int(c))
 
     @property
     def num_inputs(self) -> int:
@@ -126,9 +164,8 @@ class Spectrum:
 
     def for_class(self, c: int) -> Counts:
         """The four counts of inputs whose true class is ``c``, each ``int32[neurons]``."""
-        if not 0 <= int(c) < self.num_classes:
-            raise InputError(f"class must lie in [0, {self.num_classes}); got {c}")
-        return Counts(*(a[int(c)] for a in self.counts()))
+        row = self.row_of(c)
+        return Counts(*(a[row] for a in self.counts()))
 
     def pooled(self) -> Counts:
         """The four counts over all classes together, each ``int32[neurons]``."""
@@ -166,6 +203,7 @@ class Spectrum:
             NeuronIndex((name,), (self.index.layer_sizes[self.index.layer_names.index(name)],)),
             self.threshold,
             attribution,
+            self.classes,
         )
 
 
@@ -175,15 +213,20 @@ def init_spectrum(
     num_classes: int,
     threshold: float = 0.0,
     attribution: bool | str = False,
+    classes: Sequence[int] | str | None = None,
 ) -> Spectrum:
     """An all-zero spectrum for ``index`` and ``num_classes`` classes.
 
     Args:
       index: the neuron layout.
-      num_classes: classes (rows), an integer >= 2.
+      num_classes: the model's classes, an integer >= 2.
       threshold: active means ``> threshold``; a finite number.
       attribution: False for counts only; True (``"margin"``) or
         ``"all-classes"`` for zero :class:`Attribution` sums of that kind.
+      classes: None for a row per class; ``"pooled"`` for one row of every
+        class together (pooled-only); or distinct class ids in
+        ``[0, num_classes)`` for a row each (a class subset). Memory is
+        2 x rows x neurons x 4 bytes of counts (x4 with attribution sums).
 
     Returns:
       The spectrum.
@@ -198,15 +241,50 @@ def init_spectrum(
     if c < 2:
         raise InputError(f"num_classes must be >= 2; got {num_classes}")
     threshold = check_finite("threshold", threshold)
+    rows = check_classes(classes, c)
+    r = c if rows is None else len(rows)
     return Spectrum(
-        jnp.zeros((c, n), jnp.int32),
-        jnp.zeros((c, n), jnp.int32),
-        jnp.zeros((c,), jnp.int32),
-        jnp.zeros((c,), jnp.int32),
+        jnp.zeros((r, n), jnp.int32),
+        jnp.zeros((r, n), jnp.int32),
+        jnp.zeros((r,), jnp.int32),
+        jnp.zeros((r,), jnp.int32),
         index,
         threshold,
-        zero_attribution(c, n, mode) if mode else None,
+        zero_attribution(r, n, mode) if mode else None,
+        rows,
     )
+
+
+def check_classes(classes: Any, num_classes: int) -> tuple[int, ...] | None:
+    """``classes`` of :func:`init_spectrum` as a :class:`Spectrum`'s static ``classes``.
+
+    Raises:
+      InputError: not None, ``"pooled"`` or a non-empty sequence of distinct
+        integers in ``[0, num_classes)``.
+    """
+    if classes is None:
+        return None
+    if isinstance(classes, str):
+        if classes != "pooled":
+            raise InputError(f"classes must be 'pooled' or a list of class ids; got {classes!r}")
+        return (POOLED,)
+    try:
+        ids = [check_int("classes", c) for c in classes]
+    except TypeError:
+        raise InputError(
+            f"classes must be 'pooled' or a list of class ids; got {classes!r}"
+        ) from None
+    outside = [c for c in ids if not 0 <= c < num_classes]
+    if outside:
+        raise InputError(
+            f"classes must lie in [0, {num_classes}) (the model's classes); got {outside}"
+        )
+    if not ids:
+        raise InputError("classes must name at least one class; got none")
+    if len(set(ids)) != len(ids):
+        dup = sorted({c for c in ids if ids.count(c) > 1})
+        raise InputError(f"classes must be distinct; got {dup} more than once")
+    return tuple(ids)
 
 
 def add_to_spectrum(spectrum: Spectrum, counts, attribution: Attribution | None = None) -> Spectrum:
@@ -258,8 +336,9 @@ def update_spectrum(
     acts = _layer_list(spectrum, activations)
     if mask is None:
         mask = jnp.ones(labels.shape, bool)
+    rows = row_map(logits.shape[-1], spectrum.classes)
     return add_to_spectrum(
-        spectrum, batch_counts(logits, acts, labels, mask, threshold=spectrum.threshold)
+        spectrum, batch_counts(logits, acts, labels, mask, threshold=spectrum.threshold, rows=rows)
     )
 
 
@@ -282,6 +361,10 @@ def check_same_layout(a: Spectrum, b: Spectrum, what: str) -> None:
             f"{list(zip(a.index.layer_names, a.index.layer_sizes, strict=True))}, got "
             f"{list(zip(b.index.layer_names, b.index.layer_sizes, strict=True))}"
         )
+    if a.classes != b.classes:
+        raise InputError(
+            f"cannot {what} spectra: expected rows of {_rows_name(a)}, got {_rows_name(b)}"
+        )
     if a.num_classes != b.num_classes:
         raise InputError(
             f"cannot {what} spectra: expected {a.num_classes} classes, got {b.num_classes}"
@@ -290,6 +373,12 @@ def check_same_layout(a: Spectrum, b: Spectrum, what: str) -> None:
         raise InputError(
             f"cannot {what} spectra: expected threshold {a.threshold}, got {b.threshold}"
         )
+
+
+def _rows_name(s: Spectrum) -> str:
+    if s.classes is None:
+        return "every class"
+    return "every class pooled" if s.pooled_only else f"classes {list(s.classes)}"
 
 
 def describe_attribution(s: Spectrum) -> str:

@@ -15,7 +15,7 @@ from deepfault_jax.attribution import ATTRIBUTION_FIELDS, LINEARISED, Attributio
 from deepfault_jax.errors import InputError, check_finite, describe_os_error
 from deepfault_jax.files import write_atomic
 from deepfault_jax.probe import NeuronIndex
-from deepfault_jax.spectrum import MAX_COUNT, Spectrum
+from deepfault_jax.spectrum import MAX_COUNT, POOLED, Spectrum
 
 __all__ = [
     "SPECTRUM_FORMAT",
@@ -65,6 +65,8 @@ def save_spectrum(
         "format_version": np.int64(SPECTRUM_VERSION),
         "metadata": np.str_(json.dumps(metadata or {}, sort_keys=True)),
     }
+    if spectrum.classes is not None:
+        arrays["classes"] = np.asarray(spectrum.classes, np.int64)
     if spectrum.attribution is not None:
         arrays["attribution_linearised"] = np.str_(spectrum.attribution.linearised)
         for field in ATTRIBUTION_FIELDS:
@@ -122,13 +124,14 @@ def load_spectrum(path: str | os.PathLike, *, with_metadata: bool = False):
         index,
         check_finite(f"{path}: threshold", threshold.item()),
         attribution,
+        _read_classes(path, arrays, len(counts[2])),
     )
     meta = _read_metadata(path, arrays)
     return (spectrum, meta) if with_metadata else spectrum
 
 
 _REQUIRED = ("a_pass", "a_fail", "n_pass", "n_fail", "layer_names", "layer_sizes", "threshold")
-_OPTIONAL = ("format", "format_version", "metadata", "attribution_linearised") + tuple(
+_OPTIONAL = ("format", "format_version", "metadata", "attribution_linearised", "classes") + tuple(
     f"attribution_{f}" for f in ATTRIBUTION_FIELDS
 )
 _EXPECTED = "expected an .npz written by save_spectrum (deepfault-jax spectrum --out ...)"
@@ -235,9 +238,10 @@ def _check_counts(path: Path, name: str, a: np.ndarray, shape: tuple) -> None:
 def _read_counts(path: Path, arrays: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, ...]:
     """``(a_pass, a_fail, n_pass, n_fail)``, checked against each other."""
     a_pass, a_fail, n_pass, n_fail = (arrays[k] for k in ("a_pass", "a_fail", "n_pass", "n_fail"))
-    if n_pass.ndim != 1 or n_pass.shape[0] < 2:
+    least = 1 if "classes" in arrays else 2  # a class subset or pooled row may be one row
+    if n_pass.ndim != 1 or n_pass.shape[0] < least:
         raise InputError(
-            f"{path}: n_pass must be integer of shape [classes >= 2]; got {n_pass.dtype} {n_pass.shape}"
+            f"{path}: n_pass must be integer of shape [classes >= {least}]; got {n_pass.dtype} {n_pass.shape}"
         )
     c = n_pass.shape[0]
     for name, a, shape in (
@@ -250,6 +254,21 @@ def _read_counts(path: Path, arrays: dict[str, np.ndarray], n: int) -> tuple[np.
     if (a_pass > n_pass[:, None]).any() or (a_fail > n_fail[:, None]).any():
         raise InputError(f"{path}: active counts must not exceed the input counts of their class")
     return a_pass, a_fail, n_pass, n_fail
+
+
+def _read_classes(path: Path, arrays: dict[str, np.ndarray], rows: int) -> tuple[int, ...] | None:
+    """The rows' classes: None (row c is class c), ``(POOLED,)`` or distinct class ids."""
+    if "classes" not in arrays:
+        return None
+    a = arrays["classes"]
+    if a.dtype.kind not in "iu" or a.shape != (rows,):
+        raise InputError(f"{path}: classes must be integers of shape [{rows}] (one per row); got {a.dtype} {a.shape}")  # fmt: skip
+    ids = tuple(int(c) for c in a)
+    if ids == (POOLED,):
+        return ids
+    if min(ids) < 0 or len(set(ids)) != len(ids):
+        raise InputError(f"{path}: classes must be distinct class ids >= 0, or [-1] for pooled-only; got {list(ids)[:20]}")  # fmt: skip
+    return ids
 
 
 def _read_attribution(

@@ -20,13 +20,14 @@ from deepfault_jax.attribution import attribution_batch
 from deepfault_jax.data import Batch, iterate_batches
 from deepfault_jax.errors import InputError, InputTypeError, check_finite, check_int
 from deepfault_jax.interrupts import deferred_interrupt, stop_if_interrupted
-from deepfault_jax.kernels import MAX_BATCH, counts_and_nonfinite
+from deepfault_jax.kernels import MAX_BATCH, counts_and_nonfinite, row_map
 from deepfault_jax.probe import Probe
 from deepfault_jax.progress import Progress, notify
 from deepfault_jax.spectrum import (
     MAX_COUNT,
     Spectrum,
     add_to_spectrum,
+    check_classes,
     check_same_attribution,
     check_same_layout,
     init_spectrum,
@@ -71,15 +72,16 @@ def _count_step(spectrum: Spectrum, nonfinite: jax.Array, params: Any, x, y, mas
     running count of non-finite logits, activations and attribution sums (NaN or
     infinite inputs or weights)."""
     attribution = None
+    rows = row_map(probe.num_classes, spectrum.classes)
     if spectrum.attribution is None:
         logits, by_layer = probe(params, x)
         acts = [by_layer[name] for name in probe.index.layer_names]
     else:
         # all layers side by side ([batch, neurons]): one count matmul
         logits, acts, attribution = attribution_batch(
-            probe, params, x, y, mask, spectrum.attribution.linearised
+            probe, params, x, y, mask, spectrum.attribution.linearised, rows
         )
-    counts, bad = counts_and_nonfinite(logits, acts, y, mask, spectrum.threshold)
+    counts, bad = counts_and_nonfinite(logits, acts, y, mask, spectrum.threshold, rows)
     if attribution is not None:
         bad = bad + jnp.sum(
             ~jnp.isfinite(attribution.gxa_pass + attribution.gxa_fail), dtype=jnp.int32
@@ -166,7 +168,12 @@ def _local_devices(mesh: Mesh) -> int:
 
 
 def _starting_spectrum(
-    probe: Probe, num_classes: Any, threshold: Any, attribution: bool | str, spectrum: Any
+    probe: Probe,
+    num_classes: Any,
+    threshold: Any,
+    attribution: bool | str,
+    spectrum: Any,
+    classes: Any = None,
 ) -> Spectrum:
     """The spectrum :func:`accumulate_spectrum` starts from, checked against the probe."""
     if num_classes is None:
@@ -178,17 +185,13 @@ def _starting_spectrum(
         )
     threshold = check_finite("threshold", threshold)
     if spectrum is None:
-        return init_spectrum(
-            probe.index, num_classes=num_classes, threshold=threshold, attribution=attribution
-        )
+        return init_spectrum(probe.index, num_classes=num_classes, threshold=threshold,
+                             attribution=attribution, classes=classes)  # fmt: skip
     if not isinstance(spectrum, Spectrum):
         raise InputTypeError(f"spectrum must be a Spectrum or None; got {type(spectrum).__name__}")
-    if spectrum.index != probe.index or spectrum.num_classes != num_classes:
-        check_same_layout(
-            init_spectrum(probe.index, num_classes=num_classes, threshold=spectrum.threshold),
-            spectrum,
-            "continue",
-        )
+    fresh = init_spectrum(probe.index, num_classes=num_classes, threshold=spectrum.threshold,
+                          classes="pooled" if spectrum.pooled_only else spectrum.classes)  # fmt: skip
+    check_same_layout(fresh, spectrum, "continue")
     return spectrum
 
 
@@ -236,6 +239,7 @@ def accumulate_spectrum(
     progress: Progress | None = None,
     total: int | None = None,
     on_batch: Callable[[int, Spectrum], None] | None = None,
+    classes: Sequence[int] | str | None = None,
 ) -> Spectrum:
     """Streams batches through ``probe`` and adds them to a spectrum.
 
@@ -267,6 +271,10 @@ def accumulate_spectrum(
       progress: called as ``progress("spectrum", batches done, total)`` after each batch.
       total: number of batches, handed to ``progress``.
       on_batch: called after each batch with (batches done, spectrum).
+      classes: None for a row per class; ``"pooled"`` to count every class in
+        one row (pooled-only: per-class rows are not kept, for very large
+        neuron counts); or a list of class ids (a class subset: inputs of
+        other classes are not counted); ignored when ``spectrum`` is given.
 
     Returns:
       The spectrum, as arrays on this process.
@@ -278,7 +286,7 @@ def accumulate_spectrum(
         shape, labels out of range, too many rows, or gives non-finite values;
         the counts would pass the int32 limit.
     """
-    spectrum = _starting_spectrum(probe, num_classes, threshold, attribution, spectrum)
+    spectrum = _starting_spectrum(probe, num_classes, threshold, attribution, spectrum, classes)
     if total is not None:
         total = check_int("total", total, lo=0)
     if spectrum.attribution is not None:
@@ -287,7 +295,7 @@ def accumulate_spectrum(
     counted, done = spectrum.num_inputs, 0
     with deferred_interrupt() as interrupt:  # Ctrl-C: after the batch in flight
         for batch in batches:
-            _check_batch(batch, probe, spectrum.num_classes)
+            _check_batch(batch, probe, probe.num_classes)
             counted = _check_rows(len(batch.y) * processes, counted)
             state = step(state, batch)
             done += 1
@@ -381,6 +389,15 @@ def check_memory(
     return est
 
 
+def _empty(probe: Probe, threshold, attribution, classes, batch_size: int) -> Spectrum:
+    """The zero spectrum of a run, after checking that the run fits the device."""
+    rows = check_classes(classes, probe.num_classes)
+    num_rows = probe.num_classes if rows is None else len(rows)
+    check_memory(num_rows, probe.index.num_neurons, batch_size, attribution=attribution)
+    return init_spectrum(probe.index, num_classes=probe.num_classes, threshold=threshold,
+                         attribution=attribution, classes=classes)  # fmt: skip
+
+
 # --------------------------------------------------------------------------- resume files
 
 
@@ -422,6 +439,8 @@ def _run_identity(probe: Probe, params: Any, data_fingerprint: Any, spectrum: Sp
         "conv_reduce": probe.conv_reduce,
         "threshold": spectrum.threshold,
         "attribution": None if spectrum.attribution is None else spectrum.attribution.linearised,
+        # only when set: resume files of row-per-class runs stay as they were
+        **({} if spectrum.classes is None else {"classes": list(spectrum.classes)}),
     }
 
 
@@ -571,6 +590,7 @@ def compute_spectrum(
     checkpoint_every: int = 50,
     progress: Progress | None = None,
     callback: Callable[[int, Spectrum], None] | None = None,
+    classes: Sequence[int] | str | None = None,
 ) -> Spectrum:
     """The spectrum of a whole data set, resumable.
 
@@ -597,6 +617,7 @@ def compute_spectrum(
       callback: called after each batch (after any save) with (batches done
         in this call, spectrum); an exception it raises stops the run, and a
         run with ``checkpoint_path`` resumes from the last save.
+      classes: the rows, as in :func:`accumulate_spectrum` (``"pooled"`` or a class subset).
 
     Returns:
       The spectrum.
@@ -612,12 +633,7 @@ def compute_spectrum(
     _check_data(probe, x, y)
     batch_size = _positive_int("batch_size", batch_size)
     checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
-    check_memory(
-        probe.num_classes, probe.index.num_neurons, min(batch_size, len(x)), attribution=attribution
-    )
-    spectrum = init_spectrum(
-        probe.index, num_classes=probe.num_classes, threshold=threshold, attribution=attribution
-    )
+    spectrum = _empty(probe, threshold, attribution, classes, min(batch_size, len(x)))
     multi = mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1
     if checkpoint_path is not None and multi:
         raise InputError("checkpoint_path is for single-process runs; got a multi-process mesh")
@@ -754,6 +770,7 @@ def stream_spectrum(
     callback: Callable[[int, Spectrum], None] | None = None,
     threads: int = 2,
     prefetch: int = 4,
+    classes: Sequence[int] | str | None = None,
 ) -> Spectrum:
     """The spectrum of a streamed data set (:class:`~deepfault_jax.sources.Source`), resumable,
     also over several processes.
@@ -786,6 +803,7 @@ def stream_spectrum(
       checkpoint_every: batches between saves.
       callback: called after each batch with (batches done in this call, spectrum).
       threads, prefetch: grain reader threads and batches read ahead.
+      classes: the rows, as in :func:`accumulate_spectrum` (``"pooled"`` or a class subset).
 
     Returns:
       The spectrum, as arrays on this process.
@@ -815,10 +833,7 @@ def stream_spectrum(
         )
     batch_size = _positive_int("batch_size", batch_size)
     checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
-    check_memory(probe.num_classes, probe.index.num_neurons, batch_size, attribution=attribution)
-    spectrum = init_spectrum(
-        probe.index, num_classes=probe.num_classes, threshold=threshold, attribution=attribution
-    )
+    spectrum = _empty(probe, threshold, attribution, classes, batch_size)
     processes = 1 if mesh is None else len({d.process_index for d in mesh.devices.flat})
     multi, me = processes > 1, (jax.process_index() if processes > 1 else 0)
     block = process_blocks(len(source), processes)[me]

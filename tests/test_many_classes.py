@@ -11,7 +11,18 @@ import pytest
 from conftest import assert_identical
 from reference import spectrum_loops
 
-from deepfault_jax import checkpoints, cli, probe, sources, streaming, training, zoo
+from deepfault_jax import (
+    checkpoints,
+    cli,
+    measures,
+    probe,
+    sources,
+    spectrum,
+    spectrum_io,
+    streaming,
+    training,
+    zoo,
+)
 from deepfault_jax.data import make_dataset
 from deepfault_jax.errors import InputError
 
@@ -95,3 +106,66 @@ def test_memory_beyond_the_device_is_refused_before_allocating():
         InputError, match=r"1000000 classes x 500000 neurons .* needs at least .*GiB.* holds"
     ):
         streaming.check_memory(1_000_000, 500_000, 64)
+
+
+# --------------------------------------------------------------------------- rows: pooled, subsets
+
+
+def test_pooled_only_and_class_subsets_equal_the_full_spectrum(many, tmp_path):
+    classes, model, params, ds, _ = many
+    prb = probe.model_probe(model, params)
+    x, y = ds.x_test, ds.y_test
+    full = streaming.compute_spectrum(prb, params, x, y, batch_size=128, attribution=True)
+    pooled = streaming.compute_spectrum(prb, params, x, y, batch_size=77, attribution=True,
+                                        classes="pooled")  # fmt: skip
+    assert pooled.a_pass.shape == (1, 150) and pooled.pooled_only
+    for a, b in zip(full.pooled(), pooled.pooled(), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    fs, ps = full.attribution_sums(pooled=True), pooled.attribution_sums(pooled=True)
+    np.testing.assert_array_equal(fs.fixes, ps.fixes)
+    np.testing.assert_allclose(fs.gxa_fail, ps.gxa_fail, rtol=1e-5, atol=1e-4)
+    subset = [classes - 1, 0, 7]
+    sub = streaming.compute_spectrum(prb, params, x, y, batch_size=50, classes=subset)
+    assert sub.a_pass.shape == (3, 150) and sub.class_ids == tuple(subset)
+    for c in subset:
+        for a, b in zip(full.for_class(c), sub.for_class(c), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert sub.num_inputs == int(np.isin(y, subset).sum())
+    with pytest.raises(InputError, match=r"class must be one of the spectrum's classes"):
+        sub.for_class(1)
+    with pytest.raises(InputError, match="pooled-only"):
+        pooled.for_class(0)
+    path = spectrum_io.save_spectrum(tmp_path / "sub.npz", sub)
+    back = spectrum_io.load_spectrum(path)
+    assert back.classes == tuple(subset)
+    assert_identical(sub, back)
+    with pytest.raises(InputError, match=r"expected rows of classes .*, got every class"):
+        spectrum.merge_spectra(sub, full)
+    with pytest.raises(InputError, match=rf"classes must lie in \[0, {classes}\)"):
+        streaming.compute_spectrum(prb, params, x, y, classes=[classes])
+
+
+def test_cli_classes_and_localize_on_a_subset(many, tmp_path, capsys):
+    classes, _, _, _, tmp = many
+    common = ["--checkpoint", str(tmp / "ckpt"), "--dataset", f"npz:{tmp / 'data.npz'}",
+              "--no-progress"]  # fmt: skip
+    out = tmp_path / "sub.npz"
+    assert cli.main(["spectrum", *common, "--classes", "5,3", "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == [5, 3]
+    assert cli.main(["localize", "--spectrum", str(out), "--method", "ochiai", "--class", "3",
+                     "--k", "4", "--json"]) == 0  # fmt: skip
+    ranked = json.loads(capsys.readouterr().out)
+    sub = spectrum_io.load_spectrum(out)
+    want = np.argsort(-np.asarray(measures.get_measure("ochiai")(sub.for_class(3))), kind="stable")[
+        :4
+    ]
+    assert [r["id"] for r in ranked["neurons"]] == want.tolist(), ranked["neurons"]
+    assert ranked["class"] == 3
+    code = cli.main(["localize", "--spectrum", str(out), "--method", "ochiai", "--class", "4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "one of the spectrum's classes [5, 3]" in err[0], err
+    for bad, fragment in (("5,x", "comma-separated class ids"), ("5,5", "distinct"),
+                          (str(classes), f"[0, {classes})")):  # fmt: skip
+        code = cli.main(["spectrum", *common, "--classes", bad, "--out", str(tmp_path / "b.npz")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and fragment in err[0], err
