@@ -18,6 +18,7 @@ Three parts, each side by side in one run (medians after a warm-up pass,
   (memory-mapped) in 1 process and in 2 processes over 127.0.0.1 (gloo), one
   CPU device each: wall time of the slowest process.
 
+    python benchmarks/scale.py --quick                  # under a minute
     python benchmarks/scale.py --parts classes --inputs 512
     python benchmarks/scale.py --parts stream --rows 10000,100000,1000000
     python benchmarks/scale.py --parts processes --inputs 200000
@@ -27,6 +28,7 @@ Three parts, each side by side in one run (medians after a warm-up pass,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -157,7 +159,8 @@ def write_stream_set(data_dir: Path, rows: int) -> float:
                     yield lo + i, {"image": images[i], "label": int(labels[i])}
 
     start = time.perf_counter()
-    ScaleStream(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    with contextlib.redirect_stdout(sys.stderr):  # TFDS prints its progress to stdout
+        ScaleStream(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
     return time.perf_counter() - start
 
 
@@ -184,9 +187,14 @@ def stream_worker(data_dir: str, rows: int, batch_size: int) -> dict:
 
 
 def bench_stream(rows: list[int], batch_size: int, keep: str | None) -> dict:
+    if keep:
+        return _bench_stream(rows, batch_size, Path(keep))
+    with tempfile.TemporaryDirectory(prefix="deepfault-scale-") as tmp:
+        return _bench_stream(rows, batch_size, Path(tmp))
+
+
+def _bench_stream(rows: list[int], batch_size: int, data_dir: Path) -> dict:
     top = max(rows)
-    tmp = keep or tempfile.mkdtemp(prefix="deepfault-scale-")
-    data_dir = Path(tmp)
     written = None
     if not (data_dir / "scale_stream").exists():
         print(f"  writing {top} inputs as array_record in {data_dir} ...", file=sys.stderr)
@@ -306,7 +314,12 @@ def main(argv=None) -> int:
     p.add_argument("--process-inputs", type=int, default=200_000)
     p.add_argument("--process-batch", type=int, default=2048)
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, under a minute: resnet20 "
+                   "at 10 and 100 classes, 2,000 and 5,000 streamed rows, 20,000 rows in processes")  # fmt: skip
     a = p.parse_args(argv)
+    if a.quick:
+        a.model, a.classes, a.inputs, a.batch_size, a.repeats = "resnet20", "10,100", 64, 32, 1
+        a.rows, a.process_inputs = "2000,5000", 20_000
     parts = [s for s in a.parts.split(",") if s]
     unknown = [s for s in parts if s not in PARTS]
     if unknown:
