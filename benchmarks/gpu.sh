@@ -35,7 +35,8 @@ timeout 120 python3 benchmarks/synthesis.py --models "mlp-3x50,$conv" \
 timeout 120 python3 benchmarks/attribution.py --models "mlp-3x50,$conv" --inputs "$inputs" \
   --repeats "$repeats" --ablation-inputs 512 --json > "$out/attribution.json"
 if [ "$dry" = 1 ]; then
-  scale=(--model resnet20 --classes 10,100 --inputs 64 --batch-size 32 --repeats 1 --rows 2000,5000)
+  scale=(--model resnet20 --classes 10,100 --inputs 64 --batch-size 32 --repeats 1 --rows 2000,5000
+         --stream-repeats 1)
 else
   scale=(--model resnet18 --classes 10,100,1000 --inputs 8192 --batch-size 512 --repeats 3
          --rows 10000,100000)

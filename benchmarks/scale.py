@@ -164,8 +164,9 @@ def write_stream_set(data_dir: Path, rows: int) -> float:
     return time.perf_counter() - start
 
 
-def stream_worker(data_dir: str, rows: int, batch_size: int) -> dict:
-    """One streamed spectrum in this (fresh) process: seconds and peak RSS."""
+def stream_worker(data_dir: str, rows: int, batch_size: int, repeats: int = 1) -> dict:
+    """Streamed spectra in this (fresh) process: the median of ``repeats`` passes
+    after a warm-up, and the peak RSS."""
     os.environ["TFDS_DATA_DIR"] = data_dir
     import jax
 
@@ -177,23 +178,27 @@ def stream_worker(data_dir: str, rows: int, batch_size: int) -> dict:
     prb = probe.model_probe(model, params)
     warm = sources.ArraySource("warm-up", *src.read(0, min(rows, 64)), num_classes=10)
     streaming.stream_spectrum(prb, params, warm, batch_size=batch_size)  # compile
-    start = time.perf_counter()
-    s = streaming.stream_spectrum(prb, params, src, batch_size=batch_size, threads=2, prefetch=8)
-    seconds = time.perf_counter() - start
-    assert s.num_inputs == rows, (s.num_inputs, rows)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        s = streaming.stream_spectrum(prb, params, src, batch_size=batch_size, threads=2,
+                                      prefetch=8)  # fmt: skip
+        times.append(time.perf_counter() - start)
+        assert s.num_inputs == rows, (s.num_inputs, rows)
+    seconds = statistics.median(times)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    return {"rows": rows, "seconds": seconds, "us_per_input": 1e6 * seconds / rows,
-            "peak_rss_bytes": peak}  # fmt: skip
+    return {"rows": rows, "seconds": seconds, "times_s": times,
+            "us_per_input": 1e6 * seconds / rows, "peak_rss_bytes": peak}  # fmt: skip
 
 
-def bench_stream(rows: list[int], batch_size: int, keep: str | None) -> dict:
+def bench_stream(rows: list[int], batch_size: int, keep: str | None, repeats: int) -> dict:
     if keep:
-        return _bench_stream(rows, batch_size, Path(keep))
+        return _bench_stream(rows, batch_size, Path(keep), repeats)
     with tempfile.TemporaryDirectory(prefix="deepfault-scale-") as tmp:
-        return _bench_stream(rows, batch_size, Path(tmp))
+        return _bench_stream(rows, batch_size, Path(tmp), repeats)
 
 
-def _bench_stream(rows: list[int], batch_size: int, data_dir: Path) -> dict:
+def _bench_stream(rows: list[int], batch_size: int, data_dir: Path, repeats: int) -> dict:
     top = max(rows)
     written = None
     if not (data_dir / "scale_stream").exists():
@@ -202,7 +207,8 @@ def _bench_stream(rows: list[int], batch_size: int, data_dir: Path) -> dict:
     results = []
     for n in rows:
         out = subprocess.run([sys.executable, __file__, "--stream-worker", str(data_dir), str(n),
-                              str(batch_size)], capture_output=True, text=True, check=False)  # fmt: skip
+                              str(batch_size), str(repeats)], capture_output=True, text=True,
+                             check=False)  # fmt: skip
         if out.returncode:
             raise RuntimeError(f"stream worker for {n} rows failed:\n{out.stderr[-3000:]}")
         r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -292,7 +298,7 @@ def bench_processes(n: int, batch_size: int) -> dict:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--stream-worker":
-        print(json.dumps(stream_worker(argv[1], int(argv[2]), int(argv[3]))))
+        print(json.dumps(stream_worker(argv[1], int(argv[2]), int(argv[3]), int(argv[4]))))
         return 0
     if argv and argv[0] == "--process-worker":
         a = argv[1:]
@@ -309,6 +315,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rows", default="10000,100000,1000000", help="rows of the stream part")
     p.add_argument("--stream-batch", type=int, default=4096)
+    p.add_argument("--stream-repeats", type=int, default=3, help="timed passes per size (median)")
     p.add_argument("--keep-data", default=None, help="directory to keep (and reuse) the "
                    "array_record set in, instead of a temporary one")  # fmt: skip
     p.add_argument("--process-inputs", type=int, default=200_000)
@@ -319,7 +326,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.quick:
         a.model, a.classes, a.inputs, a.batch_size, a.repeats = "resnet20", "10,100", 64, 32, 1
-        a.rows, a.process_inputs = "2000,5000", 20_000
+        a.rows, a.process_inputs, a.stream_repeats = "2000,5000", 20_000, 1
     parts = [s for s in a.parts.split(",") if s]
     unknown = [s for s in parts if s not in PARTS]
     if unknown:
@@ -333,7 +340,7 @@ def main(argv=None) -> int:
         result["classes"] = bench_classes(a.model, classes, a.inputs, a.batch_size, a.repeats)
     if "stream" in parts:
         result["stream"] = bench_stream([int(r) for r in a.rows.split(",")], a.stream_batch,
-                                        a.keep_data)  # fmt: skip
+                                        a.keep_data, a.stream_repeats)  # fmt: skip
     if "processes" in parts:
         result["processes"] = bench_processes(a.process_inputs, a.process_batch)
     if a.json:
