@@ -236,10 +236,12 @@ def _open_npz(path: Path, split: str) -> Source:
             if missing:
                 raise InputError(f"{path}: npz must hold {list(keys)}; missing {missing}, got {sorted(names)}")  # fmt: skip
             x, y = (_npz_member_map(path, zf, k) for k in keys)
-            num_classes = None
             if "num_classes" in names:
                 with zf.open("num_classes.npy") as fh:
                     num_classes = int(np.lib.format.read_array(fh))
+            else:  # as load_dataset: the largest label of both splits + 1
+                labels = [_npz_member_map(path, zf, k) for k in ("y_train", "y_test") if k in names]
+                num_classes = _classes_of(labels, path)
     except InputError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, KeyError, EOFError) as e:
@@ -257,10 +259,28 @@ def _open_npy_dir(directory: Path, split: str) -> Source:
     try:
         x, y = (np.load(p, mmap_mode="r", allow_pickle=False) for p in files.values())
         nc = directory / "num_classes.npy"
-        num_classes = int(np.load(nc, allow_pickle=False)) if nc.is_file() else None
+        if nc.is_file():
+            num_classes = int(np.load(nc, allow_pickle=False))
+        else:  # as load_dataset: the largest label of both splits + 1
+            found = [directory / f"y_{k}.npy" for k in ("train", "test")]
+            labels = [np.load(p, mmap_mode="r", allow_pickle=False) for p in found if p.is_file()]
+            num_classes = _classes_of(labels, directory)
     except (OSError, ValueError, TypeError) as e:
         raise InputError(f"{directory}: cannot read the npy files ({type(e).__name__}: {e})") from None  # fmt: skip
     return ArraySource(f"npy:{directory}[{split}]", x, y, num_classes=num_classes)
+
+
+def _classes_of(labels: list, where: Path) -> int:
+    """The largest label of the (memory-mapped) label arrays + 1, read in chunks."""
+    top = -1
+    for y in labels:
+        if y.dtype.kind not in "iu":
+            raise InputError(f"{where}: labels must be integers; got dtype {y.dtype}")
+        for lo in range(0, len(y), 1 << 20):
+            chunk = np.asarray(y[lo : lo + (1 << 20)])
+            if chunk.size:
+                top = max(top, int(chunk.max()))
+    return top + 1
 
 
 class _GzipIdxImages:

@@ -107,6 +107,22 @@ def test_npz_and_npy_sources_are_memory_mapped(tmp_path, digits):
     np.testing.assert_array_equal(y, digits.y_test)
 
 
+def test_class_count_comes_from_both_splits_as_the_loader(tmp_path, digits):
+    """Without num_classes, the classes are the largest label of train and test + 1."""
+    keep = digits.y_test < 9  # no class 9 in the test split
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=digits.x_train, y_train=digits.y_train,
+             x_test=digits.x_test[keep], y_test=digits.y_test[keep])  # fmt: skip
+    assert sources.open_source(f"npz:{path}").num_classes == 10
+    assert data.load_dataset(f"npz:{path}").num_classes == 10
+    d = tmp_path / "npy"
+    d.mkdir()
+    for name, a in (("x_train", digits.x_train), ("y_train", digits.y_train),
+                    ("x_test", digits.x_test[keep]), ("y_test", digits.y_test[keep])):  # fmt: skip
+        np.save(d / f"{name}.npy", a)
+    assert sources.open_source(f"npy:{d}").num_classes == 10
+
+
 def test_compressed_npz_is_refused_with_the_way_out(tmp_path, digits):
     path = tmp_path / "c.npz"
     np.savez_compressed(path, x_train=digits.x_train, y_train=digits.y_train,
