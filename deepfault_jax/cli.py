@@ -316,8 +316,8 @@ def _spectrum_parser(sub) -> None:
          "counts", _classes, metavar="pooled|C1,C2,...", shown="every class, one row each")  # fmt: skip
     p.add_argument("--stream", action="store_true", help="read the split a batch at a time "
                    "(memory-mapped npz/npy/idx, chunked gzip idx, TFDS array_record through "
-                   "grain) instead of loading it whole; with a zoo --model the training split "
-                   "is still loaded to train it on first use (default: off)")  # fmt: skip
+                   "grain) instead of loading it whole; a zoo --model not cached yet loads "
+                   "the set once to train on (default: off)")  # fmt: skip
     _output_options(p, metavar="FILE.npz", required=True, help="spectrum file to write (an "
                     "earlier spectrum there is replaced; any other file is kept)")  # fmt: skip
     p.set_defaults(func=commands.cmd_spectrum)

@@ -24,7 +24,6 @@ from deepfault_jax import (
     checkpoints,
     data,
     files,
-    foreign,
     localizers,
     measures,
     model_source,
@@ -240,20 +239,39 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     return 0
 
 
-@dataclasses.dataclass(frozen=True)
 class _StreamedDataset:
-    """What loading a model needs of a streamed data set (not its rows)."""
+    """What loading a model needs of a streamed data set: its name, input shape and
+    class count. Its arrays (``x_train``, ...) are loaded whole only when asked
+    for, which happens only when a zoo model has to be trained on first use."""
 
-    name: str
-    input_shape: tuple[int, int, int]
-    num_classes: int
+    def __init__(self, name: str, input_shape: tuple[int, int, int], num_classes: int):
+        self.name, self.input_shape, self.num_classes = name, input_shape, num_classes
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__") or attr == "_loaded":
+            raise AttributeError(attr)
+        if "_loaded" not in self.__dict__:
+            self._loaded = _whole_dataset(self.name, self.num_classes)
+        return getattr(self._loaded, attr)
+
+
+def _whole_dataset(spec: str, num_classes: int) -> data.Dataset:
+    """Both splits of a streamable data set in memory (``npy:DIR`` through its
+    sources, which only streaming reads; every other spec by its loader)."""
+    if not spec.startswith("npy:"):
+        return data.load_dataset(spec)
+    parts = []
+    for split in ("train", "test"):
+        src = sources.open_source(spec, split=split)
+        parts.extend(src.read(0, len(src)))
+    return data.make_dataset(spec, *parts, num_classes=num_classes)
 
 
 def _dataset_for_model(args: argparse.Namespace, stream: Any) -> Any:
-    """The data set a model is loaded against: the whole one unless streaming, and
-    then only for a zoo model that may need training (its training split)."""
-    zoo_model = not args.checkpoint and not foreign.is_foreign(args.model)
-    if stream is None or zoo_model:
+    """The data set a model is loaded against: the whole one unless streaming; when
+    streaming, only its name, shape and classes (a zoo model that is not cached yet
+    loads the whole set to train on, once)."""
+    if stream is None:
         return data.load_dataset(args.dataset)
     return _StreamedDataset(args.dataset, stream.input_shape, stream.num_classes)
 

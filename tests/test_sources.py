@@ -361,3 +361,36 @@ def test_cli_stream_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and fragment in err[0], err
         assert not (tmp_path / "s.npz").exists()
+
+
+def test_cli_stream_with_a_zoo_model_loads_the_set_only_to_train(tmp_path, digits, capsys,
+                                                                 monkeypatch):  # fmt: skip
+    """`spectrum --stream --model ZOO`: the first run trains the model on the whole
+    set (loaded once); a run with the model cached loads nothing whole, and both
+    write the in-memory spectrum of the cached model."""
+    from deepfault_jax import checkpoints, cli, commands
+
+    monkeypatch.setenv("DEEPFAULT_JAX_CACHE", str(tmp_path / "cache"))
+    d = tmp_path / "npy"
+    d.mkdir()
+    for split in ("train", "test"):
+        x, y = digits.split(split)
+        np.save(d / f"x_{split}.npy", (x * 255).round().astype(np.uint8))
+        np.save(d / f"y_{split}.npy", y)
+    loads = []
+    whole = commands._whole_dataset
+    monkeypatch.setattr(commands, "_whole_dataset", lambda *a: loads.append(a) or whole(*a))
+    outs = []
+    for run in range(2):
+        out = tmp_path / f"s{run}.npz"
+        code = cli.main(["spectrum", "--stream", "--dataset", f"npy:{d}", "--model", "mlp-3x50",
+                         "--out", str(out), "--no-progress", "--json"])  # fmt: skip
+        report = json.loads(capsys.readouterr().out)
+        assert code == 0 and report["streamed"] and report["num_inputs"] == len(digits.y_test)
+        assert len(loads) == 1, (run, loads)  # trained on the whole set once, then cached
+        outs.append(spectrum_io.load_spectrum(out))
+    assert_identical(*outs)
+    ds = whole(f"npy:{d}", 10)
+    model, params, _ = checkpoints.load_or_train("mlp-3x50", ds)
+    ref = streaming.compute_spectrum(probe.model_probe(model, params), params, ds.x_test, ds.y_test)
+    assert_identical(outs[0], ref)
