@@ -171,6 +171,24 @@ def test_streamed_spectrum_equals_the_in_memory_one(mlp, digits, batch_size):
     assert_identical(ref, got)
 
 
+@pytest.mark.parametrize("devices", [2, 8])
+def test_streamed_spectrum_over_a_mesh_equals_the_in_memory_one(mlp, digits, devices):
+    """Batches sharded over several local devices: the counts of one device, and the
+    in-memory run's attribution sums over the same mesh bit for bit (float sums
+    over other meshes differ in the last place: test_attribution.py)."""
+    prb, params = mlp
+    mesh = streaming.data_mesh(devices=devices)
+    one = streaming.compute_spectrum(prb, params, digits.x_test, digits.y_test, batch_size=64)
+    ref = streaming.compute_spectrum(prb, params, digits.x_test, digits.y_test, batch_size=64,
+                                     attribution=True, mesh=mesh)  # fmt: skip
+    got = streaming.stream_spectrum(prb, params, sources.open_source("digits"), batch_size=64,
+                                    attribution=True, mesh=mesh)  # fmt: skip
+    assert_identical(one, got)
+    assert_identical(ref, got)
+    for f in ("act_pass", "gxa_pass", "gxa_fail", "fixes", "breaks"):
+        np.testing.assert_array_equal(getattr(ref.attribution, f), getattr(got.attribution, f))
+
+
 def test_streamed_attribution_equals_the_in_memory_one(mlp, digits):
     prb, params = mlp
     ref = streaming.compute_spectrum(prb, params, digits.x_test, digits.y_test, batch_size=64,
