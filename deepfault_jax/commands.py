@@ -387,7 +387,8 @@ def _localize_spectrum(args: argparse.Namespace, info, options: dict) -> dict:
     return {"source": {"spectrum": str(Path(args.spectrum).absolute()), "model_source": None,
                        "dataset": None, "inputs": None},
             "rows": rows, "seconds": seconds, "counts": True,
-            "layers": list(args.layers or spec.index.layer_names)}  # fmt: skip
+            "layers": list(args.layers or spec.index.layer_names),
+            "counted": None if spec.classes is None or spec.pooled_only else list(spec.classes)}  # fmt: skip
 
 
 def _spectrum_at_hand(evidence, info, options: dict):
@@ -476,6 +477,7 @@ def cmd_localize(args: argparse.Namespace) -> int:
         "options": options, "params": options, "k": args.k, "class": c, "pooled": pooled,
         "layers": found["layers"], "counts": found["counts"],
         "seconds": round(found["seconds"], 3),
+        "counted_classes": found.get("counted"),
         "neurons": [{**r, "score": _json_score(r["score"])} for r in rows],
     }  # fmt: skip
     emit(args, report, _localize_lines(report))
@@ -484,7 +486,8 @@ def cmd_localize(args: argparse.Namespace) -> int:
 
 def _localize_lines(r: dict) -> list[str]:
     """The localize command's table for people (the counts when a spectrum is at hand)."""
-    scope = "all classes pooled" if r["pooled"] else f"class {r['class']}"
+    pooled = "all classes" if r["counted_classes"] is None else f"classes {r['counted_classes']}"
+    scope = f"{pooled} pooled" if r["pooled"] else f"class {r['class']}"
     source = r["spectrum"] or f"{r['model_source']} on {r['dataset']} ({r['inputs']} test inputs)"
     options = "".join(f", {k}={json.dumps(v)}" for k, v in r["options"].items())
     counts = f" {'A_s':>7} {'A_f':>7} {'N_s':>7} {'N_f':>7}" if r["counts"] else ""

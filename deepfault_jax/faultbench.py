@@ -438,7 +438,14 @@ class FaultbenchConfig:
         copies; raises :class:`InputError` for a layer a model lacks)."""
         counts = {}
         for spec in self.models:
-            counts[spec] = self.probe(self.model(spec, dataset), None).index.num_neurons
+            model = self.model(spec, dataset)
+            if model.has_batch_stats:
+                raise InputError(
+                    f"models must plant faults in per-layer parameters; got {spec!r}, a model "
+                    "with BatchNorm whose neurons are not mapped to their parameters (choose "
+                    f"among {', '.join(n for n in zoo.MODEL_NAMES if n not in zoo.BATCH_NORM_MODELS)})"
+                )
+            counts[spec] = self.probe(model, None).index.num_neurons
         return counts
 
     @staticmethod

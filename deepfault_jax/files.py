@@ -39,17 +39,25 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     The parent directory is created; the file gets the usual permissions
     (0666 less the umask). On any error the temporary file is removed and an
     existing ``path`` is left as it was.
+
+    Raises:
+      InputError: the file cannot be written (a full disk, a read-only or immutable
+        file or directory): the path and the system's reason are named.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise InputError(f"cannot write {str(path)!r}: {describe_os_error(e)}") from None
         raise
     return path
 

@@ -68,8 +68,9 @@ def _refuse_batch_norm(params: Any, what: str) -> None:
             f"{what} needs parameters laid out by layer as the zoo's MLPs, LeNets and "
             "cifar-convnet have; got the variables of a model with BatchNorm ('params' and "
             "'batch_stats', as resnet20 and resnet18 have), whose neurons are not mapped to "
-            "their parameters: use a localizer that reads no parameters (the count measures "
-            "such as ochiai, attribution, ablation) or a model without BatchNorm"
+            f"their parameters: {what} works on models without BatchNorm, while the "
+            "localizers that read no parameters (count measures such as ochiai, attribution, "
+            "ablation) work on any model"
         )
 
 

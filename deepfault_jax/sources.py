@@ -41,6 +41,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import logging
 import math
 import os
 import re
@@ -110,6 +111,7 @@ class Source:
             (the rows are named).
         """
         n = len(self)
+        start, stop = check_int("start", start), check_int("stop", stop)
         if not 0 <= start < stop <= n:
             raise InputError(
                 f"{self.name}: rows [start, stop) must lie within its {n} rows; got [{start}, {stop})"
@@ -238,13 +240,13 @@ def _open_npz(path: Path, split: str) -> Source:
             x, y = (_npz_member_map(path, zf, k) for k in keys)
             if "num_classes" in names:
                 with zf.open("num_classes.npy") as fh:
-                    num_classes = int(np.lib.format.read_array(fh))
+                    num_classes = _num_classes_value(np.lib.format.read_array(fh), path)
             else:  # as load_dataset: the largest label of both splits + 1
                 labels = [_npz_member_map(path, zf, k) for k in ("y_train", "y_test") if k in names]
                 num_classes = _classes_of(labels, path)
     except InputError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, KeyError, EOFError) as e:
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile, KeyError, EOFError) as e:
         raise InputError(f"{path}: not a readable npz file ({type(e).__name__}: {e})") from None
     return ArraySource(f"npz:{path}[{split}]", x, y, num_classes=num_classes)
 
@@ -260,22 +262,32 @@ def _open_npy_dir(directory: Path, split: str) -> Source:
         x, y = (np.load(p, mmap_mode="r", allow_pickle=False) for p in files.values())
         nc = directory / "num_classes.npy"
         if nc.is_file():
-            num_classes = int(np.load(nc, allow_pickle=False))
+            num_classes = _num_classes_value(np.load(nc, allow_pickle=False), nc)
         else:  # as load_dataset: the largest label of both splits + 1
             found = [directory / f"y_{k}.npy" for k in ("train", "test")]
             labels = [np.load(p, mmap_mode="r", allow_pickle=False) for p in found if p.is_file()]
             num_classes = _classes_of(labels, directory)
+    except InputError:
+        raise
     except (OSError, ValueError, TypeError) as e:
         raise InputError(f"{directory}: cannot read the npy files ({type(e).__name__}: {e})") from None  # fmt: skip
     return ArraySource(f"npy:{directory}[{split}]", x, y, num_classes=num_classes)
+
+
+def _num_classes_value(value: Any, where: Path) -> int:
+    """A stored ``num_classes`` array: one integer (a 0-d or one-element integer array)."""
+    a = np.asarray(value)
+    if a.dtype.kind not in "iu" or a.size != 1:
+        raise InputError(f"{where}: num_classes must be one integer; got a {a.dtype} array of shape {a.shape}")  # fmt: skip
+    return int(a.reshape(()))
 
 
 def _classes_of(labels: list, where: Path) -> int:
     """The largest label of the (memory-mapped) label arrays + 1, read in chunks."""
     top = -1
     for y in labels:
-        if y.dtype.kind not in "iu":
-            raise InputError(f"{where}: labels must be integers; got dtype {y.dtype}")
+        if y.dtype.kind not in "iu" or y.ndim != 1:
+            raise InputError(f"{where}: labels must be a 1-D integer array; got a {y.dtype} array of shape {y.shape}")  # fmt: skip
         for lo in range(0, len(y), 1 << 20):
             chunk = np.asarray(y[lo : lo + (1 << 20)])
             if chunk.size:
@@ -302,8 +314,12 @@ class _GzipIdxImages:
                 self._stream = gzip.open(self.path, "rb")
             self._stream.seek(offset)
             buf = self._stream.read(want)
+            # at the last row, read past it: gzip then checks the stream's CRC and length
+            extra = self._stream.read(1) if stop == self.shape[0] and len(buf) == want else b""
         if len(buf) < want:
             raise InputError(f"{self.path}: truncated IDX data at row {start + len(buf) // self.row_bytes}")  # fmt: skip
+        if extra:
+            raise InputError(f"{self.path}: oversized IDX data: more bytes after its {self.shape[0]} rows")  # fmt: skip
         return np.frombuffer(buf, np.uint8).reshape(stop - start, *self.shape[1:])
 
 
@@ -313,12 +329,20 @@ def _open_idx_dir(directory: Path, name: str, split: str) -> Source:
     dims, header, packed = idx_header(path)
     if len(dims) not in (3, 4):
         raise InputError(f"{path}: images must have rank 3 or 4; got dimensions {dims}")
+    need = math.prod(dims)
     if packed:
         images: Any = _GzipIdxImages(path, dims, header)
     else:
+        size = path.stat().st_size
+        if size != header + need:
+            state = "truncated" if size < header + need else "oversized"
+            raise InputError(f"{path}: {state} IDX data: dimensions {dims} need {need} bytes; got {size - header}")  # fmt: skip
         images = np.memmap(path, np.uint8, mode="r", shape=tuple(dims), offset=header)
     y = read_idx(files[f"{split} labels"])
     other = read_idx(files[f"{'train' if split == 'test' else 'test'} labels"])
+    for labels, which in ((y, split), (other, "the other split")):
+        if labels.size == 0:
+            raise InputError(f"{directory}: the labels of {which} must hold at least one row; got 0")  # fmt: skip
     num_classes = int(max(y.max(), other.max())) + 1  # as load_dataset counts them
     return ArraySource(f"{name}[{split}]", images, y, num_classes=num_classes)
 
@@ -331,10 +355,20 @@ class _TfdsSource(Source):
 
         data_dir = os.environ.get("TFDS_DATA_DIR") or None
         spec = f"tfds:{name}:{split}"
+        prepare = (f"prepare it on a machine with network access with `tfds build {name} "
+                   "--file_format=array_record` and copy the data directory here (TFDS_DATA_DIR "
+                   "or ~/tensorflow_datasets)")  # fmt: skip
+        absl = logging.getLogger("absl")  # tfds warns of unprepared folders: the error says it
+        level = absl.level
+        absl.setLevel(logging.ERROR)
         try:
             builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
         except Exception as e:  # tfds raises its own DatasetNotFoundError and friends
             raise InputError(f"unknown TFDS data set {name!r}: {_first_line(e)}") from None
+        finally:
+            absl.setLevel(level)
+        if not (Path(builder.data_dir) / "dataset_info.json").is_file():
+            raise InputError(f"TFDS data set {name!r} is not prepared in {builder.data_dir}; {prepare}")  # fmt: skip
         info = builder.info
         self.image_key, self.label_key = (info.supervised_keys or ("image", "label"))[:2]
         try:
@@ -348,7 +382,7 @@ class _TfdsSource(Source):
             self._data = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
             first = self._data[0]
         except Exception as e:  # not prepared, or prepared in another file format
-            raise InputError(f"TFDS data set {name!r} is not prepared here for streaming ({_first_line(e)}); prepare it on a machine with network access with `tfds build {name} --file_format=array_record` and copy the data directory here (TFDS_DATA_DIR or ~/tensorflow_datasets)") from None  # fmt: skip
+            raise InputError(f"TFDS data set {name!r} is not prepared here for streaming ({_first_line(e)}); {prepare}") from None  # fmt: skip
         shape = np.shape(first[self.image_key])
         self.input_shape = tuple(int(d) for d in (*shape[:2], shape[2] if len(shape) == 3 else 1))
         self.name = spec
@@ -398,7 +432,8 @@ def open_source(spec: str, *, split: str = "test") -> Source:
         path = Path(rest).expanduser()
         if kind == "npz":
             if not path.is_file():
-                raise InputError(f"npz:PATH must name a file; got {str(path)!r}, which does not exist")  # fmt: skip
+                what = "a directory" if path.is_dir() else "does not exist"
+                raise InputError(f"npz:PATH must name a file; got {str(path)!r}, which {'is ' * path.is_dir()}{what}")  # fmt: skip
             return _open_npz(path, split)
         if kind == "npy":
             return _open_npy_dir(path, split)

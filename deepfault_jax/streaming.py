@@ -16,11 +16,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deepfault_jax.attribution import attribution_batch
+from deepfault_jax.attribution import attribution_batch, attribution_mode
 from deepfault_jax.data import Batch, iterate_batches
 from deepfault_jax.errors import InputError, InputTypeError, check_finite, check_int
 from deepfault_jax.interrupts import deferred_interrupt, stop_if_interrupted
-from deepfault_jax.kernels import MAX_BATCH, counts_and_nonfinite, row_map
+from deepfault_jax.kernels import MAX_BATCH, POOLED, counts_and_nonfinite, row_map
 from deepfault_jax.probe import Probe
 from deepfault_jax.progress import Progress, notify
 from deepfault_jax.spectrum import (
@@ -334,7 +334,10 @@ def memory_estimate(
       and the per-input cotangents of attribution (``[batch, classes, neurons]``
       for ``"all-classes"``, two per input otherwise).
     """
-    c, n, b = int(num_classes), int(num_neurons), int(batch_size)
+    c = check_int("num_classes", num_classes, lo=1)
+    n = check_int("num_neurons", num_neurons, lo=1)
+    b = check_int("batch_size", batch_size, lo=1)
+    attribution = attribution_mode(attribution)
     spectrum = 2 * (2 * c * n + 2 * c) * 4
     extra = 0 if not attribution else 2 * 6 * c * n * 4
     batch = b * n * 4 * 2 + b * 2 * c * 4
@@ -452,12 +455,36 @@ def _same(a: Any, b: Any) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
+def _check_kind(where: str, meta: dict, identity: dict, *, streamed: bool) -> dict:
+    """The resume file's ``meta`` after checking it is one of this kind of run: a
+    streamed run's (``history``) or an in-memory run's (``position``); a file without
+    ``classes`` counted every class in a row of its own."""
+    if "classes" in identity and "classes" not in meta:
+        meta = {**meta, "classes": None}
+    ours, other = ("history", "position") if streamed else ("position", "history")
+    if ours not in meta and other in meta:
+        how = "without --stream (the data in memory)" if streamed else "with --stream"
+        raise InputError(f"{where}: it is the progress file of a run {how}; resume it that "
+                         "way, or delete it to start over")  # fmt: skip
+    return meta
+
+
+def _rows_text(classes: Any) -> str:
+    if classes is None:
+        return "every class, one row each"
+    return (
+        "all classes pooled in one row" if list(classes) == [POOLED] else f"classes {list(classes)}"
+    )
+
+
 def _check_identity(where: str, meta: dict, identity: dict) -> None:
     """Raises naming the first part of ``identity`` the resume file's ``meta`` differs in."""
     for key, ours in identity.items():
         theirs = meta[key]
         if _same(theirs, ours):
             continue
+        if key == "classes":
+            raise InputError(f"{where}: it counted {_rows_text(theirs)}; this run counts {_rows_text(ours)}")  # fmt: skip
         if key == "data_fingerprint":
             raise InputError(
                 f"{where}: it was computed on other data "
@@ -495,6 +522,7 @@ def _resume(path: Path, fresh: Spectrum, identity: dict, rows: int) -> tuple[Spe
     it belongs to this run (``fresh`` is the run's empty spectrum)."""
     saved, meta = load_spectrum(path, with_metadata=True)
     where = f"cannot resume from {path}"
+    meta = _check_kind(where, meta, identity, streamed=False)
     keys = ("position", "complete", *identity)
     missing = [k for k in keys if k not in meta]
     if len(missing) == len(keys):
@@ -704,6 +732,7 @@ def _saved_state(path: Path, fresh: Spectrum, identity: dict, block: tuple[int, 
         return None, [[0, lo]]
     saved, meta = load_spectrum(path, with_metadata=True)
     where = f"cannot resume from {path}"
+    meta = _check_kind(where, meta, identity, streamed=True)
     keys = ("history", *identity)
     missing = [k for k in keys if k not in meta]
     if missing:
@@ -833,7 +862,10 @@ def stream_spectrum(
         )
     batch_size = _positive_int("batch_size", batch_size)
     checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
-    spectrum = _empty(probe, threshold, attribution, classes, batch_size)
+    threads = check_int("threads", threads, lo=1)
+    prefetch = check_int("prefetch", prefetch, lo=1)
+    # a batch never holds more than the rows: the memory check counts no more
+    spectrum = _empty(probe, threshold, attribution, classes, min(batch_size, len(source)))
     processes = 1 if mesh is None else len({d.process_index for d in mesh.devices.flat})
     multi, me = processes > 1, (jax.process_index() if processes > 1 else 0)
     block = process_blocks(len(source), processes)[me]
@@ -852,6 +884,7 @@ def stream_spectrum(
     left = block[1] - start
     if multi:
         left = int(_allgather(np.array([left], np.int64)).max())
+    batch_size, _ = _clamp_batch(batch_size, max(left, 1), mesh, multi)  # as in memory
     n_batches = -(-left // batch_size)
     failure: list[BaseException] = []
     position = [start]

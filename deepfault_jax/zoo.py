@@ -365,6 +365,8 @@ _LINEN_BUILDERS: dict[str, Callable[[int, str], nn.Module]] = {
 }
 #: Models with BatchNorm: their parameters are the variables ``{"params", "batch_stats"}``.
 _BATCH_NORM = frozenset({"resnet20", "resnet18"})
+#: The zoo models with BatchNorm (their parameters are ``{"params", "batch_stats"}``).
+BATCH_NORM_MODELS = _BATCH_NORM
 _NNX_HIDDEN = {"nnx-mlp-3x50": (50,) * 3}
 
 #: Every model name :func:`create_model` accepts.

@@ -226,6 +226,16 @@ def test_faultbench_more_faults_than_neurons_is_exit_2_before_training(capsys, t
     assert not (tmp_path / "cache").exists()  # no model was trained
 
 
+def test_faultbench_batch_norm_model_is_exit_2_before_training(capsys, tmp_path):
+    out = tmp_path / "fb"
+    code, stdout, err = run_cli(capsys, "faultbench", "--models", "mlp-3x50,resnet20",
+                                "--out", str(out))  # fmt: skip
+    assert_usage_error(code, stdout, err, "got 'resnet20', a model with BatchNorm")
+    assert "choose among mlp-3x50" in err and "resnet18" not in err
+    assert not out.exists()
+    assert not (tmp_path / "cache").exists()  # no model was trained
+
+
 def test_faultbench_config_refuses_more_faults_than_neurons():
     from deepfault_jax import data
 

@@ -160,7 +160,9 @@ def test_cli_classes_and_localize_on_a_subset(many, tmp_path, capsys):
         :4
     ]
     assert [r["id"] for r in ranked["neurons"]] == want.tolist(), ranked["neurons"]
-    assert ranked["class"] == 3
+    assert ranked["class"] == 3 and ranked["counted_classes"] == [5, 3]
+    assert cli.main(["localize", "--spectrum", str(out), "--method", "ochiai", "--k", "4"]) == 0
+    assert "(classes [5, 3] pooled)" in capsys.readouterr().out.splitlines()[0]
     code = cli.main(["localize", "--spectrum", str(out), "--method", "ochiai", "--class", "4"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "one of the spectrum's classes [5, 3]" in err[0], err

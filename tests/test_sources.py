@@ -412,3 +412,124 @@ def test_cli_stream_with_a_zoo_model_loads_the_set_only_to_train(tmp_path, digit
     model, params, _ = checkpoints.load_or_train("mlp-3x50", ds)
     ref = streaming.compute_spectrum(probe.model_probe(model, params), params, ds.x_test, ds.y_test)
     assert_identical(outs[0], ref)
+
+
+# --------------------------------------------------------------------------- damaged files
+
+
+def test_damaged_array_files_are_named_when_opened(tmp_path, digits_u8):
+    x_tr, y_tr, x_te, y_te = digits_u8
+    cases = {
+        "label0d": (dict(y_test=np.array(3)), r"labels must be a 1-D integer array; got a int64 array of shape \(\)"),
+        "nc_vec": (dict(num_classes=np.array([10, 10])), r"num_classes must be one integer; got a int64 array of shape \(2,\)"),
+        "nc_float": (dict(num_classes=np.array(10.7)), r"num_classes must be one integer; got a float64 array"),
+    }  # fmt: skip
+    for name, (change, message) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez(
+            path, **{"x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te, **change}
+        )
+        with pytest.raises(InputError, match=message):
+            sources.open_source(f"npz:{path}")
+    npy = tmp_path / "npy"
+    npy.mkdir()
+    for k, a in (("x_test", x_te), ("y_test", y_te), ("num_classes", np.array(10.5))):
+        np.save(npy / f"{k}.npy", a)
+    with pytest.raises(InputError, match=r"^\S*num_classes.npy: num_classes must be one integer"):
+        sources.open_source(f"npy:{npy}")
+    with pytest.raises(InputError, match="npz:PATH must name a file; got .*, which is a directory"):
+        sources.open_source(f"npz:{npy}")
+
+
+def test_damaged_idx_files_are_refused_before_or_at_their_end(tmp_path, digits_u8, mlp):
+    """Uncompressed: a cut or overlong file and empty labels are refused when opened. Gzip
+    (read forward in chunks): trailing bytes and a bad CRC fail at the last row."""
+    prb, params = mlp
+    d = idx_dir(tmp_path / "plain", *digits_u8, packed=False)
+    images = d / "t10k-images-idx3-ubyte"
+    whole = images.read_bytes()
+    for data_, state in ((whole[:-100], "truncated"), (whole + bytes(1000), "oversized")):
+        images.write_bytes(data_)
+        with pytest.raises(InputError, match=rf"{state} IDX data: dimensions \[449, 8, 8\] need 28736 bytes"):  # fmt: skip
+            sources.open_source(f"idx:{d}")
+    images.write_bytes(whole)
+    write_idx(d / "t10k-labels-idx1-ubyte", np.zeros(0, np.uint8), packed=False)
+    with pytest.raises(InputError, match="the labels of test must hold at least one row; got 0"):
+        sources.open_source(f"idx:{d}")
+    g = idx_dir(tmp_path / "gz", *digits_u8, packed=True)
+    images = g / "t10k-images-idx3-ubyte.gz"
+    raw = gzip.decompress(images.read_bytes())
+    bad_crc = bytearray(gzip.compress(raw, mtime=0))
+    bad_crc[-8] ^= 0xFF  # the CRC32 in the gzip trailer
+    for data_, reason in ((gzip.compress(raw + bytes(64), mtime=0), "oversized IDX data: more bytes after its 449 rows"),
+                          (bytes(bad_crc), "CRC check failed")):  # fmt: skip
+        images.write_bytes(data_)
+        with pytest.raises(InputError, match=rf"failed after row \d+: .*{reason}"):
+            streaming.stream_spectrum(prb, params, sources.open_source(f"idx:{g}"), batch_size=64)
+
+
+def _interrupt_at_2(done, _):
+    if done == 2:
+        raise KeyboardInterrupt
+
+
+def test_resume_files_of_another_kind_of_run_are_named(mlp, digits, tmp_path):
+    prb, params = mlp
+    path = tmp_path / "run.npz"
+    with pytest.raises(KeyboardInterrupt):  # a streamed run interrupted after its first save
+        streaming.stream_spectrum(prb, params, sources.open_source("digits"), batch_size=64,
+                                  checkpoint_path=path, checkpoint_every=1,
+                                  callback=_interrupt_at_2)  # fmt: skip
+    assert path.exists()
+    with pytest.raises(InputError, match="it is the progress file of a run with --stream; resume it that way"):  # fmt: skip
+        streaming.compute_spectrum(prb, params, digits.x_test, digits.y_test, checkpoint_path=path)
+    with pytest.raises(InputError, match=r"classes \[0, 1\]"):
+        streaming.stream_spectrum(prb, params, sources.open_source("digits"), batch_size=64,
+                                  checkpoint_path=path, classes=[0, 1])  # fmt: skip
+    path.unlink()
+    with pytest.raises(KeyboardInterrupt):
+        streaming.compute_spectrum(prb, params, digits.x_test, digits.y_test, batch_size=64,
+                                   checkpoint_path=path, checkpoint_every=1,
+                                   callback=_interrupt_at_2)  # fmt: skip
+    with pytest.raises(InputError, match=r"run without --stream \(the data in memory\)"):
+        streaming.stream_spectrum(prb, params, sources.open_source("digits"), checkpoint_path=path)
+
+
+def test_bad_arguments_of_the_streaming_api(mlp):
+    prb, params = mlp
+    src = sources.open_source("digits")
+    for start, stop in ((0.5, 3), ("a", 3), (None, None)):
+        with pytest.raises(InputError, match="start must be an integer"):
+            src.read(start, stop)
+    for option in ({"threads": 0}, {"threads": True}, {"prefetch": -1}, {"prefetch": 1.5}):
+        with pytest.raises(InputError, match=f"{next(iter(option))} must"):
+            streaming.stream_spectrum(prb, params, src, **option)
+    for args, kw, message in (((0, 1, 1), {}, "num_classes must lie in"),
+                              ((10, -5, 1), {}, "num_neurons must lie in"),
+                              ((10, 5, 1.5), {}, "batch_size must be an integer"),
+                              ((10, 5, 1), {"attribution": "bogus"}, "attribution must be")):  # fmt: skip
+        with pytest.raises(InputError, match=message):
+            streaming.memory_estimate(*args, **kw)
+    # a batch larger than the data is counted as the data's size (as in memory)
+    got = streaming.stream_spectrum(prb, params, src, batch_size=10**8)
+    assert got.num_inputs == len(src)
+
+
+def test_unprepared_tfds_is_one_line_and_unwritable_output_is_named(tmp_path):
+    """Run as a user runs it: absl's warnings would reach the terminal."""
+    from deepfault_jax import files
+
+    env = {**os.environ, "TFDS_DATA_DIR": str(tmp_path / "tfds"), "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-m", "deepfault_jax.cli", "spectrum", "--stream",
+                           "--dataset", "tfds:mnist", "--model", "keras:/none.keras",
+                           "--out", str(tmp_path / "s.npz"), "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1 and "is not prepared in" in err[0], done.stderr
+    assert "tfds build mnist --file_format=array_record" in err[0]
+    assert not (tmp_path / "s.npz").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(InputError, match=f"cannot write '{blocker / 's.npz'}'"):
+        files.write_atomic(blocker / "s.npz", b"counts")
+    assert blocker.read_text() == "not a directory"
