@@ -551,6 +551,20 @@ def _positive_int(name: str, value: Any) -> int:
         raise type(e)(f"{name} must be a positive integer; got {value!r}") from None
 
 
+def _check_run(probe: Any, checkpoint_path: Any, callback: Any, progress: Any) -> None:
+    """The arguments every spectrum run shares, checked before any work."""
+    if not isinstance(probe, Probe):
+        raise InputTypeError(f"probe must be a deepfault_jax Probe; got {type(probe).__name__}")
+    if checkpoint_path is not None:
+        if not isinstance(checkpoint_path, str | os.PathLike):
+            raise InputTypeError(f"checkpoint_path must be a path or None; got {type(checkpoint_path).__name__} {checkpoint_path!r}")  # fmt: skip
+        if not os.fspath(checkpoint_path):
+            raise InputError("checkpoint_path must name a file; got ''")
+    for name, fn in (("callback", callback), ("progress", progress)):
+        if fn is not None and not callable(fn):
+            raise InputTypeError(f"{name} must be callable or None; got {type(fn).__name__} {fn!r}")  # fmt: skip
+
+
 def _check_data(probe: Probe, x: np.ndarray, y: np.ndarray) -> None:
     if x.shape[1:] != probe.input_shape:
         raise InputError(
@@ -657,6 +671,7 @@ def compute_spectrum(
         another run (the message names the part that differs); and the
         errors of :func:`accumulate_spectrum`.
     """
+    _check_run(probe, checkpoint_path, callback, progress)
     x, y = np.asarray(x), np.asarray(y)
     _check_data(probe, x, y)
     batch_size = _positive_int("batch_size", batch_size)
@@ -846,6 +861,7 @@ def stream_spectrum(
     """
     from deepfault_jax.sources import Source, stream_batches
 
+    _check_run(probe, checkpoint_path, callback, progress)
     if not isinstance(source, Source):
         raise InputTypeError(
             f"source must be a deepfault_jax.sources.Source; got {type(source).__name__}"

@@ -501,9 +501,16 @@ def test_bad_arguments_of_the_streaming_api(mlp):
     for start, stop in ((0.5, 3), ("a", 3), (None, None)):
         with pytest.raises(InputError, match="start must be an integer"):
             src.read(start, stop)
-    for option in ({"threads": 0}, {"threads": True}, {"prefetch": -1}, {"prefetch": 1.5}):
+    for option in ({"threads": 0}, {"threads": True}, {"prefetch": -1}, {"prefetch": 1.5},
+                   {"checkpoint_path": 5}, {"checkpoint_path": ""}, {"callback": 5},
+                   {"progress": "bar"}):  # fmt: skip
         with pytest.raises(InputError, match=f"{next(iter(option))} must"):
             streaming.stream_spectrum(prb, params, src, **option)
+        if next(iter(option)) not in ("threads", "prefetch"):  # the in-memory run alike
+            with pytest.raises(InputError, match=f"{next(iter(option))} must"):
+                streaming.compute_spectrum(prb, params, *data.load_dataset("digits").split("test"), **option)  # fmt: skip
+    with pytest.raises(InputError, match="probe must be a deepfault_jax Probe; got NoneType"):
+        streaming.stream_spectrum(None, params, src)
     for args, kw, message in (((0, 1, 1), {}, "num_classes must lie in"),
                               ((10, -5, 1), {}, "num_neurons must lie in"),
                               ((10, 5, 1.5), {}, "batch_size must be an integer"),
