@@ -441,8 +441,9 @@ class FaultbenchConfig:
             model = self.model(spec, dataset)
             if model.has_batch_stats:
                 raise InputError(
-                    f"models must plant faults in per-layer parameters; got {spec!r}, a model "
-                    "with BatchNorm whose neurons are not mapped to their parameters (choose "
+                    "models must have per-layer parameters to plant faults in; got "
+                    f"{spec!r}, a model with BatchNorm whose neurons are not mapped to their "
+                    "parameters (choose "
                     f"among {', '.join(n for n in zoo.MODEL_NAMES if n not in zoo.BATCH_NORM_MODELS)})"
                 )
             counts[spec] = self.probe(model, None).index.num_neurons

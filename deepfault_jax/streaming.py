@@ -463,9 +463,10 @@ def _check_kind(where: str, meta: dict, identity: dict, *, streamed: bool) -> di
         meta = {**meta, "classes": None}
     ours, other = ("history", "position") if streamed else ("position", "history")
     if ours not in meta and other in meta:
-        how = "without --stream (the data in memory)" if streamed else "with --stream"
-        raise InputError(f"{where}: it is the progress file of a run {how}; resume it that "
-                         "way, or delete it to start over")  # fmt: skip
+        how = ("run over data in memory (compute_spectrum; spectrum without --stream)"
+               if streamed else "streamed run (stream_spectrum; spectrum --stream)")  # fmt: skip
+        raise InputError(f"{where}: it is the progress file of a {how}; resume it that way, "
+                         "or delete it to start over")  # fmt: skip
     return meta
 
 

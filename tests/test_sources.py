@@ -481,7 +481,7 @@ def test_resume_files_of_another_kind_of_run_are_named(mlp, digits, tmp_path):
                                   checkpoint_path=path, checkpoint_every=1,
                                   callback=_interrupt_at_2)  # fmt: skip
     assert path.exists()
-    with pytest.raises(InputError, match="it is the progress file of a run with --stream; resume it that way"):  # fmt: skip
+    with pytest.raises(InputError, match=r"it is the progress file of a streamed run \(stream_spectrum; spectrum --stream\); resume it that way"):  # fmt: skip
         streaming.compute_spectrum(prb, params, digits.x_test, digits.y_test, checkpoint_path=path)
     with pytest.raises(InputError, match=r"classes \[0, 1\]"):
         streaming.stream_spectrum(prb, params, sources.open_source("digits"), batch_size=64,
@@ -491,7 +491,10 @@ def test_resume_files_of_another_kind_of_run_are_named(mlp, digits, tmp_path):
         streaming.compute_spectrum(prb, params, digits.x_test, digits.y_test, batch_size=64,
                                    checkpoint_path=path, checkpoint_every=1,
                                    callback=_interrupt_at_2)  # fmt: skip
-    with pytest.raises(InputError, match=r"run without --stream \(the data in memory\)"):
+    with pytest.raises(
+        InputError,
+        match=r"a run over data in memory \(compute_spectrum; spectrum without --stream\)",
+    ):
         streaming.stream_spectrum(prb, params, sources.open_source("digits"), checkpoint_path=path)
 
 
