@@ -275,11 +275,15 @@ def _open_npy_dir(directory: Path, split: str) -> Source:
 
 
 def _num_classes_value(value: Any, where: Path) -> int:
-    """A stored ``num_classes`` array: one integer (a 0-d or one-element integer array)."""
+    """A stored ``num_classes`` array, read as :func:`~deepfault_jax.data.load_dataset`
+    reads it: a scalar (shape ``()``), integral."""
     a = np.asarray(value)
-    if a.dtype.kind not in "iu" or a.size != 1:
-        raise InputError(f"{where}: num_classes must be one integer; got a {a.dtype} array of shape {a.shape}")  # fmt: skip
-    return int(a.reshape(()))
+    if a.shape != ():
+        raise InputError(f"{where}: num_classes must be a scalar (shape ()); got shape {a.shape}")  # fmt: skip
+    try:
+        return check_int("num_classes", a.item(), lo=2)
+    except InputError as e:
+        raise type(e)(f"{where}: {e}") from None
 
 
 def _classes_of(labels: list, where: Path) -> int:
@@ -347,6 +351,11 @@ def _open_idx_dir(directory: Path, name: str, split: str) -> Source:
     return ArraySource(f"{name}[{split}]", images, y, num_classes=num_classes)
 
 
+def _no_unprepared_warning(record: logging.LogRecord) -> bool:
+    """A logging filter: drops tfds's warning of a version folder without data."""
+    return "has no dataset_info.json" not in record.getMessage()
+
+
 class _TfdsSource(Source):
     """A prepared TFDS split through ``tfds.data_source`` (array_record)."""
 
@@ -358,16 +367,15 @@ class _TfdsSource(Source):
         prepare = (f"prepare it on a machine with network access with `tfds build {name} "
                    "--file_format=array_record` and copy the data directory here (TFDS_DATA_DIR "
                    "or ~/tensorflow_datasets)")  # fmt: skip
-        absl = logging.getLogger("absl")  # tfds warns of unprepared folders: the error says it
-        level = absl.level
-        absl.setLevel(logging.ERROR)
+        absl = logging.getLogger("absl")  # tfds warns of an unprepared folder: the error says it
+        absl.addFilter(_no_unprepared_warning)
         try:
             builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
         except Exception as e:  # tfds raises its own DatasetNotFoundError and friends
             raise InputError(f"unknown TFDS data set {name!r}: {_first_line(e)}") from None
         finally:
-            absl.setLevel(level)
-        if not (Path(builder.data_dir) / "dataset_info.json").is_file():
+            absl.removeFilter(_no_unprepared_warning)
+        if not (builder.data_path / "dataset_info.json").exists():  # local or remote (epath)
             raise InputError(f"TFDS data set {name!r} is not prepared in {builder.data_dir}; {prepare}")  # fmt: skip
         info = builder.info
         self.image_key, self.label_key = (info.supervised_keys or ("image", "label"))[:2]

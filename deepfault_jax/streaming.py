@@ -471,11 +471,12 @@ def _check_kind(where: str, meta: dict, identity: dict, *, streamed: bool) -> di
 
 
 def _rows_text(classes: Any) -> str:
+    """The rows a resume file or a run counts, for messages (a crafted value as it is)."""
     if classes is None:
         return "every class, one row each"
-    return (
-        "all classes pooled in one row" if list(classes) == [POOLED] else f"classes {list(classes)}"
-    )
+    if isinstance(classes, list) and all(type(c) is int for c in classes):
+        return "all classes pooled in one row" if classes == [POOLED] else f"classes {classes}"
+    return f"rows {classes!r}"
 
 
 def _check_identity(where: str, meta: dict, identity: dict) -> None:
@@ -677,7 +678,7 @@ def compute_spectrum(
     _check_data(probe, x, y)
     batch_size = _positive_int("batch_size", batch_size)
     checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
-    spectrum = _empty(probe, threshold, attribution, classes, min(batch_size, len(x)))
+    spectrum = _empty(probe, threshold, attribution, classes, max(1, min(batch_size, len(x))))
     multi = mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1
     if checkpoint_path is not None and multi:
         raise InputError("checkpoint_path is for single-process runs; got a multi-process mesh")
@@ -882,7 +883,7 @@ def stream_spectrum(
     threads = check_int("threads", threads, lo=1)
     prefetch = check_int("prefetch", prefetch, lo=1)
     # a batch never holds more than the rows: the memory check counts no more
-    spectrum = _empty(probe, threshold, attribution, classes, min(batch_size, len(source)))
+    spectrum = _empty(probe, threshold, attribution, classes, max(1, min(batch_size, len(source))))
     processes = 1 if mesh is None else len({d.process_index for d in mesh.devices.flat})
     multi, me = processes > 1, (jax.process_index() if processes > 1 else 0)
     block = process_blocks(len(source), processes)[me]

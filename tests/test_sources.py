@@ -421,8 +421,8 @@ def test_damaged_array_files_are_named_when_opened(tmp_path, digits_u8):
     x_tr, y_tr, x_te, y_te = digits_u8
     cases = {
         "label0d": (dict(y_test=np.array(3)), r"labels must be a 1-D integer array; got a int64 array of shape \(\)"),
-        "nc_vec": (dict(num_classes=np.array([10, 10])), r"num_classes must be one integer; got a int64 array of shape \(2,\)"),
-        "nc_float": (dict(num_classes=np.array(10.7)), r"num_classes must be one integer; got a float64 array"),
+        "nc_vec": (dict(num_classes=np.array([10, 10])), r"num_classes must be a scalar \(shape \(\)\); got shape \(2,\)"),
+        "nc_float": (dict(num_classes=np.array(10.7)), r"num_classes must be an integer; got 10.7"),
     }  # fmt: skip
     for name, (change, message) in cases.items():
         path = tmp_path / f"{name}.npz"
@@ -435,7 +435,9 @@ def test_damaged_array_files_are_named_when_opened(tmp_path, digits_u8):
     npy.mkdir()
     for k, a in (("x_test", x_te), ("y_test", y_te), ("num_classes", np.array(10.5))):
         np.save(npy / f"{k}.npy", a)
-    with pytest.raises(InputError, match=r"^\S*num_classes.npy: num_classes must be one integer"):
+    with pytest.raises(
+        InputError, match=r"^\S*num_classes.npy: num_classes must be an integer; got 10.5"
+    ):
         sources.open_source(f"npy:{npy}")
     with pytest.raises(InputError, match="npz:PATH must name a file; got .*, which is a directory"):
         sources.open_source(f"npz:{npy}")
@@ -543,3 +545,17 @@ def test_unprepared_tfds_is_one_line_and_unwritable_output_is_named(tmp_path):
     with pytest.raises(InputError, match=f"cannot write '{blocker / 's.npz'}'"):
         files.write_atomic(blocker / "s.npz", b"counts")
     assert blocker.read_text() == "not a directory"
+
+
+def test_stored_class_counts_and_empty_splits_read_as_in_memory(tmp_path, digits_u8, mlp):
+    """An integral float num_classes is read as load_dataset reads it; a split of no
+    rows gives the empty spectrum in memory, as it did before memory was checked."""
+    x_tr, y_tr, x_te, y_te = digits_u8
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te, num_classes=np.array(12.0))
+    assert sources.open_source(f"npz:{path}").num_classes == 12
+    assert data.load_dataset(f"npz:{path}").num_classes == 12
+    prb, params = mlp
+    empty = streaming.compute_spectrum(prb, params, np.zeros((0, 8, 8, 1), np.float32),
+                                       np.zeros(0, np.int32))  # fmt: skip
+    assert empty.num_inputs == 0 and int(empty.a_pass.sum()) == 0
